@@ -1,0 +1,128 @@
+"""The adapter interface: the only place that knows model families (DESIGN.md).
+
+An adapter turns a concrete model into generic pieces the core works on:
+blocks in forward order, the quantizable Linears of each block, the probe Linear
+(an MLP's second Linear) whose input carries the spike, the token layout, the
+sink positions the model makes known (first token, CLS, registers), and a
+:class:`~vtquant.core.rotation.RotationSpec`.  Adapters register themselves by
+the class names they support; :func:`get_adapter` picks one or says how to add one.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+_REGISTRY: dict[str, type["ModelAdapter"]] = {}
+
+
+def register_adapter(*class_names: str) -> Callable[[type], type]:
+    """Class decorator: register an adapter for the given model class names."""
+
+    def deco(cls: type) -> type:
+        for name in class_names:
+            _REGISTRY[name] = cls
+        cls.supported = tuple(sorted(set(getattr(cls, "supported", ())) | set(class_names)))
+        return cls
+
+    return deco
+
+
+def supported_architectures() -> list[str]:
+    _import_builtin_adapters()
+    return sorted(_REGISTRY)
+
+
+def _import_builtin_adapters() -> None:
+    from . import hf_decoder  # noqa: F401  (registers on import)
+
+
+class UnsupportedModelError(TypeError):
+    """No adapter knows this model class."""
+
+
+def get_adapter(model: nn.Module) -> "ModelAdapter":
+    """The adapter for ``model``, chosen by its class name.
+
+    Raises:
+        UnsupportedModelError: listing the supported classes and how to add an adapter.
+    """
+    _import_builtin_adapters()
+    name = type(model).__name__
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise UnsupportedModelError(
+            f"no vtquant adapter for model class {name!r}. Supported: {sorted(_REGISTRY)}. "
+            "To add one, subclass vtquant.adapters.ModelAdapter (see vtquant/adapters/hf_decoder.py), "
+            f"decorate it with @register_adapter({name!r}) and import it before calling vtquant."
+        )
+    return cls(model)
+
+
+class ModelAdapter:
+    """Describes one model to the core.  Subclasses implement the abstract pieces."""
+
+    supported: tuple = ()
+    token_layout: str = "bsd"
+    family: str = "generic"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # --- structure -------------------------------------------------------------------
+    def blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        """Quantizable Linears of a block, ``{relative name: module}`` in forward order."""
+        raise NotImplementedError
+
+    def probe_name(self) -> str:
+        """Relative name (within a block) of the MLP second Linear whose input is probed."""
+        raise NotImplementedError
+
+    def block_output(self, output: Any) -> torch.Tensor:
+        """The residual-stream tensor in a block's output."""
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def replace_block_output(self, output: Any, hidden: torch.Tensor) -> Any:
+        if isinstance(output, tuple):
+            return (hidden,) + tuple(output[1:])
+        if isinstance(output, list):
+            return [hidden] + list(output[1:])
+        return hidden
+
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, batch: Any) -> Any:
+        """Run the model on one calibration / evaluation batch."""
+        return self.model(batch)
+
+    # --- sinks -----------------------------------------------------------------------
+    def known_sink_kinds(self) -> tuple[str, ...]:
+        """Kinds of known sinks this model offers (e.g. ``first_token``, ``cls``)."""
+        return ()
+
+    def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
+        """Register hooks that reset ``state`` with the known sink mask at each forward."""
+        raise NotImplementedError
+
+    # --- rotation / io -----------------------------------------------------------------
+    def rotation_spec(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not support rotation yet")
+
+    def describe(self) -> dict:
+        return {"adapter": type(self).__name__, "model_class": type(self.model).__name__}
+
+    def config_dict(self) -> dict:
+        """What :meth:`from_config_dict` needs to rebuild the (unquantized) skeleton."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config_dict(cls, data: dict) -> nn.Module:
+        raise NotImplementedError
+
+    def token_text(self, tokenizer: Any, ids: torch.Tensor) -> list[str]:
+        return [str(int(i)) for i in ids]

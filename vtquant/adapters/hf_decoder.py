@@ -1,0 +1,162 @@
+"""transformers decoder-only LMs: Llama (SmolLM2, LLaMA-2/3), Qwen2, Mistral, Gemma.
+
+Per-architecture knowledge lives in the small :data:`ARCHITECTURES` table keyed
+by the HF class name (llm-compressor's mapping idea): where the blocks are, how
+the projections are named, and what the norm scale means (Gemma stores
+``1 + w``).  Causal LMs make their first token the attention sink whatever it
+is (SmolLM2 adds no BOS), so ``first_token`` is offered as a known sink; it is
+the first non-padding token of a prompt, and no new token of a cached decoding
+step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core.rotation import LayerRotation, RotationSpec
+from .base import ModelAdapter, register_adapter
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": {"norm": "rms", "config": "LlamaConfig"},
+    "Qwen2ForCausalLM": {"norm": "rms", "config": "Qwen2Config"},
+    "MistralForCausalLM": {"norm": "rms", "config": "MistralConfig"},
+    "GemmaForCausalLM": {"norm": "rms-plus-one", "config": "GemmaConfig"},
+}
+
+_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@register_adapter(*ARCHITECTURES)
+class HFDecoderAdapter(ModelAdapter):
+    """Adapter for transformers ``*ForCausalLM`` decoders listed in :data:`ARCHITECTURES`."""
+
+    token_layout = "bsd"
+    family = "hf-decoder"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.arch = ARCHITECTURES[type(model).__name__]
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.model
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.decoder.layers)
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        return {name: block.get_submodule(name) for name in _LINEARS}
+
+    def probe_name(self) -> str:
+        return "mlp.down_proj"
+
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def forward(self, batch: Any) -> Any:
+        device = next(self.model.parameters()).device
+        return self.model(input_ids=batch.to(device), use_cache=False)
+
+    def known_sink_kinds(self) -> tuple[str, ...]:
+        return ("first_token",)
+
+    def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
+        unknown = [k for k in kinds if k not in self.known_sink_kinds()]
+        if unknown:
+            raise ValueError(f"sinks.known_sinks {unknown} not offered by {type(self.model).__name__}; "
+                             f"available: {list(self.known_sink_kinds())} (or [] for content-based only)")
+        use_first = "first_token" in kinds
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = kwargs.get("inputs_embeds")
+            ref = ids if ids is not None else embeds
+            batch, tokens = ref.shape[0], ref.shape[1]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = int(cache.get_seq_length()) if cache is not None else 0
+            known = torch.zeros(batch, tokens, dtype=torch.bool, device=ref.device)
+            if use_first and past == 0:
+                attn = kwargs.get("attention_mask")
+                if attn is not None and attn.dim() == 2 and attn.shape[1] == tokens:
+                    first = attn.long().argmax(dim=1)  # first non-padding token (left padding)
+                else:
+                    first = torch.zeros(batch, dtype=torch.long, device=ref.device)
+                known[torch.arange(batch, device=ref.device), first] = True
+            state.reset(known if use_first else None, is_prefill=past == 0)
+
+        hooks.pre_forward(self.decoder, pre_hook, with_kwargs=True)
+
+    # --- rotation ---------------------------------------------------------------------
+    def _norm_scale(self, norm: nn.Module) -> torch.Tensor:
+        w = norm.weight.data.float()
+        return w + 1.0 if self.arch["norm"] == "rms-plus-one" else w
+
+    def _set_norm_identity(self, norm: nn.Module) -> None:
+        norm.weight.data.fill_(0.0 if self.arch["norm"] == "rms-plus-one" else 1.0)
+
+    def _untie(self) -> None:
+        head, emb = self.model.lm_head, self.decoder.embed_tokens
+        if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+            head.weight = nn.Parameter(emb.weight.detach().clone())
+        self.model.config.tie_word_embeddings = False
+        if hasattr(self.model, "_tied_weights_keys"):
+            self.model._tied_weights_keys = None
+
+    def rotation_spec(self) -> RotationSpec:
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layers = []
+        for block in self.blocks():
+            attn, mlp = block.self_attn, block.mlp
+            layers.append(LayerRotation(
+                norm_readers=[(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+                              (block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])],
+                writers=[attn.o_proj, mlp.down_proj],
+                online=[mlp.down_proj],
+                value_output=(attn.v_proj, attn.o_proj, head_dim),
+            ))
+        return RotationSpec(
+            hidden=cfg.hidden_size,
+            embeddings=[self.decoder.embed_tokens],
+            layers=layers,
+            final_norm_readers=(self.decoder.norm, [self.model.lm_head]),
+            norm_scale=self._norm_scale,
+            set_norm_identity=self._set_norm_identity,
+            untie=self._untie,
+        )
+
+    # --- io ---------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        cfg = self.model.config.to_dict()
+        return {"model_class": type(self.model).__name__, "config": cfg}
+
+    @classmethod
+    def from_config_dict(cls, data: dict) -> nn.Module:
+        import transformers
+
+        arch = ARCHITECTURES[data["model_class"]]
+        config_cls = getattr(transformers, arch["config"])
+        config = config_cls.from_dict(data["config"])
+        model_cls = getattr(transformers, data["model_class"])
+        return model_cls(config).eval()
+
+    def token_text(self, tokenizer: Any, ids: torch.Tensor) -> list[str]:
+        if tokenizer is None:
+            return super().token_text(tokenizer, ids)
+        return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def tiny_config(arch: str = "LlamaForCausalLM", **overrides: Any) -> Any:
+    """A tiny random config of a supported architecture (tests and examples)."""
+    import transformers
+
+    base = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                tie_word_embeddings=True)
+    if arch == "GemmaForCausalLM":
+        base["head_dim"] = 16
+    base.update(overrides)
+    return getattr(transformers, ARCHITECTURES[arch]["config"])(**base)

@@ -1,0 +1,272 @@
+"""Configuration dataclasses: what to quantize and how (torchao-style small configs).
+
+Every dataclass validates itself in ``__post_init__`` and names the bad field and
+the accepted values.  YAML recipes (:mod:`vtquant.recipe`) use exactly these
+field names.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+RECIPE_VERSION = 1
+
+METHODS = ("fp", "naive-static", "dynamic-token", "insertquant")
+"""Method names (``insertquant`` + ``rotation.enabled`` is reported as ``insertquant+rotate``)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{name} = {value!r} is not valid; choose one of {list(choices)}")
+
+
+def _check_bits(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not (2 <= value <= 8):
+        raise ConfigError(f"{owner}.{name} = {value!r}: bits must be an integer from 2 to 8")
+
+
+@dataclass
+class WeightArgs:
+    """Weight quantization (round-to-nearest).
+
+    Attributes:
+        bits: integer bit width, 2..8.
+        granularity: ``per-channel`` (one scale per output row) or ``per-group``.
+        group_size: input columns per scale for ``per-group``.
+        symmetric: symmetric (zero-point free) grid; only symmetric is implemented for weights.
+    """
+
+    bits: int = 8
+    granularity: str = "per-channel"
+    group_size: int = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits("weights", "bits", self.bits)
+        _check_choice("weights", "granularity", self.granularity, ("per-channel", "per-group"))
+        if not isinstance(self.group_size, int) or self.group_size < 8:
+            raise ConfigError(f"weights.group_size = {self.group_size!r}: use an integer >= 8 (e.g. 128)")
+        if not self.symmetric:
+            raise ConfigError("weights.symmetric = false is not implemented; use true")
+
+
+@dataclass
+class ActArgs:
+    """Activation quantization of Linear inputs.
+
+    Attributes:
+        bits: integer bit width, 2..8.
+        granularity: ``per-tensor`` (one scale per tensor) or ``per-token`` (one per row).
+        static: scales fixed from calibration (per-tensor only); ``false`` = computed per call.
+        symmetric: symmetric grid, or asymmetric with a zero point.
+        clip_ratio: static range = observed range x clip_ratio (1.0 = MinMax).
+    """
+
+    bits: int = 8
+    granularity: str = "per-tensor"
+    static: bool = True
+    symmetric: bool = True
+    clip_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_bits("activations", "bits", self.bits)
+        _check_choice("activations", "granularity", self.granularity, ("per-tensor", "per-token"))
+        if self.granularity == "per-token" and self.static:
+            raise ConfigError("activations: per-token scales cannot be static; set static: false")
+        if not (0.0 < float(self.clip_ratio) <= 1.0):
+            raise ConfigError(f"activations.clip_ratio = {self.clip_ratio!r}: use a number in (0, 1]")
+
+
+@dataclass
+class SinkConfig:
+    """Sink detection, clamping and template insertion (METHOD.md, steps 2-5).
+
+    Attributes:
+        enabled: handle sinks at all (``false`` = plain per-tensor quantization).
+        insert: insert templates for clamped sinks (``false`` = clamp only; an ablation that breaks the model).
+        alpha: stage-2 threshold on a token's peak |x| over the calibrated median token peak,
+            at the MLP second-linear input of the emergence layer (prototype: 64).
+        stage1: find an earlier detection layer from calibration data (``auto``) or not (``off``).
+        stage1_margin: the stage-1 threshold is this factor above the largest non-sink ratio seen.
+        stage1_min_recall: the stage-1 layer must catch at least this share of the calibration sinks.
+        known_sinks: positions the adapter knows (e.g. ``first_token`` for causal LMs, ``cls``,
+            ``registers`` for ViTs); ``[]`` = content-based detection only.
+        template_min_cosine: a layer inserts templates only where the sinks' inputs have at least
+            this mean cosine to their template; elsewhere sink rows are computed in full precision.
+        restore_residual: restore the sinks' residual stream from a template at the cancellation layer.
+        exclude_from_calibration: keep sink rows out of the activation observers.
+    """
+
+    enabled: bool = True
+    insert: bool = True
+    alpha: float = 64.0
+    stage1: str = "auto"
+    stage1_margin: float = 2.0
+    stage1_min_recall: float = 0.9
+    known_sinks: list = field(default_factory=lambda: ["first_token"])
+    template_min_cosine: float = 0.9
+    restore_residual: bool = True
+    exclude_from_calibration: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("sinks", "stage1", self.stage1, ("auto", "off"))
+        if float(self.alpha) <= 1.0:
+            raise ConfigError(f"sinks.alpha = {self.alpha!r}: the ratio threshold must be > 1 (prototype: 64)")
+        if not isinstance(self.known_sinks, list):
+            raise ConfigError(f"sinks.known_sinks = {self.known_sinks!r}: give a list, e.g. [first_token] or []")
+        if not (-1.0 <= float(self.template_min_cosine) <= 1.0):
+            raise ConfigError("sinks.template_min_cosine must lie in [-1, 1]")
+
+
+@dataclass
+class RotationConfig:
+    """Orthogonal (randomized Hadamard) rotation of Linear inputs (QuaRot-style).
+
+    Attributes:
+        enabled: rotate.
+        seed: seed of the random signs.
+        residual: rotate the residual stream (folded into embeddings and weights, offline).
+        online: rotate the inputs that cannot be folded (MLP second-linear input), online.
+        heads: per-head rotation of the attention output projection input (folded into V / O).
+    """
+
+    enabled: bool = False
+    seed: int = 0
+    residual: bool = True
+    online: bool = True
+    heads: bool = True
+
+
+@dataclass
+class CalibConfig:
+    """Calibration data.
+
+    Attributes:
+        dataset: a vtquant text asset name or a path to a .txt file.
+        num_samples: number of random windows.
+        seq_len: tokens per window.
+        batch_size: windows per forward pass.
+        seed: window sampling seed.
+    """
+
+    dataset: str = "shakespeare"
+    num_samples: int = 16
+    seq_len: int = 512
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"calibration.{name} = {value!r}: use a positive integer")
+
+
+@dataclass
+class Recipe:
+    """A full, versioned quantization recipe.
+
+    Attributes:
+        version: recipe schema version (currently 1).
+        name: a label for reports.
+        model: what the recipe was written for (``asset:smollm2-135m``, an HF path, ``timm:NAME``...).
+        method: one of :data:`METHODS`.
+        weights: weight quantization; ``null`` keeps weights in full precision.
+        activations: activation quantization; ``null`` keeps activations in full precision.
+        sinks: sink handling (used by ``insertquant``).
+        rotation: rotation (any method may use it).
+        calibration: calibration data.
+        ignore: module names (suffix match) left in full precision.
+    """
+
+    version: int = RECIPE_VERSION
+    name: str = "insertquant-w8a8"
+    model: str = ""
+    method: str = "insertquant"
+    weights: Optional[WeightArgs] = field(default_factory=WeightArgs)
+    activations: Optional[ActArgs] = field(default_factory=ActArgs)
+    sinks: SinkConfig = field(default_factory=SinkConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    calibration: CalibConfig = field(default_factory=CalibConfig)
+    ignore: list = field(default_factory=lambda: ["lm_head"])
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise ConfigError(
+                f"recipe version {self.version!r} is not supported by this vtquant (expects {RECIPE_VERSION}); "
+                "update vtquant or rewrite the recipe for this version"
+            )
+        _check_choice("recipe", "method", self.method, METHODS)
+        if self.method == "dynamic-token" and self.activations is not None:
+            if self.activations.granularity != "per-token" or self.activations.static:
+                raise ConfigError("method dynamic-token needs activations.granularity: per-token and static: false")
+        if self.method in ("naive-static", "insertquant") and self.activations is not None:
+            if self.activations.granularity != "per-tensor" or not self.activations.static:
+                raise ConfigError(f"method {self.method} needs per-tensor static activations")
+
+    @property
+    def display_method(self) -> str:
+        """Method name as reported in results (``insertquant+rotate`` when rotated)."""
+        if self.rotation.enabled and self.method != "fp":
+            return f"{self.method}+rotate"
+        return self.method
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A validated deep copy with top-level fields replaced."""
+        data = copy.deepcopy(self)
+        for key, value in changes.items():
+            if not hasattr(data, key):
+                raise ConfigError(f"Recipe has no field {key!r}")
+            setattr(data, key, value)
+        data.__post_init__()
+        return data
+
+
+def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8, rotate: bool = False) -> Recipe:
+    """Derive the recipe of a named method from a base recipe (same calibration and ignore list).
+
+    Args:
+        method: ``fp``, ``naive-static``, ``dynamic-token``, ``insertquant`` or ``insertquant+rotate``.
+        base: recipe whose calibration, sinks and weight settings are reused.
+        w_bits: weight bits.
+        a_bits: activation bits.
+        rotate: also rotate (implied by ``insertquant+rotate``).
+    """
+    if method.endswith("+rotate"):
+        method, rotate = method[: -len("+rotate")], True
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS) + ['insertquant+rotate']}")
+    weights = None if method == "fp" else WeightArgs(
+        bits=w_bits,
+        granularity=(base.weights or WeightArgs()).granularity,
+        group_size=(base.weights or WeightArgs()).group_size,
+    )
+    if method == "fp":
+        acts = None
+    elif method == "dynamic-token":
+        acts = ActArgs(bits=a_bits, granularity="per-token", static=False)
+    else:
+        base_act = base.activations or ActArgs()
+        acts = ActArgs(bits=a_bits, symmetric=base_act.symmetric, clip_ratio=base_act.clip_ratio)
+    rotation = copy.deepcopy(base.rotation)
+    rotation.enabled = rotate and method != "fp"
+    sinks = copy.deepcopy(base.sinks)
+    return Recipe(
+        name=f"{method}{'+rotate' if rotation.enabled else ''}-w{w_bits}a{a_bits}",
+        model=base.model,
+        method=method,
+        weights=weights,
+        activations=acts,
+        sinks=sinks,
+        rotation=rotation,
+        calibration=copy.deepcopy(base.calibration),
+        ignore=list(base.ignore),
+    )

@@ -1,0 +1,471 @@
+"""prepare -> calibrate -> convert, model-family free (torchao's static flow, METHOD.md steps 1-6).
+
+:func:`quantize_model_` runs the whole INSERTQUANT pipeline on a model described
+by an adapter:
+
+1. optional rotation of the full-precision model (:mod:`vtquant.core.rotation`);
+2. every target Linear becomes a :class:`QuantLinear` (still full precision);
+3. pass 1 - probe statistics: per layer, the per-token peak at the MLP second-linear
+   input and the sinks' residual norm -> reference scales, emergence layer,
+   cancellation layer, an optional earlier stage-1 layer, number of template types;
+4. pass 2 - templates: detectors run as at inference; each guarded Linear records
+   its sink inputs -> template outputs and their stability -> per-layer mode
+   (``template`` where stable, ``fp-row`` elsewhere) and the residual template;
+5. weights are quantized (RTN), pass 3 calibrates static activation scales with
+   sink rows excluded; activations then quantize.
+
+The resulting structure is a json-able *plan*; :func:`apply_plan_` rebuilds it on
+a fresh model (for loading checkpoints).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..config import ActArgs, Recipe, WeightArgs
+from .hooks import HookManager
+from .quant import QuantLinear, quantize_weight
+from .rotation import rotate_model_
+from .sinks import (SinkDetector, SinkState, choose_stage1, find_cancellation_layer,
+                    find_emergence_layer, token_peaks)
+from .templates import ResidualRestore, SinkGuard, template_statistics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantReport:
+    """What quantization found and did (printed by the CLI, saved beside checkpoints)."""
+
+    method: str
+    seconds: float = 0.0
+    emergence_layer: Optional[int] = None
+    cancellation_layer: Optional[int] = None
+    stages: dict = field(default_factory=dict)
+    alphas: dict = field(default_factory=dict)
+    stage1_recall: Optional[float] = None
+    num_types: int = 0
+    known_sinks: list = field(default_factory=list)
+    known_confirmed: Optional[float] = None
+    probe_max_ratio: list = field(default_factory=list)
+    sink_residual_norm: list = field(default_factory=list)
+    calib_sink_positions: list = field(default_factory=list)
+    layer_modes: dict = field(default_factory=dict)
+    layer_template_cosine: dict = field(default_factory=dict)
+    layer_template_spread: dict = field(default_factory=dict)
+    restore_layer: Optional[int] = None
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"method: {self.method} ({self.seconds:.1f} s)"]
+        if self.method.startswith("insertquant"):
+            lines.append(f"emergence layer: {self.emergence_layer}, cancellation layer: {self.cancellation_layer}, "
+                         f"stages: {self.stages}, alphas: { {k: round(v, 2) for k, v in self.alphas.items()} }")
+            lines.append(f"template types: {self.num_types}, known sinks: {self.known_sinks} "
+                         f"(confirmed by content in {self.known_confirmed if self.known_confirmed is None else round(100 * self.known_confirmed)} % of inputs)")
+            modes = {}
+            for layer, mode in self.layer_modes.items():
+                modes.setdefault(mode, []).append(int(layer))
+            lines.append("guard modes by layer: " + "; ".join(f"{m}: {_ranges(v)}" for m, v in modes.items()))
+            if self.restore_layer is not None:
+                lines.append(f"residual restored after layer {self.restore_layer}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _ranges(values: list[int]) -> str:
+    values = sorted(values)
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+class QuantHandle:
+    """Lives on a quantized model as ``model.vtquant``: its plan, sink state and hooks."""
+
+    def __init__(self, plan: dict, state: Optional[SinkState], hooks: HookManager, adapter: Any) -> None:
+        self.plan = plan
+        self.state = state
+        self.hooks = hooks
+        self.adapter = adapter
+        self.report: Optional[QuantReport] = None
+
+    def sink_positions(self) -> list[list[int]]:
+        """Sink positions per batch row of the last forward pass."""
+        return self.state.positions() if self.state is not None else []
+
+
+# ------------------------------------------------------------------------------------------
+def _target_linears(adapter: Any, ignore: list) -> list[tuple[int, str, nn.Module, nn.Module]]:
+    out = []
+    for li, block in enumerate(adapter.blocks()):
+        for name, lin in adapter.block_linears(block).items():
+            if any(name.endswith(pat) for pat in ignore):
+                continue
+            out.append((li, name, block, lin))
+    return out
+
+
+def _set_child(block: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    setattr(parent, child, module)
+
+
+def _wrap_linears(adapter: Any, ignore: list, skeleton_weights: Optional[WeightArgs] = None,
+                  online: Optional[dict] = None) -> dict[tuple[int, str], QuantLinear]:
+    online = online or {}
+    wrapped = {}
+    for li, name, block, lin in _target_linears(adapter, ignore):
+        if isinstance(lin, QuantLinear):
+            wrapped[(li, name)] = lin
+            continue
+        q = QuantLinear(lin, skeleton_weights, None, name=f"layers.{li}.{name}",
+                        skeleton=skeleton_weights is not None)
+        if lin in online:
+            q.set_input_rotation(online[lin])
+        _set_child(block, name, q)
+        wrapped[(li, name)] = q
+    return wrapped
+
+
+def _run(adapter: Any, batches: list, desc: str, quiet: bool) -> None:
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=desc, disable=quiet, leave=False):
+            adapter.forward(batch)
+
+
+def _attach_restore(adapter: Any, hooks: HookManager, block: nn.Module, restore: ResidualRestore) -> None:
+    block.vtquant_restore = restore
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        return adapter.replace_block_output(output, module.vtquant_restore(adapter.block_output(output)))
+
+    hooks.forward(block, hook)
+
+
+# ------------------------------------------------------------------------------------------
+def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Iterable,
+                    quiet: bool = False) -> QuantReport:
+    """Quantize ``model`` in place following ``recipe``, calibrating on ``batches``.
+
+    Args:
+        model: the full-precision model (modified in place).
+        adapter: its :class:`~vtquant.adapters.ModelAdapter`.
+        recipe: the validated recipe.
+        batches: calibration inputs, each accepted by ``adapter.forward``.
+        quiet: no progress bars.
+    """
+    start = time.time()
+    batches = list(batches)
+    report = QuantReport(method=recipe.display_method)
+    plan: dict = {"method": recipe.method, "display_method": recipe.display_method,
+                  "weights": asdict(recipe.weights) if recipe.weights else None,
+                  "activations": asdict(recipe.activations) if recipe.activations else None,
+                  "ignore": list(recipe.ignore), "rotation": None, "sinks": None}
+    hooks = HookManager()
+    if recipe.method == "fp":
+        model.vtquant = QuantHandle(plan, None, hooks, adapter)
+        report.seconds = time.time() - start
+        return report
+
+    # 1. rotation of the full-precision model
+    online: dict = {}
+    if recipe.rotation.enabled:
+        rot = recipe.rotation
+        online = rotate_model_(adapter.rotation_spec(), seed=rot.seed, residual=rot.residual,
+                               online=rot.online, heads=rot.heads)["online"]
+        plan["rotation"] = asdict(rot)
+
+    # 2. wrap every target Linear (full precision for now)
+    wrapped = _wrap_linears(adapter, recipe.ignore, online=online)
+    plan["targets"] = sorted(q.name for q in wrapped.values())
+    plan["online_rotation"] = sorted(q.name for q in wrapped.values() if q.input_rotation is not None)
+
+    state = None
+    if recipe.method == "insertquant" and recipe.sinks.enabled:
+        state = _calibrate_sinks(adapter, recipe, batches, wrapped, hooks, report, plan, quiet)
+
+    # 3. quantize weights
+    if recipe.weights is not None:
+        for qlin in wrapped.values():
+            codes, scale = quantize_weight(qlin.weight, recipe.weights)
+            qlin.weight = None
+            qlin.register_buffer("qweight", codes)
+            qlin.register_buffer("w_scale", scale)
+            qlin.w_bits, qlin.w_granularity = recipe.weights.bits, recipe.weights.granularity
+            qlin._w_cache = None
+
+    # 4. activations
+    if recipe.activations is not None:
+        from .quant import ActQuantizer
+
+        for qlin in wrapped.values():
+            qlin.act = ActQuantizer(recipe.activations).to(qlin.dequantized_weight().device)
+        if recipe.activations.static:
+            _run(adapter, batches, "calibrate activation scales", quiet)
+            for qlin in wrapped.values():
+                qlin.act.finalize()
+
+    model.vtquant = QuantHandle(plan, state, hooks, adapter)
+    report.seconds = time.time() - start
+    model.vtquant.report = report
+    return report
+
+
+def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict, hooks: HookManager,
+                     report: QuantReport, plan: dict, quiet: bool) -> Optional[SinkState]:
+    cfg = recipe.sinks
+    blocks = adapter.blocks()
+    n_layers = len(blocks)
+    probe = adapter.probe_name()
+    probes = {li: q for (li, name), q in wrapped.items() if name == probe}
+    if len(probes) != n_layers:
+        report.notes.append(f"probe Linear {probe!r} is not quantized in every layer; sinks need it")
+
+    # ---- pass 1: probe statistics on the full-precision model --------------------------
+    peaks: dict[int, list] = {li: [] for li in probes}
+    res_norms: dict[int, list] = {li: [] for li in range(n_layers)}
+    state = SinkState(layout=adapter.token_layout)
+    with HookManager() as tmp:
+        for li, q in probes.items():
+            tmp.pre_forward(q, lambda m, inp, li=li: peaks[li].append(
+                token_peaks(state.rows(inp[0])).view(*state.batch_tokens(inp[0])).float().cpu()))
+        for li, block in enumerate(blocks):
+            tmp.forward(block, lambda m, inp, out, li=li: res_norms[li].append(
+                state.rows(adapter.block_output(out)).float().norm(dim=-1).view(
+                    *state.batch_tokens(adapter.block_output(out))).cpu()))
+        known_kinds = [k for k in cfg.known_sinks]
+        if known_kinds:
+            adapter.install_known_sinks(state, known_kinds, tmp)
+        known_masks: list = []
+        tmp.pre_forward(blocks[0], lambda m, inp: known_masks.append(
+            None if state.mask is None else state.mask.cpu()))
+        _run(adapter, batches, "sink statistics", quiet)
+
+    layers = sorted(probes)
+    peak_t = torch.stack([torch.cat([p.flatten() for p in peaks[li]]) for li in layers])  # [L, N]
+    references = peak_t.median(dim=1).values.clamp_min(1e-12)
+    ratios = peak_t / references.unsqueeze(1)
+    report.probe_max_ratio = [round(float(r), 2) for r in ratios.max(dim=1).values]
+    emergence_idx = find_emergence_layer(ratios.max(dim=1).values, cfg.alpha)
+    if emergence_idx is None:
+        report.notes.append(f"no token exceeds alpha={cfg.alpha:g} x the median token peak at any probe: "
+                            "no massive activations, sink handling disabled (plain per-tensor quantization)")
+        plan["sinks"] = None
+        return None
+    emergence = layers[emergence_idx]
+    shape_bt = [p.shape for p in peaks[emergence]]
+    sink_flat = ratios[emergence_idx] > cfg.alpha
+    known_flat = torch.cat([(m if m is not None else torch.zeros(s, dtype=torch.bool)).flatten()
+                            for m, s in zip(known_masks, shape_bt)]) if known_kinds else None
+    if known_flat is not None and bool(known_flat.any()):
+        report.known_confirmed = float((sink_flat & known_flat).sum() / known_flat.sum())
+        if report.known_confirmed < 0.5:
+            report.notes.append(f"known sinks {known_kinds} carry the spike in only "
+                                f"{100 * report.known_confirmed:.0f} % of inputs: not used")
+            known_kinds = []
+    content_sinks = sink_flat.clone()
+    all_sinks = sink_flat | known_flat if (known_kinds and known_flat is not None) else sink_flat
+
+    # per-sequence sink counts -> number of template types K (the most common count)
+    seq_masks = torch.split(all_sinks, [s.numel() for s in shape_bt])
+    per_seq = []
+    for m, s in zip(seq_masks, shape_bt):
+        per_seq += [row.nonzero().flatten().tolist() for row in m.view(s)]
+    counts = torch.tensor([len(p) for p in per_seq])
+    k = int(torch.mode(counts[counts > 0]).values) if bool((counts > 0).any()) else 1
+    report.num_types = k
+    report.calib_sink_positions = per_seq
+    state.num_types = k
+
+    norms = torch.stack([torch.cat([r.flatten() for r in res_norms[li]]) for li in range(n_layers)])
+    sink_norm = norms[:, all_sinks].mean(dim=1)
+    report.sink_residual_norm = [round(float(v), 2) for v in sink_norm]
+    cancellation = find_cancellation_layer(sink_norm, emergence)
+    stages = {"stage2": emergence}
+    alphas = {"stage2": float(cfg.alpha)}
+    refs = {"stage2": float(references[emergence_idx])}
+    if cfg.stage1 == "auto":
+        found = choose_stage1(ratios, content_sinks, emergence_idx, cfg.stage1_margin, cfg.stage1_min_recall)
+        if found is not None:
+            idx, alpha0, recall = found
+            stages["stage1"] = layers[idx]
+            alphas["stage1"] = alpha0
+            refs["stage1"] = float(references[idx])
+            report.stage1_recall = recall
+    report.emergence_layer, report.cancellation_layer = emergence, cancellation
+    report.stages, report.alphas, report.known_sinks = stages, alphas, known_kinds
+
+    # ---- pass 2: templates ----------------------------------------------------------
+    first_guard = 0 if known_kinds else min(stages.values())
+    sink_plan = {"stages": stages, "alphas": alphas, "references": refs, "num_types": k,
+                 "known_sinks": known_kinds, "first_guard_layer": first_guard,
+                 "emergence_layer": emergence, "cancellation_layer": cancellation,
+                 "exclude_from_calibration": cfg.exclude_from_calibration,
+                 "restore_layer": cancellation if (cfg.restore_residual and cancellation is not None) else None,
+                 "guard_modes": {}}
+    for (li, name), q in wrapped.items():
+        if li >= first_guard:
+            sink_plan["guard_modes"][q.name] = "fp-row"
+    _install_sink_modules(adapter, wrapped, sink_plan, state, hooks, num_types=k)
+    recorders = {}
+    for q in wrapped.values():
+        if q.guard is not None:
+            q.guard.recorder = recorders.setdefault(q.name, [])
+    det_records: dict[str, list] = {s: [] for s in stages}
+    res_records: list = []
+    restore_layer = sink_plan["restore_layer"]
+    with HookManager() as tmp:
+        for (li, name), q in wrapped.items():
+            if q.detector is not None:
+                stage = q.detector.stage
+                tmp.forward(q, lambda m, inp, out, stage=stage: det_records[stage].append(
+                    (state.rows(inp[0]).float().cpu(), None if state.mask is None else state.mask.reshape(-1).cpu(),
+                     None if state.types is None else state.types.reshape(-1).cpu())))
+        if restore_layer is not None:
+            blocks[restore_layer].vtquant_restore.enabled = False
+            tmp.forward(blocks[restore_layer], lambda m, inp, out: res_records.append(
+                (state.rows(adapter.block_output(out)).float().cpu(), state.mask.reshape(-1).cpu(),
+                 state.types.reshape(-1).cpu()) if state.mask is not None else None))
+        _run(adapter, batches, "sink templates", quiet)
+    if restore_layer is not None:
+        blocks[restore_layer].vtquant_restore.enabled = True
+
+    layer_cos: dict[int, float] = {}
+    layer_spread: dict[int, float] = {}
+    for (li, name), q in wrapped.items():
+        if q.guard is None:
+            continue
+        rec = recorders.get(q.name, [])
+        q.guard.recorder = None
+        if not rec:
+            continue
+        inputs = torch.cat([r[0] for r in rec])
+        types = torch.cat([r[1] for r in rec]).clamp_min(0)
+        weight = q.weight.detach().float()
+        bias = None if q.bias is None else q.bias.detach().float()
+        for t in range(k):
+            sel = inputs[types == t]
+            if len(sel) == 0:
+                continue
+            mean, cos, spread = template_statistics(sel)
+            out = mean.to(weight.device) @ weight.T + (0 if bias is None else bias)
+            q.guard.template_out[t] = out.to(q.guard.template_out.dtype)
+            q.guard.template_cosine[t] = cos
+            layer_cos[li] = min(layer_cos.get(li, 1.0), cos)
+            layer_spread[li] = max(layer_spread.get(li, 0.0), spread)
+    for (li, name), q in wrapped.items():
+        if q.guard is None:
+            continue
+        mode = "template" if (cfg.insert and layer_cos.get(li, -1.0) >= cfg.template_min_cosine) else "fp-row"
+        if not cfg.insert:
+            mode = "clamp"
+        q.guard.mode = mode
+        sink_plan["guard_modes"][q.name] = mode
+        report.layer_modes[li] = mode
+    report.layer_template_cosine = {li: round(c, 4) for li, c in sorted(layer_cos.items())}
+    report.layer_template_spread = {li: round(s, 4) for li, s in sorted(layer_spread.items())}
+
+    # detection templates for least-squares assignment
+    for stage, recs in det_records.items():
+        feats, tys = [], []
+        for rows, mask, types in recs:
+            if mask is not None and bool(mask.any()):
+                feats.append(rows[mask])
+                tys.append(types[mask])
+        if feats:
+            f, t = torch.cat(feats), torch.cat(tys).clamp_min(0)
+            det = torch.stack([f[t == i].mean(0) if bool((t == i).any()) else torch.zeros(f.shape[1])
+                               for i in range(k)])
+            state.det_templates[stage] = det
+    if restore_layer is not None:
+        rows = [r for r in res_records if r is not None]
+        if rows:
+            h = torch.cat([r[0][r[1]] for r in rows])
+            t = torch.cat([r[2][r[1]] for r in rows]).clamp_min(0)
+            tmpl = blocks[restore_layer].vtquant_restore.template
+            for i in range(k):
+                if bool((t == i).any()):
+                    tmpl[i] = h[t == i].mean(0).to(tmpl)
+        report.restore_layer = restore_layer
+    sink_plan["det_templates"] = {s: v.tolist() for s, v in state.det_templates.items()}
+    plan["sinks"] = sink_plan
+    return state
+
+
+def _install_sink_modules(adapter: Any, wrapped: dict, sink_plan: dict, state: SinkState,
+                          hooks: HookManager, num_types: int) -> None:
+    """Create detectors, guards and the residual restore of ``sink_plan``, sharing ``state``."""
+    state.num_types = num_types
+    probe = adapter.probe_name()
+    stage_of_layer = {layer: stage for stage, layer in sink_plan["stages"].items()}
+    for (li, name), q in wrapped.items():
+        if name == probe and li in stage_of_layer:
+            stage = stage_of_layer[li]
+            q.detector = SinkDetector(stage, sink_plan["alphas"][stage], sink_plan["references"][stage])
+            q.detector.state = state
+        mode = sink_plan["guard_modes"].get(q.name)
+        if mode is not None:
+            q.guard = SinkGuard(q.out_features, num_types, mode,
+                                exclude_from_calibration=sink_plan.get("exclude_from_calibration", True))
+            q.guard.state = state
+    if sink_plan["known_sinks"]:
+        adapter.install_known_sinks(state, sink_plan["known_sinks"], hooks)
+    else:
+        hooks.pre_forward(adapter.blocks()[0], lambda m, inp: state.reset(None))
+    if sink_plan.get("restore_layer") is not None:
+        restore = ResidualRestore(adapter.hidden_size(), num_types)
+        restore.state = state
+        _attach_restore(adapter, hooks, adapter.blocks()[sink_plan["restore_layer"]], restore)
+    for stage, det in sink_plan.get("det_templates", {}).items():
+        state.det_templates[stage] = torch.tensor(det)
+
+
+def apply_plan_(model: nn.Module, adapter: Any, plan: dict) -> None:
+    """Rebuild a quantized structure (empty buffers) from ``plan`` on a freshly built model.
+
+    Used when loading a checkpoint: the state dict then fills every buffer.
+    """
+    hooks = HookManager()
+    if plan["method"] == "fp":
+        model.vtquant = QuantHandle(plan, None, hooks, adapter)
+        return
+    if plan.get("rotation"):
+        adapter.rotation_spec().untie()
+        spec = adapter.rotation_spec()
+        for layer in spec.layers:
+            for norm, _ in layer.norm_readers:
+                spec.set_norm_identity(norm)
+        if spec.final_norm_readers is not None:
+            spec.set_norm_identity(spec.final_norm_readers[0])
+    weights = WeightArgs(**plan["weights"]) if plan.get("weights") else None
+    acts = ActArgs(**plan["activations"]) if plan.get("activations") else None
+    wrapped = _wrap_linears(adapter, plan["ignore"], skeleton_weights=weights)
+    for q in wrapped.values():
+        if q.name in plan.get("online_rotation", []):
+            q.set_input_rotation(torch.zeros(q.in_features, q.in_features))
+        if acts is not None:
+            from .quant import ActQuantizer
+
+            q.act = ActQuantizer(acts)
+            q.act.mode = "quant"
+    state = None
+    if plan.get("sinks"):
+        state = SinkState(layout=adapter.token_layout, num_types=plan["sinks"]["num_types"])
+        _install_sink_modules(adapter, wrapped, plan["sinks"], state, hooks, plan["sinks"]["num_types"])
+    model.vtquant = QuantHandle(plan, state, hooks, adapter)

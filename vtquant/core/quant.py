@@ -1,0 +1,228 @@
+"""Quantizers and the quantized Linear (fake quantization; real kernels live in ``vtquant.kernels``).
+
+* weights: symmetric round-to-nearest, per output channel or per group of input columns,
+  stored as int8 codes plus scales (so checkpoints are small);
+* activations: per-tensor static (scale from calibration, symmetric or asymmetric) or
+  per-token dynamic; sink rows are excluded from the observers (METHOD.md step 6).
+
+A :class:`QuantLinear` optionally carries an online input rotation, a
+:class:`~vtquant.core.sinks.SinkDetector` (on probe Linears) and a
+:class:`~vtquant.core.templates.SinkGuard` (clamp and insert).  All of them are
+child modules or buffers, so ``print(model)`` shows the whole quantization.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ActArgs, WeightArgs
+
+
+def quantize_weight(weight: torch.Tensor, args: WeightArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric RTN weight quantization.
+
+    Returns:
+        ``(codes int8 [out, in], scales float [out, groups])``.
+    """
+    out_f, in_f = weight.shape
+    qmax = 2 ** (args.bits - 1) - 1
+    w = weight.detach().float()
+    if args.granularity == "per-group":
+        if in_f % args.group_size != 0:
+            raise ValueError(
+                f"per-group weight quantization needs in_features ({in_f}) divisible by group_size "
+                f"({args.group_size}); choose a divisor or use per-channel"
+            )
+        groups = in_f // args.group_size
+        wg = w.view(out_f, groups, args.group_size)
+    else:
+        groups = 1
+        wg = w.view(out_f, 1, in_f)
+    scale = wg.abs().amax(dim=-1).clamp_min(1e-12) / qmax  # [out, groups]
+    codes = torch.clamp(torch.round(wg / scale.unsqueeze(-1)), -qmax - 1, qmax).to(torch.int8)
+    return codes.view(out_f, in_f), scale
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    out_f, in_f = codes.shape
+    groups = scale.shape[1]
+    return (codes.view(out_f, groups, in_f // groups).float() * scale.unsqueeze(-1)).view(out_f, in_f)
+
+
+class ActQuantizer(nn.Module):
+    """Activation fake-quantizer with a MinMax observer.
+
+    Modes: ``observe`` (collect ranges, pass through), ``quant`` (quantize), ``off``.
+    """
+
+    def __init__(self, args: ActArgs) -> None:
+        super().__init__()
+        self.bits = args.bits
+        self.granularity = args.granularity
+        self.static = args.static
+        self.symmetric = args.symmetric
+        self.clip_ratio = float(args.clip_ratio)
+        self.mode = "quant" if not self.static else "observe"
+        self.register_buffer("observed_min", torch.tensor(float("inf")))
+        self.register_buffer("observed_max", torch.tensor(float("-inf")))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+
+    def extra_repr(self) -> str:
+        kind = "static" if self.static else "dynamic"
+        sym = "sym" if self.symmetric else "asym"
+        text = f"bits={self.bits}, {self.granularity}, {kind}, {sym}, mode={self.mode}"
+        if self.static:
+            text += f", scale={float(self.scale):.4g}"
+        return text
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        if self.symmetric:
+            return -(2 ** (self.bits - 1)) + 1, 2 ** (self.bits - 1) - 1
+        return 0, 2 ** self.bits - 1
+
+    @torch.no_grad()
+    def observe(self, rows: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """Update the range from ``rows`` ``[N, C]``; rows where ``keep`` is False are ignored."""
+        if keep is not None:
+            rows = rows[keep]
+        if rows.numel() == 0:
+            return
+        self.observed_min.copy_(torch.minimum(self.observed_min, rows.min().float()))
+        self.observed_max.copy_(torch.maximum(self.observed_max, rows.max().float()))
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Turn the observed range into the static scale / zero point and switch to ``quant``."""
+        if not torch.isfinite(self.observed_max):
+            raise RuntimeError("activation observer saw no data; run calibration before finalize()")
+        lo, hi = self.observed_min * self.clip_ratio, self.observed_max * self.clip_ratio
+        qmin, qmax = self.qrange
+        if self.symmetric:
+            self.scale.copy_(torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8) / qmax)
+            self.zero_point.zero_()
+        else:
+            lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+            self.scale.copy_(((hi - lo) / (qmax - qmin)).clamp_min(1e-8))
+            self.zero_point.copy_(torch.round(qmin - lo / self.scale))
+        self.mode = "quant"
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = self.qrange
+        if self.static:
+            scale, zero = self.scale.to(x.dtype), self.zero_point.to(x.dtype)
+        else:  # per-token dynamic
+            if self.symmetric:
+                scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+                zero = torch.zeros_like(scale)
+            else:
+                lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+                hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+                scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
+                zero = torch.round(qmin - lo / scale)
+        q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+        return (q - zero) * scale
+
+
+class QuantLinear(nn.Module):
+    """A Linear with int8-coded weights, an activation quantizer and optional sink handling.
+
+    Forward order: detect sinks on the raw input -> rotate -> zero sink rows -> quantize
+    -> matmul -> write the sink rows' outputs (template, or full-precision activations).
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weights: Optional[WeightArgs],
+        activations: Optional[ActArgs],
+        name: str = "",
+        skeleton: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.name = name
+        self.w_bits = weights.bits if weights else None
+        self.w_granularity = weights.granularity if weights else None
+        dev = linear.weight.device
+        if weights is not None:
+            if skeleton:
+                groups = 1 if weights.granularity == "per-channel" else self.in_features // weights.group_size
+                codes = torch.zeros(self.out_features, self.in_features, dtype=torch.int8, device=dev)
+                scale = torch.ones(self.out_features, groups, device=dev)
+            else:
+                codes, scale = quantize_weight(linear.weight, weights)
+            self.register_buffer("qweight", codes)
+            self.register_buffer("w_scale", scale)
+            self.weight = None
+        else:
+            self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.act = ActQuantizer(activations) if activations is not None else None
+        self.register_buffer("input_rotation", None)
+        self.detector = None
+        self.guard = None
+        self._w_cache: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        text = f"in_features={self.in_features}, out_features={self.out_features}"
+        if self.w_bits:
+            text += f", w_bits={self.w_bits} ({self.w_granularity})"
+        if self.input_rotation is not None:
+            text += ", online_rotation=hadamard"
+        return text
+
+    def set_input_rotation(self, rotation: torch.Tensor) -> None:
+        self.input_rotation = rotation.contiguous()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight
+        if self._w_cache is None or self._w_cache.device != self.qweight.device:
+            self._w_cache = dequantize_weight(self.qweight, self.w_scale)
+        return self._w_cache
+
+    def _apply(self, fn, recurse=True):  # keep the cache coherent with .to()/.half()
+        self._w_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._w_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.detector is not None:
+            self.detector(x)
+        guard = self.guard
+        state = guard.state if guard is not None else None
+        mask = state.mask_for(x) if (state is not None and guard.mode != "off") else None
+        if self.input_rotation is not None:
+            x = x @ self.input_rotation.to(x.dtype)
+        weight = self.dequantized_weight().to(x.dtype)
+        rows = None
+        if mask is not None:
+            rows = state.rows(x)
+            flat_mask = mask.reshape(-1)
+            sink_rows = rows[flat_mask]
+            xq_rows = rows.masked_fill(flat_mask.unsqueeze(-1), 0.0)
+        else:
+            xq_rows = x
+        act = self.act
+        if act is not None:
+            if act.mode == "observe":
+                if mask is not None and guard.exclude_from_calibration:
+                    act.observe(rows, keep=~flat_mask)
+                else:
+                    act.observe(x.reshape(-1, x.shape[-1]))
+            elif act.mode == "quant":
+                xq_rows = act.fake_quant(xq_rows)
+        y = F.linear(xq_rows, weight, None if self.bias is None else self.bias.to(x.dtype))
+        if mask is not None:
+            y = guard.write_sink_rows(y, sink_rows, flat_mask, state, weight, self.bias)
+            y = state.unrows(y, x)
+        return y

@@ -1,0 +1,226 @@
+"""Orthogonal (randomized Hadamard) rotations of Linear inputs (QuaRot / SpinQuant style).
+
+A rotation ``Q`` of the residual stream is folded offline: embeddings and every
+Linear that writes to the residual are multiplied by ``Q`` on their output side,
+every Linear that reads a normalized residual absorbs the norm's scale and ``Q``
+on its input side (RMSNorm commutes with an orthogonal ``Q`` once its scale is
+folded away).  Inputs that cannot be folded (the MLP second-linear input, after
+the non-linearity) are rotated online by a :class:`QuantLinear`.  Attention value
+/ output projections get a per-head rotation folded into both.
+
+The adapter describes the model with a :class:`RotationSpec`; this module does
+only the linear algebra.  Hadamard matrices of non-power-of-two orders are built
+as Kronecker products of Sylvester and Paley constructions; an order with no known
+construction falls back to a seeded random orthogonal factor (logged).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+
+
+def _paley1(q: int) -> torch.Tensor:
+    """Paley construction I: a Hadamard matrix of order q + 1 for a prime q = 3 mod 4."""
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if i in residues else -1 for i in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q).unsqueeze(1) - torch.arange(q).unsqueeze(0)) % q
+    jac = chi[idx]  # Jacobsthal matrix, skew-symmetric
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:] = 1
+    s[1:, 0] = -1
+    s[1:, 1:] = jac
+    return s + torch.eye(q + 1, dtype=torch.float64)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _paley_order(m: int) -> bool:
+    return m >= 4 and m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3
+
+
+@lru_cache(maxsize=32)
+def hadamard_factors(n: int) -> tuple[int, ...]:
+    """Orders whose Kronecker product is ``n``: one power of two and Paley orders, or ``()``."""
+    power, odd = 1, n
+    while odd % 2 == 0:
+        odd //= 2
+        power *= 2
+    # try one Paley factor m (m = odd * 2^j) times a power of two
+    for j in range(0, 20):
+        m = odd * 2 ** j
+        if m > n:
+            break
+        if n % m == 0 and (m == 1 or _paley_order(m)):
+            return tuple(f for f in (n // m, m) if f > 1)
+    # two Paley factors
+    for m1 in range(4, n + 1, 4):
+        if n % m1 or not _paley_order(m1):
+            continue
+        rest = n // m1
+        for j in range(0, 20):
+            m2 = rest // 2 ** j if rest % 2 ** j == 0 else None
+            if m2 is None or m2 < 1:
+                break
+            if m2 == 1 or _paley_order(m2):
+                return tuple(f for f in (2 ** j, m1, m2) if f > 1)
+    return ()
+
+
+def hadamard_matrix(n: int) -> Optional[torch.Tensor]:
+    """An unnormalized ±1 Hadamard matrix of order ``n`` (float64), or ``None`` if none is known here."""
+    if n == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    factors = hadamard_factors(n)
+    if not factors:
+        return None
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for f in factors:
+        part = _sylvester(f) if f & (f - 1) == 0 else _paley1(f - 1)
+        h = torch.kron(h, part)
+    return h
+
+
+def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
+    """Orthonormal randomized Hadamard ``diag(signs) H / sqrt(n)`` (float32, ``[n, n]``).
+
+    Orders without a known Hadamard construction get ``H`` = Hadamard of the largest power-of-two
+    factor Kronecker a seeded random orthogonal matrix of the rest (logged).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    h = hadamard_matrix(n)
+    if h is None:
+        power = n & (-n)
+        rest = n // power
+        log.info("no Hadamard matrix of order %d known here; using H_%d (x) random orthogonal %d", n, power, rest)
+        q, _ = torch.linalg.qr(torch.randn(rest, rest, generator=gen, dtype=torch.float64))
+        h = torch.kron(_sylvester(power), q * (rest ** 0.5))
+    signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
+    return (signs.unsqueeze(1) * h / n ** 0.5).float()
+
+
+@dataclass
+class LayerRotation:
+    """The rotation-relevant pieces of one transformer block.
+
+    Attributes:
+        norm_readers: pairs ``(norm module, [Linears reading its output])``.
+        writers: Linears that add into the residual stream.
+        online: Linears whose input is rotated online (MLP second linear).
+        value_output: ``(v_proj, o_proj, head_dim)`` for the per-head rotation, or ``None``.
+    """
+
+    norm_readers: list = field(default_factory=list)
+    writers: list = field(default_factory=list)
+    online: list = field(default_factory=list)
+    value_output: Optional[tuple] = None
+
+
+@dataclass
+class RotationSpec:
+    """How to rotate a model; built by the adapter.
+
+    Attributes:
+        hidden: residual width.
+        embeddings: Embedding modules writing to the residual stream.
+        layers: one :class:`LayerRotation` per block.
+        final_norm_readers: ``(final norm, [head Linears])``.
+        norm_scale: returns the effective multiplicative scale vector of a norm module.
+        set_norm_identity: makes a norm's scale the identity.
+        untie: called first, to untie shared embedding / head weights.
+    """
+
+    hidden: int
+    embeddings: list
+    layers: list
+    final_norm_readers: Optional[tuple]
+    norm_scale: Callable[[nn.Module], torch.Tensor]
+    set_norm_identity: Callable[[nn.Module], None]
+    untie: Callable[[], None] = lambda: None
+
+
+@torch.no_grad()
+def _fold_reader(linear: nn.Linear, scale: torch.Tensor, q: torch.Tensor) -> None:
+    w = linear.weight.data.double()
+    linear.weight.data = ((w * scale.double().unsqueeze(0)) @ q.double()).to(linear.weight.dtype)
+
+
+@torch.no_grad()
+def _fold_writer(linear: nn.Linear, q: torch.Tensor) -> None:
+    w = linear.weight.data.double()
+    linear.weight.data = (q.double().T @ w).to(linear.weight.dtype)
+    if linear.bias is not None:
+        linear.bias.data = (linear.bias.data.double() @ q.double()).to(linear.bias.dtype)
+
+
+@torch.no_grad()
+def rotate_model_(spec: RotationSpec, *, seed: int = 0, residual: bool = True, online: bool = True,
+                  heads: bool = True) -> dict:
+    """Apply the rotation in place (full-precision weights; the model's function is unchanged).
+
+    Returns:
+        ``{"online": {module: matrix}}``: the online input rotations to install in the quantized
+        Linears (their weights already absorbed the matrix).
+    """
+    spec.untie()
+    result: dict = {"online": {}}
+    if residual:
+        q = random_hadamard(spec.hidden, seed)
+        for emb in spec.embeddings:
+            emb.weight.data = (emb.weight.data.double() @ q.double()).to(emb.weight.dtype)
+        for layer in spec.layers:
+            for norm, readers in layer.norm_readers:
+                scale = spec.norm_scale(norm).detach()
+                for lin in readers:
+                    _fold_reader(lin, scale, q)
+                spec.set_norm_identity(norm)
+            for lin in layer.writers:
+                _fold_writer(lin, q)
+        if spec.final_norm_readers is not None:
+            norm, readers = spec.final_norm_readers
+            scale = spec.norm_scale(norm).detach()
+            for lin in readers:
+                _fold_reader(lin, scale, q)
+            spec.set_norm_identity(norm)
+    if online:
+        for i, layer in enumerate(spec.layers):
+            for lin in layer.online:
+                h = random_hadamard(lin.in_features, seed + 1)
+                lin.weight.data = (lin.weight.data.double() @ h.double()).to(lin.weight.dtype)
+                result["online"][lin] = h
+    if heads:
+        for layer in spec.layers:
+            if layer.value_output is None:
+                continue
+            v_proj, o_proj, head_dim = layer.value_output
+            hh = random_hadamard(head_dim, seed + 2).double()
+            wv = v_proj.weight.data.double().view(-1, head_dim, v_proj.in_features)
+            v_proj.weight.data = torch.einsum("dk,hdi->hki", hh, wv).reshape(v_proj.weight.shape).to(v_proj.weight.dtype)
+            if v_proj.bias is not None:
+                bv = v_proj.bias.data.double().view(-1, head_dim)
+                v_proj.bias.data = (bv @ hh).reshape(-1).to(v_proj.bias.dtype)
+            wo = o_proj.weight.data.double().view(o_proj.out_features, -1, head_dim)
+            o_proj.weight.data = (wo @ hh).reshape(o_proj.weight.shape).to(o_proj.weight.dtype)
+    return result

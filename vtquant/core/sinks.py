@@ -1,0 +1,232 @@
+"""Sink-token detection and the per-forward sink state (METHOD.md step 2 and 4; paper App. on detection).
+
+A *sink* is a token whose peak |activation| at a probe point (the input of an
+MLP's second Linear) is ``alpha`` times the typical token peak.  The typical
+peak (``reference``) is the median per-token peak measured on calibration data,
+so detection works on single tokens during cached decoding as well as on
+whole prompts.  The sink set of a forward pass is the union of every stage's
+detections plus positions an adapter knows (first token, CLS, registers); it
+is frozen for all later layers of that pass.  Tokens already in a KV cache
+were computed with their sink handling, so a token stays a sink for its life.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+def token_peaks(x: torch.Tensor) -> torch.Tensor:
+    """Per-token peak ``max_c |x|`` over the last (channel) axis."""
+    return x.detach().abs().amax(dim=-1)
+
+
+class SinkState:
+    """The sink set of the forward pass in flight, shared by every guard of one model.
+
+    Masks are kept as ``[batch, tokens]`` whatever the model's layout; ``layout``
+    (``"bsd"`` batch-first or ``"sbd"`` sequence-first) says how to read a
+    Linear input.
+
+    Attributes:
+        mask: bool ``[B, T]`` of sinks for the tokens of this call (``None`` before any is known).
+        types: long ``[B, T]`` template type of each sink, ``-1`` elsewhere.
+        found_by: dict stage -> bool ``[B, T]`` of what each stage detected (for reports).
+        num_types: number of template types ``K``.
+        det_templates: per stage name, ``[K, C]`` detection templates for least-squares assignment.
+        record: when set to a list, every detection event appends ``(stage, positions)``.
+    """
+
+    def __init__(self, layout: str = "bsd", num_types: int = 1) -> None:
+        if layout not in ("bsd", "sbd"):
+            raise ValueError(f"layout must be 'bsd' or 'sbd', got {layout!r}")
+        self.layout = layout
+        self.num_types = num_types
+        self.det_templates: dict[str, torch.Tensor] = {}
+        self.active = True
+        self.is_prefill = True
+        self.reset()
+
+    def reset(self, known: Optional[torch.Tensor] = None, is_prefill: bool = True) -> None:
+        """Start a new forward pass; ``known`` is a bool ``[B, T]`` of adapter-known sinks."""
+        self.mask = None if known is None else known.clone()
+        self.types = None
+        self.found_by: dict[str, torch.Tensor] = {}
+        self.is_prefill = is_prefill
+        if known is not None:
+            self.found_by["known"] = known.clone()
+            self.types = self._order_types(self.mask)
+
+    # ---- geometry helpers -------------------------------------------------------------
+    def batch_tokens(self, x: torch.Tensor) -> tuple[int, int]:
+        if x.dim() == 2:
+            return 1, x.shape[0]
+        if self.layout == "bsd":
+            return x.shape[0], x.shape[1]
+        return x.shape[1], x.shape[0]
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Flatten a Linear input to ``[B*T, C]`` in ``[B, T]`` mask order."""
+        if x.dim() == 2:
+            return x
+        if self.layout == "sbd":
+            x = x.transpose(0, 1)
+        return x.reshape(-1, x.shape[-1])
+
+    def unrows(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if like.dim() == 2:
+            return rows
+        if self.layout == "bsd":
+            return rows.reshape(*like.shape[:-1], rows.shape[-1])
+        b, t = like.shape[1], like.shape[0]
+        return rows.reshape(b, t, rows.shape[-1]).transpose(0, 1)
+
+    def mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The current sink mask if it matches ``x``'s tokens and holds any sink, else ``None``."""
+        if not self.active or self.mask is None:
+            return None
+        if tuple(self.mask.shape) != self.batch_tokens(x):
+            return None
+        if not bool(self.mask.any()):
+            return None
+        return self.mask
+
+    # ---- updates ----------------------------------------------------------------------
+    def _order_types(self, mask: torch.Tensor) -> torch.Tensor:
+        order = torch.cumsum(mask.long(), dim=1) - 1
+        types = torch.where(mask, order.clamp(max=self.num_types - 1), torch.full_like(order, -1))
+        return types
+
+    def add(self, stage: str, new: torch.Tensor, features: Optional[torch.Tensor] = None) -> None:
+        """Union ``new`` (bool ``[B, T]``) into the sink set and (re)assign template types.
+
+        Assignment follows the paper: in order of position when a sequence holds exactly
+        ``K`` sinks (in a prompt), otherwise the template type with the least squared
+        error between the token's probe features and that stage's detection template.
+        """
+        self.found_by[stage] = new.clone() if stage not in self.found_by else self.found_by[stage] | new
+        self.mask = new.clone() if self.mask is None else (self.mask | new)
+        types = self._order_types(self.mask)
+        det = self.det_templates.get(stage)
+        if det is not None and features is not None and self.num_types > 1:
+            counts = self.mask.sum(dim=1)
+            lse = (features.unsqueeze(-2) - det.to(features)).pow(2).sum(-1).argmin(-1)  # [B, T]
+            use_lse = (~((counts == self.num_types) & self.is_prefill)).unsqueeze(1) & self.mask
+            types = torch.where(use_lse, lse, types)
+        self.types = types
+
+    def positions(self) -> list[list[int]]:
+        """Sink positions per batch row for the current pass."""
+        if self.mask is None:
+            return []
+        return [row.nonzero().flatten().tolist() for row in self.mask]
+
+
+class SinkDetector(nn.Module):
+    """Detects sinks from a probe tensor (a Linear's input) and adds them to the shared state.
+
+    Args:
+        stage: name of the stage (``stage1``, ``stage2``).
+        alpha: ratio threshold on token peak / reference.
+        reference: median per-token peak at this probe on calibration data.
+    """
+
+    def __init__(self, stage: str, alpha: float, reference: float) -> None:
+        super().__init__()
+        self.stage = stage
+        self.alpha = float(alpha)
+        self.register_buffer("reference", torch.tensor(float(reference)))
+        self.state: Optional[SinkState] = None
+
+    def extra_repr(self) -> str:
+        return f"stage={self.stage}, alpha={self.alpha:g}, reference={float(self.reference):.4g}"
+
+    def ratios(self, x: torch.Tensor, state: SinkState) -> torch.Tensor:
+        b, t = state.batch_tokens(x)
+        return (token_peaks(state.rows(x)) / self.reference.clamp_min(1e-12)).view(b, t)
+
+    def forward(self, x: torch.Tensor) -> None:
+        state = self.state
+        if state is None or not state.active:
+            return
+        ratios = self.ratios(x, state)
+        new = ratios > self.alpha
+        if bool(new.any()) or state.mask is None:
+            b, t = ratios.shape
+            feats = state.rows(x).detach().float().view(b, t, -1)
+            state.add(self.stage, new, features=feats)
+
+
+@dataclass
+class DetectionPlan:
+    """What calibration decided about detection (json-serialisable).
+
+    Attributes:
+        probe_layers: layer indices that hold detectors, in forward order.
+        stages: stage name -> layer index.
+        alphas: stage name -> threshold.
+        emergence_layer: the layer whose MLP writes the massive activation.
+        cancellation_layer: the layer whose block output removes most of it.
+        num_types: template types K.
+        known_sinks: adapter-known sink kinds in use.
+    """
+
+    stages: dict = field(default_factory=dict)
+    alphas: dict = field(default_factory=dict)
+    references: dict = field(default_factory=dict)
+    emergence_layer: Optional[int] = None
+    cancellation_layer: Optional[int] = None
+    num_types: int = 1
+    known_sinks: list = field(default_factory=list)
+
+
+def find_emergence_layer(sink_peak_ratio: torch.Tensor, alpha: float) -> Optional[int]:
+    """The layer whose probe ratio is largest, if that ratio exceeds ``alpha``.
+
+    Args:
+        sink_peak_ratio: ``[L]`` the largest token ratio seen at each layer's probe.
+    """
+    best = int(torch.argmax(sink_peak_ratio))
+    return best if float(sink_peak_ratio[best]) > alpha else None
+
+
+def find_cancellation_layer(sink_residual_peak: torch.Tensor, emergence: int) -> Optional[int]:
+    """The layer (after emergence) whose block output lowers the sinks' residual peak the most.
+
+    Args:
+        sink_residual_peak: ``[L]`` mean over calibration sinks of the peak |h| at each block output.
+    """
+    if emergence is None or emergence + 1 >= len(sink_residual_peak):
+        return None
+    drops = sink_residual_peak[emergence:-1] - sink_residual_peak[emergence + 1:]
+    if float(drops.max()) <= 0:
+        return None
+    return emergence + 1 + int(torch.argmax(drops))
+
+
+def choose_stage1(
+    ratios: torch.Tensor, sink_mask: torch.Tensor, emergence: int, margin: float, min_recall: float
+) -> Optional[tuple[int, float, float]]:
+    """Earliest layer before emergence that separates the emergence sinks from the rest.
+
+    Args:
+        ratios: ``[L, N]`` per-token ratio at each layer's probe over N calibration tokens.
+        sink_mask: ``[N]`` tokens detected at the emergence layer.
+        emergence: the emergence layer index.
+        margin: threshold = margin x (largest non-sink ratio at that layer).
+        min_recall: share of sinks the threshold must catch.
+
+    Returns:
+        ``(layer, alpha0, recall)`` or ``None`` when no layer qualifies.
+    """
+    if emergence is None or not bool(sink_mask.any()) or bool(sink_mask.all()):
+        return None
+    for layer in range(emergence):
+        non_sink_max = float(ratios[layer][~sink_mask].max())
+        alpha0 = margin * non_sink_max
+        recall = float((ratios[layer][sink_mask] > alpha0).float().mean())
+        if recall >= min_recall and alpha0 > 1.0:
+            return layer, alpha0, recall
+    return None
