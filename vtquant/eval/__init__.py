@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (LLMs) and results rows shared by every command."""

@@ -1,0 +1,97 @@
+"""The LLM comparison behind ``vtquant demo`` and ``vtquant eval perplexity``.
+
+One full-precision model is loaded once; every method quantizes a fresh copy of it
+with the same calibration windows (Shakespeare by default) and is scored on the
+same evaluation chunks (Austen by default: a different text, on purpose).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from .config import Recipe, method_recipe
+from .eval.perplexity import make_chunks, perplexity, protocol
+from .eval.results import Row, row_for
+
+
+@dataclass
+class TextSetup:
+    calib_batches: list
+    eval_chunks: torch.Tensor
+    protocol: str
+    calib_desc: str
+    eval_desc: str
+    seconds: float = 0.0
+
+
+def prepare_text(tokenizer: Any, recipe: Recipe, eval_text: str = "austen-lady-susan",
+                 seq_len: int = 512, max_chunks: Optional[int] = 16, bos: str = "none",
+                 quiet: bool = False) -> TextSetup:
+    """Tokenize calibration and evaluation texts into batches / chunks."""
+    from .data import load_text, sample_windows
+
+    start = time.time()
+    cal = recipe.calibration
+    cal_ids = torch.tensor(tokenizer(load_text(cal.dataset, quiet=quiet))["input_ids"])
+    windows = sample_windows(cal_ids, cal.seq_len, cal.num_samples, seed=cal.seed)
+    batches = list(torch.split(windows, cal.batch_size))
+    ev_ids = torch.tensor(tokenizer(load_text(eval_text, quiet=quiet))["input_ids"])
+    chunks = make_chunks(ev_ids, seq_len, max_chunks, bos=bos, bos_id=tokenizer.bos_token_id)
+    n_total = len(ev_ids) // seq_len
+    return TextSetup(
+        calib_batches=batches,
+        eval_chunks=chunks,
+        protocol=protocol(seq_len, chunks.shape[0], bos) + f" (of {n_total} available in {eval_text}, "
+        f"{len(ev_ids)} tokens)",
+        calib_desc=f"{cal.num_samples} random windows x {cal.seq_len} tokens of {cal.dataset} (seed {cal.seed})",
+        eval_desc=eval_text,
+        seconds=time.time() - start,
+    )
+
+
+@dataclass
+class MethodResult:
+    recipe: Optional[Recipe]
+    ppl: float
+    calib_seconds: float
+    eval_seconds: float
+    report: Any = None
+    model: Any = field(default=None, repr=False)
+
+
+def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, settings: list[tuple[str, int, int]],
+                model_name: str, quiet: bool = False, log: Callable[[str], None] = print,
+                keep_models: bool = False) -> tuple[list[Row], list[MethodResult]]:
+    """Quantize a copy of ``fp_model`` per ``(method, w_bits, a_bits)`` and measure perplexity.
+
+    Returns:
+        Result rows (metric ``perplexity``) and the per-method details.
+    """
+    from . import api
+
+    rows, results = [], []
+    for method, w_bits, a_bits in settings:
+        recipe = None if method == "fp" else method_recipe(method, base, w_bits=w_bits, a_bits=a_bits)
+        label = "fp" if recipe is None else f"{recipe.display_method} W{w_bits}A{a_bits}"
+        model = fp_model if recipe is None else copy.deepcopy(fp_model)
+        t0 = time.time()
+        report = None
+        if recipe is not None:
+            report = api.quantize_(model, recipe, setup.calib_batches, quiet=quiet)
+        calib_s = time.time() - t0
+        t1 = time.time()
+        ppl = perplexity(model, setup.eval_chunks, quiet=quiet, desc=f"eval {label}")
+        eval_s = time.time() - t1
+        rows.append(row_for(recipe, model_name, "perplexity", ppl, calib_s + eval_s,
+                            calib_seconds=round(calib_s, 2), eval_seconds=round(eval_s, 2)))
+        results.append(MethodResult(recipe, ppl, calib_s, eval_s, report, model if keep_models else None))
+        log(f"{label:<28} perplexity {ppl:9.3f}   (calibrate+quantize {calib_s:5.1f} s, eval {eval_s:5.1f} s)")
+        if report is not None and recipe.method == "insertquant" and not quiet:
+            log("    " + report.summary().replace("\n", "\n    "))
+        if model is not fp_model and not keep_models:
+            del model
+    return rows, results

@@ -1,0 +1,80 @@
+"""Loading the models vtquant ships recipes for (through :mod:`vtquant.assets`, never a hub).
+
+``asset:smollm2-135m`` (the default) is the GGUF file of the ``smollm2-135m``
+asset, loaded by transformers (weights dequantized to fp32 on load).  A local
+``.gguf`` file (``--model-file``) or a local transformers directory work the same.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+DEFAULT_MODEL = "asset:smollm2-135m"
+
+
+def load_causal_lm(spec: str = DEFAULT_MODEL, model_file: Optional[str] = None, *, quiet: bool = False,
+                   attn_implementation: Optional[str] = None) -> tuple[Any, Any, str]:
+    """Load a transformers causal LM and its tokenizer.
+
+    Args:
+        spec: ``asset:NAME`` (a vtquant asset holding a GGUF file), a path to a ``.gguf`` file,
+            or a local transformers model directory.
+        model_file: a GGUF file given by hand; overrides ``spec`` (use when offline).
+        quiet: no progress output.
+        attn_implementation: e.g. ``eager`` when attention weights are needed.
+
+    Returns:
+        ``(model in eval mode, tokenizer, display name)``.
+    """
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError("loading LLMs needs transformers and gguf: pip install 'vtquant[hf]'") from err
+    from transformers.utils import logging as hf_logging
+
+    if quiet:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if model_file:
+        path = Path(model_file)
+        name = path.stem
+        if not path.exists():
+            raise FileNotFoundError(f"--model-file {model_file}: no such file")
+    elif spec.startswith("asset:"):
+        from . import assets
+
+        asset = spec.split(":", 1)[1]
+        path = assets.fetch(asset, quiet=quiet)
+        name = asset
+    else:
+        path = Path(spec)
+        name = path.name
+        if not path.exists():
+            raise FileNotFoundError(
+                f"model {spec!r} not found: give asset:NAME (see `vtquant assets`), a .gguf file or a local "
+                "transformers directory (hub names cannot be downloaded here)")
+    kwargs: dict = {"dtype": torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    start = time.time()
+    if path.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model.eval()
+    model.vtquant_load_seconds = time.time() - start
+    return model, tok, name
+
+
+def set_threads(threads: Optional[int] = None) -> int:
+    """Use ``threads`` CPU threads (default: all cores available to this process)."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
