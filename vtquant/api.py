@@ -115,5 +115,7 @@ def load(path: Union[str, os.PathLike], *, device: Optional[str] = None) -> nn.M
         import yaml
 
         model.vtquant.recipe = recipe_from_dict(yaml.safe_load(meta["recipe_yaml"]))
+    if device is not None:
+        model.to(device)
     load_model(model, str(path / "model.safetensors"), strict=True, device=device or "cpu")
     return model.eval()

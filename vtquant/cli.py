@@ -132,7 +132,7 @@ def _eval_checkpoint(args: argparse.Namespace) -> int:
     ids = torch.tensor(tok(load_text(args.eval_text, quiet=args.quiet))["input_ids"])
     chunks = make_chunks(ids, args.seq_len, None if args.full else args.eval_chunks, args.bos, tok.bos_token_id)
     t0 = time.time()
-    ppl = perplexity(model, chunks, bos=args.bos, quiet=args.quiet)
+    ppl = perplexity(model, chunks, quiet=args.quiet)
     rows = [row_for(getattr(model.vtquant, "recipe", None), name, "perplexity", ppl, time.time() - t0,
                     checkpoint=str(args.checkpoint))]
     print(f"{protocol(args.seq_len, chunks.shape[0], args.bos)}; checkpoint {args.checkpoint}")

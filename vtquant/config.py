@@ -115,6 +115,8 @@ class SinkConfig:
 
     def __post_init__(self) -> None:
         _check_choice("sinks", "stage1", self.stage1, ("auto", "off"))
+        if not all(isinstance(k, str) for k in (self.known_sinks if isinstance(self.known_sinks, list) else [])):
+            raise ConfigError(f"sinks.known_sinks = {self.known_sinks!r}: give a list of names, e.g. [first_token]")
         if float(self.alpha) <= 1.0:
             raise ConfigError(f"sinks.alpha = {self.alpha!r}: the ratio threshold must be > 1 (prototype: 64)")
         if not isinstance(self.known_sinks, list):
@@ -161,6 +163,8 @@ class CalibConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str):
+            raise ConfigError(f"calibration.dataset = {self.dataset!r}: give a text asset name or a .txt path")
         for name in ("num_samples", "seq_len", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -196,12 +200,16 @@ class Recipe:
     ignore: list = field(default_factory=lambda: ["lm_head"])
 
     def __post_init__(self) -> None:
-        if self.version != RECIPE_VERSION:
+        if isinstance(self.version, bool) or self.version != RECIPE_VERSION:
             raise ConfigError(
                 f"recipe version {self.version!r} is not supported by this vtquant (expects {RECIPE_VERSION}); "
                 "update vtquant or rewrite the recipe for this version"
             )
         _check_choice("recipe", "method", self.method, METHODS)
+        if not isinstance(self.ignore, list) or not all(isinstance(x, str) for x in self.ignore):
+            raise ConfigError(f"recipe.ignore = {self.ignore!r}: give a list of module names, e.g. [lm_head]")
+        if not isinstance(self.name, str) or not isinstance(self.model, str):
+            raise ConfigError("recipe.name and recipe.model must be strings")
         if self.method == "dynamic-token" and self.activations is not None:
             if self.activations.granularity != "per-token" or self.activations.static:
                 raise ConfigError("method dynamic-token needs activations.granularity: per-token and static: false")

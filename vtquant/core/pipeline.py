@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import ActArgs, Recipe, WeightArgs
+from ..config import ActArgs, ConfigError, Recipe, WeightArgs
 from .hooks import HookManager
 from .quant import QuantLinear, quantize_weight
-from .rotation import rotate_model_
+from .rotation import random_hadamard_factors, rotate_model_
 from .sinks import (SinkDetector, SinkState, choose_stage1, find_cancellation_layer,
                     find_emergence_layer, token_peaks)
 from .templates import ResidualRestore, SinkGuard, template_statistics
@@ -114,7 +114,8 @@ def _target_linears(adapter: Any, ignore: list) -> list[tuple[int, str, nn.Modul
     out = []
     for li, block in enumerate(adapter.blocks()):
         for name, lin in adapter.block_linears(block).items():
-            if any(name.endswith(pat) for pat in ignore):
+            full = f"layers.{li}.{name}"
+            if any(name.endswith(pat) or full == pat or full.endswith("." + pat) for pat in ignore):
                 continue
             out.append((li, name, block, lin))
     return out
@@ -137,7 +138,7 @@ def _wrap_linears(adapter: Any, ignore: list, skeleton_weights: Optional[WeightA
         q = QuantLinear(lin, skeleton_weights, None, name=f"layers.{li}.{name}",
                         skeleton=skeleton_weights is not None)
         if lin in online:
-            q.set_input_rotation(online[lin])
+            q.set_input_rotation(*online[lin])
         _set_child(block, name, q)
         wrapped[(li, name)] = q
     return wrapped
@@ -194,7 +195,8 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
     # 2. wrap every target Linear (full precision for now)
     wrapped = _wrap_linears(adapter, recipe.ignore, online=online)
     plan["targets"] = sorted(q.name for q in wrapped.values())
-    plan["online_rotation"] = sorted(q.name for q in wrapped.values() if q.input_rotation is not None)
+    plan["online_rotation"] = {q.name: [f.shape[0] for f in q.rot_factors]
+                               for q in wrapped.values() if q.has_input_rotation}
 
     state = None
     if recipe.method == "insertquant" and recipe.sinks.enabled:
@@ -235,7 +237,10 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
     probe = adapter.probe_name()
     probes = {li: q for (li, name), q in wrapped.items() if name == probe}
     if len(probes) != n_layers:
-        report.notes.append(f"probe Linear {probe!r} is not quantized in every layer; sinks need it")
+        missing = sorted(set(range(n_layers)) - set(probes))
+        raise ConfigError(
+            f"insertquant detects sinks at the input of {probe!r}, but it is in `ignore` for layers {missing}; "
+            f"remove it from ignore (recipe.ignore = {recipe.ignore}) or use method naive-static")
 
     # ---- pass 1: probe statistics on the full-precision model --------------------------
     peaks: dict[int, list] = {li: [] for li in probes}
@@ -250,8 +255,7 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
                 state.rows(adapter.block_output(out)).float().norm(dim=-1).view(
                     *state.batch_tokens(adapter.block_output(out))).cpu()))
         known_kinds = [k for k in cfg.known_sinks]
-        if known_kinds:
-            adapter.install_known_sinks(state, known_kinds, tmp)
+        adapter.install_known_sinks(state, known_kinds, tmp)
         known_masks: list = []
         tmp.pre_forward(blocks[0], lambda m, inp: known_masks.append(
             None if state.mask is None else state.mask.cpu()))
@@ -346,7 +350,7 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
     if restore_layer is not None:
         blocks[restore_layer].vtquant_restore.enabled = True
 
-    layer_cos: dict[int, float] = {}
+    type_cos: dict[tuple[int, int], float] = {}  # (layer, type) -> min cosine over the layer's Linears
     layer_spread: dict[int, float] = {}
     for (li, name), q in wrapped.items():
         if q.guard is None:
@@ -367,18 +371,24 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
             out = mean.to(weight.device) @ weight.T + (0 if bias is None else bias)
             q.guard.template_out[t] = out.to(q.guard.template_out.dtype)
             q.guard.template_cosine[t] = cos
-            layer_cos[li] = min(layer_cos.get(li, 1.0), cos)
+            type_cos[(li, t)] = min(type_cos.get((li, t), 1.0), cos)
             layer_spread[li] = max(layer_spread.get(li, 0.0), spread)
     for (li, name), q in wrapped.items():
         if q.guard is None:
             continue
-        mode = "template" if (cfg.insert and layer_cos.get(li, -1.0) >= cfg.template_min_cosine) else "fp-row"
+        stable = torch.tensor([type_cos.get((li, t), -1.0) >= cfg.template_min_cosine for t in range(k)])
         if not cfg.insert:
             mode = "clamp"
+        elif bool(stable.any()):
+            mode = "template"
+            q.guard.template_ok.copy_(stable)
+        else:
+            mode = "fp-row"
         q.guard.mode = mode
         sink_plan["guard_modes"][q.name] = mode
         report.layer_modes[li] = mode
-    report.layer_template_cosine = {li: round(c, 4) for li, c in sorted(layer_cos.items())}
+    report.layer_template_cosine = {li: round(min(c for (l2, _), c in type_cos.items() if l2 == li), 4)
+                                    for li in sorted({l for l, _ in type_cos})}
     report.layer_template_spread = {li: round(s, 4) for li, s in sorted(layer_spread.items())}
 
     # detection templates for least-squares assignment
@@ -398,10 +408,18 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
         if rows:
             h = torch.cat([r[0][r[1]] for r in rows])
             t = torch.cat([r[2][r[1]] for r in rows]).clamp_min(0)
-            tmpl = blocks[restore_layer].vtquant_restore.template
+            restore = blocks[restore_layer].vtquant_restore
             for i in range(k):
                 if bool((t == i).any()):
-                    tmpl[i] = h[t == i].mean(0).to(tmpl)
+                    mean, cos, _ = template_statistics(h[t == i])
+                    restore.template[i] = mean.to(restore.template)
+                    # restore only residual states that are (nearly) constant across inputs
+                    restore.restore_type[i] = cos >= cfg.template_min_cosine
+                else:
+                    restore.restore_type[i] = False
+            if not bool(restore.restore_type.any()):
+                report.notes.append(f"sink residual after layer {restore_layer} is not constant across inputs: "
+                                    "not restored")
         report.restore_layer = restore_layer
     sink_plan["det_templates"] = {s: v.tolist() for s, v in state.det_templates.items()}
     plan["sinks"] = sink_plan
@@ -424,10 +442,7 @@ def _install_sink_modules(adapter: Any, wrapped: dict, sink_plan: dict, state: S
             q.guard = SinkGuard(q.out_features, num_types, mode,
                                 exclude_from_calibration=sink_plan.get("exclude_from_calibration", True))
             q.guard.state = state
-    if sink_plan["known_sinks"]:
-        adapter.install_known_sinks(state, sink_plan["known_sinks"], hooks)
-    else:
-        hooks.pre_forward(adapter.blocks()[0], lambda m, inp: state.reset(None))
+    adapter.install_known_sinks(state, sink_plan["known_sinks"], hooks)
     if sink_plan.get("restore_layer") is not None:
         restore = ResidualRestore(adapter.hidden_size(), num_types)
         restore.state = state
@@ -457,8 +472,9 @@ def apply_plan_(model: nn.Module, adapter: Any, plan: dict) -> None:
     acts = ActArgs(**plan["activations"]) if plan.get("activations") else None
     wrapped = _wrap_linears(adapter, plan["ignore"], skeleton_weights=weights)
     for q in wrapped.values():
-        if q.name in plan.get("online_rotation", []):
-            q.set_input_rotation(torch.zeros(q.in_features, q.in_features))
+        if q.name in plan.get("online_rotation", {}):
+            signs, factors = random_hadamard_factors(q.in_features, plan["rotation"]["seed"] + 1)
+            q.set_input_rotation(signs, factors)
         if acts is not None:
             from .quant import ActQuantizer
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ActArgs, WeightArgs
+from .rotation import kron_apply
 
 
 def quantize_weight(weight: torch.Tensor, args: WeightArgs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +165,10 @@ class QuantLinear(nn.Module):
             self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.act = ActQuantizer(activations) if activations is not None else None
-        self.register_buffer("input_rotation", None)
+        # online input rotation diag(signs) (F_1 kron ... kron F_k): rebuilt from the recipe's seed,
+        # so it is not stored in checkpoints (it is the same matrix in every layer)
+        self.register_buffer("rot_signs", None, persistent=False)
+        self.rot_factors: list[torch.Tensor] = []
         self.detector = None
         self.guard = None
         self._w_cache: Optional[torch.Tensor] = None
@@ -173,12 +177,21 @@ class QuantLinear(nn.Module):
         text = f"in_features={self.in_features}, out_features={self.out_features}"
         if self.w_bits:
             text += f", w_bits={self.w_bits} ({self.w_granularity})"
-        if self.input_rotation is not None:
-            text += ", online_rotation=hadamard"
+        if self.rot_signs is not None:
+            sizes = "x".join(str(f.shape[0]) for f in self.rot_factors)
+            text += f", online_rotation=hadamard({sizes})"
         return text
 
-    def set_input_rotation(self, rotation: torch.Tensor) -> None:
-        self.input_rotation = rotation.contiguous()
+    def set_input_rotation(self, signs: torch.Tensor, factors: list) -> None:
+        """Rotate inputs online by ``diag(signs) (F_1 kron ... kron F_k)`` (weights must absorb it)."""
+        device = self.bias.device if self.bias is not None else (
+            self.qweight.device if self.weight is None else self.weight.device)
+        self.rot_signs = signs.contiguous().to(device)
+        self.rot_factors = [f.contiguous().to(device) for f in factors]
+
+    @property
+    def has_input_rotation(self) -> bool:
+        return self.rot_signs is not None
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.weight is not None:
@@ -189,7 +202,10 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # keep the cache coherent with .to()/.half()
         self._w_cache = None
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        if self.rot_signs is not None:
+            self.rot_factors = [f.to(self.rot_signs.device) for f in self.rot_factors]
+        return result
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._w_cache = None
@@ -201,8 +217,8 @@ class QuantLinear(nn.Module):
         guard = self.guard
         state = guard.state if guard is not None else None
         mask = state.mask_for(x) if (state is not None and guard.mode != "off") else None
-        if self.input_rotation is not None:
-            x = x @ self.input_rotation.to(x.dtype)
+        if self.rot_signs is not None:
+            x = kron_apply(x, self.rot_signs, self.rot_factors)
         weight = self.dequantized_weight().to(x.dtype)
         rows = None
         if mask is not None:

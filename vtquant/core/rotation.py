@@ -103,22 +103,50 @@ def hadamard_matrix(n: int) -> Optional[torch.Tensor]:
     return h
 
 
-def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
-    """Orthonormal randomized Hadamard ``diag(signs) H / sqrt(n)`` (float32, ``[n, n]``).
+def random_hadamard_factors(n: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Randomized Hadamard in factored form: ``(signs [n], [F_1, ..., F_k])`` with orthonormal ``F_i``.
 
-    Orders without a known Hadamard construction get ``H`` = Hadamard of the largest power-of-two
-    factor Kronecker a seeded random orthogonal matrix of the rest (logged).
+    The rotation is ``diag(signs) (F_1 kron ... kron F_k)``.  Orders without a known Hadamard
+    construction use the Hadamard matrix of their power-of-two part and a seeded random
+    orthogonal matrix for the rest (logged).
     """
     gen = torch.Generator().manual_seed(seed)
-    h = hadamard_matrix(n)
-    if h is None:
-        power = n & (-n)
-        rest = n // power
-        log.info("no Hadamard matrix of order %d known here; using H_%d (x) random orthogonal %d", n, power, rest)
-        q, _ = torch.linalg.qr(torch.randn(rest, rest, generator=gen, dtype=torch.float64))
-        h = torch.kron(_sylvester(power), q * (rest ** 0.5))
+    factors: list[torch.Tensor] = []
+    if n > 1:
+        known = hadamard_factors(n)
+        if known:
+            for f in known:
+                part = _sylvester(f) if f & (f - 1) == 0 else _paley1(f - 1)
+                factors.append(part / f ** 0.5)
+        else:
+            power = n & (-n)
+            rest = n // power
+            log.info("no Hadamard matrix of order %d known here; using H_%d (x) random orthogonal %d", n, power, rest)
+            q, _ = torch.linalg.qr(torch.randn(rest, rest, generator=gen, dtype=torch.float64))
+            factors = ([_sylvester(power) / power ** 0.5] if power > 1 else []) + [q]
+    else:
+        factors = [torch.ones(1, 1, dtype=torch.float64)]
     signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
-    return (signs.unsqueeze(1) * h / n ** 0.5).float()
+    return signs.float(), [f.float().contiguous() for f in factors]
+
+
+def kron_apply(x: torch.Tensor, signs: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """``x @ (diag(signs) (F_1 kron ... kron F_k))`` without forming the dense matrix."""
+    shape = x.shape
+    sizes = [f.shape[0] for f in factors]
+    y = (x * signs.to(x.dtype)).reshape(-1, *sizes)
+    for axis, f in enumerate(factors, start=1):
+        y = torch.movedim(torch.movedim(y, axis, -1) @ f.to(x.dtype), -1, axis)
+    return y.reshape(shape)
+
+
+def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
+    """Dense orthonormal randomized Hadamard ``[n, n]`` (float32); see :func:`random_hadamard_factors`."""
+    signs, factors = random_hadamard_factors(n, seed)
+    dense = torch.ones(1, 1, dtype=torch.float64)
+    for f in factors:
+        dense = torch.kron(dense, f.double())
+    return (signs.double().unsqueeze(1) * dense).float()
 
 
 @dataclass
@@ -181,8 +209,8 @@ def rotate_model_(spec: RotationSpec, *, seed: int = 0, residual: bool = True, o
     """Apply the rotation in place (full-precision weights; the model's function is unchanged).
 
     Returns:
-        ``{"online": {module: matrix}}``: the online input rotations to install in the quantized
-        Linears (their weights already absorbed the matrix).
+        ``{"online": {module: (signs, factors)}}``: the online input rotations to install in the
+        quantized Linears (their weights already absorbed them).
     """
     spec.untie()
     result: dict = {"online": {}}
@@ -207,9 +235,10 @@ def rotate_model_(spec: RotationSpec, *, seed: int = 0, residual: bool = True, o
     if online:
         for i, layer in enumerate(spec.layers):
             for lin in layer.online:
-                h = random_hadamard(lin.in_features, seed + 1)
-                lin.weight.data = (lin.weight.data.double() @ h.double()).to(lin.weight.dtype)
-                result["online"][lin] = h
+                signs, factors = random_hadamard_factors(lin.in_features, seed + 1)
+                lin.weight.data = kron_apply(lin.weight.data.double(), signs.double(),
+                                             [f.double() for f in factors]).to(lin.weight.dtype)
+                result["online"][lin] = (signs, factors)
     if heads:
         for layer in spec.layers:
             if layer.value_output is None:

@@ -30,7 +30,8 @@ class SinkGuard(nn.Module):
     Args:
         out_features: the Linear's output width.
         num_types: template types K.
-        mode: ``template`` (insert pre-computed outputs), ``fp-row`` (compute sink rows in full
+        mode: ``template`` (insert pre-computed outputs for the types marked in ``template_ok``,
+            full-precision rows for the others), ``fp-row`` (compute sink rows in full
             precision), ``clamp`` (zero them and insert nothing: ablation), ``off``.
     """
 
@@ -44,12 +45,16 @@ class SinkGuard(nn.Module):
         self.exclude_from_calibration = exclude_from_calibration
         self.register_buffer("template_out", torch.zeros(num_types, out_features))
         self.register_buffer("template_cosine", torch.zeros(num_types))
+        self.register_buffer("template_ok", torch.ones(num_types, dtype=torch.bool))
         self.state: Optional[SinkState] = None
         self.recorder: Optional[list] = None
 
     def extra_repr(self) -> str:
         cos = ", ".join(f"{c:.3f}" for c in self.template_cosine.tolist())
-        return f"mode={self.mode}, templates={self.num_types}, cos_to_mean=[{cos}]"
+        text = f"mode={self.mode}, templates={self.num_types}, cos_to_mean=[{cos}]"
+        if self.mode == "template" and not bool(self.template_ok.all()):
+            text += f", fp-row types={(~self.template_ok).nonzero().flatten().tolist()}"
+        return text
 
     def write_sink_rows(self, y_rows: torch.Tensor, sink_inputs: torch.Tensor, flat_mask: torch.Tensor,
                         state: SinkState, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -61,6 +66,10 @@ class SinkGuard(nn.Module):
         if self.mode == "template":
             types = state.types.reshape(-1)[flat_mask].clamp_min(0)
             out = self.template_out.to(y_rows.dtype)[types]
+            unstable = ~self.template_ok[types]
+            if bool(unstable.any()):  # types whose input is not constant here: full-precision rows
+                out[unstable] = F.linear(sink_inputs[unstable], weight,
+                                         None if bias is None else bias.to(sink_inputs.dtype))
         elif self.mode == "fp-row":
             out = F.linear(sink_inputs, weight, None if bias is None else bias.to(sink_inputs.dtype))
         else:  # clamp: the zeroed row's output (bias only) stays
@@ -76,11 +85,13 @@ class ResidualRestore(nn.Module):
     def __init__(self, hidden: int, num_types: int) -> None:
         super().__init__()
         self.register_buffer("template", torch.zeros(num_types, hidden))
+        self.register_buffer("restore_type", torch.ones(num_types, dtype=torch.bool))
         self.state: Optional[SinkState] = None
         self.enabled = True
 
     def extra_repr(self) -> str:
-        return f"templates={self.template.shape[0]}, hidden={self.template.shape[1]}"
+        return (f"templates={self.template.shape[0]}, hidden={self.template.shape[1]}, "
+                f"restored types={self.restore_type.nonzero().flatten().tolist()}")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         state = self.state
@@ -89,10 +100,12 @@ class ResidualRestore(nn.Module):
         mask = state.mask_for(hidden)
         if mask is None:
             return hidden
+        types_all = state.types.reshape(-1).clamp_min(0)
+        flat = mask.reshape(-1) & self.restore_type[types_all]
+        if not bool(flat.any()):
+            return hidden
         rows = state.rows(hidden).clone()
-        flat = mask.reshape(-1)
-        types = state.types.reshape(-1)[flat].clamp_min(0)
-        rows[flat] = self.template.to(rows.dtype)[types]
+        rows[flat] = self.template.to(rows.dtype)[types_all[flat]]
         return state.unrows(rows, hidden)
 
 

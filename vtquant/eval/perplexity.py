@@ -5,8 +5,9 @@ non-overlapping chunks of ``seq_len`` tokens are scored independently; each chun
 predicts its tokens 2..L from the previous ones, so ``L - 1`` tokens per chunk
 count; perplexity = exp(mean negative log-likelihood over all counted tokens).
 BOS policy ``none``: nothing is prepended (SmolLM2's tokenizer adds no BOS, so
-the chunk's first token, whatever it is, is the sink); ``prepend``: the
-tokenizer's BOS token id starts every chunk and is not scored.
+the chunk's first token, whatever it is, is the sink, and it is not scored);
+``prepend``: the tokenizer's BOS token id starts every chunk of ``L - 1`` text
+tokens, and every text token is scored (the BOS itself is never a target).
 """
 from __future__ import annotations
 
@@ -39,17 +40,16 @@ def make_chunks(token_ids: torch.Tensor, seq_len: int, max_chunks: Optional[int]
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 4, bos: str = "none",
+def perplexity(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 4,
                quiet: bool = False, desc: str = "perplexity") -> float:
     """Perplexity of ``model`` on ``chunks`` ``[n, L]`` (see the module docstring)."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    skip = 1 if bos == "prepend" else 0
     for start in tqdm(range(0, chunks.shape[0], batch_size), desc=desc, disable=quiet, leave=False):
         ids = chunks[start:start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        pred = logits[:, skip:-1]
-        target = ids[:, skip + 1:]
+        pred = logits[:, :-1]
+        target = ids[:, 1:]
         nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
         total_nll += float(nll)
         total_tokens += target.numel()
