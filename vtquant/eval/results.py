@@ -54,7 +54,7 @@ def format_table(rows: Iterable[Row], reference: Optional[float] = None) -> str:
     """Markdown table; with ``reference`` (the fp value) a ratio column is added."""
     rows = list(rows)
     head = "| method | W | A | act | static | metric | value |" + (" x fp |" if reference else "") + " seconds |"
-    sep = "|---" * (8 if reference else 7) + "|"
+    sep = "|---" * (9 if reference else 8) + "|"
     lines = [head, sep]
     for r in rows:
         w = r.w_bits if r.w_bits is not None else "fp"
