@@ -1,0 +1,18 @@
+"""Real low-bit execution of calibrated vtquant models (issue: real kernels).
+
+``convert_(model, backend)`` replaces every calibrated fake-quant ``QuantLinear`` by a
+:class:`~vtquant.kernels.linear.RealQuantLinear` that stores int8 (or FP8) weights and
+runs a real low-precision matmul with the per-tensor static activation scale and the
+per-channel weight scales folded into one rescale:
+
+* ``cpu-int8``: int8 x int8 -> int32 through ``torch._int_mm``;
+* ``cuda-int8``: the same on the GPU;
+* ``cuda-fp8``: FP8 E4M3 through ``torch._scaled_mm`` (scales fused into the matmul).
+
+Linears that read the same input (q/k/v, gate/up) share one quantization and one
+concatenated matmul when their static scales agree.  Sink rows cost O(#sinks): their
+int8 codes are zeroed by index and their outputs written by index.
+"""
+from .linear import BACKENDS, RealQuantLinear, convert_
+
+__all__ = ["BACKENDS", "RealQuantLinear", "convert_"]
