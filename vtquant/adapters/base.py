@@ -36,6 +36,7 @@ def supported_architectures() -> list[str]:
 
 def _import_builtin_adapters() -> None:
     from . import hf_decoder  # noqa: F401  (registers on import)
+    from . import hf_vision, open_clip, timm_vit  # noqa: F401  (import no model library until used)
 
 
 class UnsupportedModelError(TypeError):
@@ -50,7 +51,8 @@ def get_adapter(model: nn.Module) -> "ModelAdapter":
     """
     _import_builtin_adapters()
     name = type(model).__name__
-    cls = _REGISTRY.get(name)
+    # a "module.Class" key wins over the bare class name (timm and open_clip both have a VisionTransformer)
+    cls = _REGISTRY.get(f"{type(model).__module__}.{name}") or _REGISTRY.get(name)
     if cls is None:
         raise UnsupportedModelError(
             f"no vtquant adapter for model class {name!r}. Supported: {sorted(_REGISTRY)}. "
@@ -96,6 +98,10 @@ class ModelAdapter:
     def hidden_size(self) -> int:
         raise NotImplementedError
 
+    def input_groups(self, block: nn.Module) -> list[list[str]]:
+        """Groups of Linears (relative names) that always read the same input tensor, in call order."""
+        return []
+
     def forward(self, batch: Any) -> Any:
         """Run the model on one calibration / evaluation batch."""
         return self.model(batch)
@@ -108,6 +114,17 @@ class ModelAdapter:
     def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
         """Register hooks that reset ``state`` with the known sink mask at each forward."""
         raise NotImplementedError
+
+    def known_sink_types(self, kinds: list[str]) -> Optional[list[str]]:
+        """Names of fixed template types of the known sinks (vision: ``cls``, ``register0``...).
+
+        ``None`` (LLMs): known sinks are typed by order and the number of types comes from data.
+        """
+        return None
+
+    def head_sink_types(self, kinds: list[str]) -> list[int]:
+        """Known types whose token a head reads (CLS, end-of-text): never replaced by a template."""
+        return []
 
     # --- rotation / io -----------------------------------------------------------------
     def rotation_spec(self) -> Any:

@@ -53,6 +53,9 @@ class HFDecoderAdapter(ModelAdapter):
     def probe_name(self) -> str:
         return "mlp.down_proj"
 
+    def input_groups(self, block: nn.Module) -> list[list[str]]:
+        return [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]]
+
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 

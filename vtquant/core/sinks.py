@@ -45,19 +45,34 @@ class SinkState:
         self.layout = layout
         self.num_types = num_types
         self.det_templates: dict[str, torch.Tensor] = {}
+        # fixed-type mode (vision adapters): known sinks carry the types the adapter gives them
+        # (CLS, each register), every content-detected sink gets type ``num_known_types``
+        self.num_known_types: Optional[int] = None
+        self.known_types: Optional[torch.Tensor] = None
         self.active = True
         self.is_prefill = True
         self.reset()
 
-    def reset(self, known: Optional[torch.Tensor] = None, is_prefill: bool = True) -> None:
-        """Start a new forward pass; ``known`` is a bool ``[B, T]`` of adapter-known sinks."""
+    def reset(self, known: Optional[torch.Tensor] = None, is_prefill: bool = True,
+              known_types: Optional[torch.Tensor] = None) -> None:
+        """Start a new forward pass; ``known`` is a bool ``[B, T]`` of adapter-known sinks.
+
+        ``known_types`` (long ``[B, T]``) fixes the template type of each known sink (vision:
+        CLS, each register); without it known sinks are typed by order, as in LLM prompts.
+        """
+        self.generation = getattr(self, "generation", 0) + 1  # bumps whenever the sink set may change
         self.mask = None if known is None else known.clone()
         self.types = None
+        self.known_types = None
         self.found_by: dict[str, torch.Tensor] = {}
         self.is_prefill = is_prefill
         if known is not None:
             self.found_by["known"] = known.clone()
-            self.types = self._order_types(self.mask)
+            if known_types is not None:
+                self.known_types = torch.where(known, known_types.long(), torch.full_like(known_types.long(), -1))
+                self.types = self.known_types.clone()
+            else:
+                self.types = self._order_types(self.mask)
 
     # ---- geometry helpers -------------------------------------------------------------
     def batch_tokens(self, x: torch.Tensor) -> tuple[int, int]:
@@ -89,7 +104,7 @@ class SinkState:
             return None
         if tuple(self.mask.shape) != self.batch_tokens(x):
             return None
-        if not bool(self.mask.any()):
+        if self.flat_index() is None:  # cached per sink set: no device sync on every Linear
             return None
         return self.mask
 
@@ -108,6 +123,15 @@ class SinkState:
         """
         self.found_by[stage] = new.clone() if stage not in self.found_by else self.found_by[stage] | new
         self.mask = new.clone() if self.mask is None else (self.mask | new)
+        self.generation += 1
+        if self.num_known_types is not None:  # fixed types: known keep theirs, content sinks share one
+            content = min(self.num_known_types, self.num_types - 1)
+            types = torch.where(self.mask, torch.full_like(self.mask, content, dtype=torch.long),
+                                torch.full_like(self.mask, -1, dtype=torch.long))
+            if self.known_types is not None:
+                types = torch.where(self.known_types >= 0, self.known_types, types)
+            self.types = types
+            return
         types = self._order_types(self.mask)
         det = self.det_templates.get(stage)
         if det is not None and features is not None and self.num_types > 1:
@@ -116,6 +140,17 @@ class SinkState:
             use_lse = (~((counts == self.num_types) & self.is_prefill)).unsqueeze(1) & self.mask
             types = torch.where(use_lse, lse, types)
         self.types = types
+
+    def flat_index(self) -> Optional[torch.Tensor]:
+        """Flat ``[B*T]`` row indices of the current sinks (cached until the set changes), or ``None``."""
+        mask = self.mask
+        if mask is None:
+            return None
+        key = (self.generation, mask._version)
+        if getattr(self, "_index_key", None) != key:
+            self._index_key = key
+            self._index = mask.reshape(-1).nonzero().squeeze(1)
+        return self._index if self._index.numel() else None
 
     def positions(self) -> list[list[int]]:
         """Sink positions per batch row for the current pass."""

@@ -15,7 +15,8 @@ first Linears fused into one matmul each for every method alike.  Methods:
 Prefill: the whole layer on ``batch x seq`` tokens.  Decode: one new token per sequence
 against a KV cache of ``seq`` tokens.  Times are medians of CUDA-event-timed repeats after
 warm-up; TFLOP/s counts the Linears (2 x tokens x in x out) and attention (4 x B x T x T x D,
-halved when causal).
+halved when causal).  On the GPU each measured call is the replay of a CUDA graph of the
+layer, so Python launch overhead (which differs between implementations) is not timed.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from ..config import ActArgs, WeightArgs
 from ..core.quant import QuantLinear
 from ..core.sinks import SinkState
 from ..core.templates import SinkGuard
-from .linear import RealQuantLinear
+from .linear import RealQuantLinear, int_mm
 from .triton_quant import FP8_MAX, quant_dynamic_rows
 
 
@@ -129,7 +130,7 @@ class DynamicRowLinear(nn.Module):
         if self.backend == "cuda-fp8":
             y = torch._scaled_mm(q, self.qweight.t(), scale_a=s, scale_b=self.w_scale, out_dtype=torch.bfloat16)
         else:
-            y = (torch._int_mm(q, self.qweight.t()) * s * self.w_scale).to(x.dtype)
+            y = (int_mm(q, self.qweight.t()) * s * self.w_scale).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -161,8 +162,14 @@ def _static_layer(layer: SynthLayer, backend: str, calib: torch.Tensor, state: S
         fake.register_buffer("w_scale", scale)
         fake.w_bits, fake.w_granularity = 8, "per-channel"
         real = RealQuantLinear(fake, backend)
-        setattr(layer, name, real)
+        setattr(layer, name, real.to(calib.device))
     return layer
+
+
+def _norms_to(layer: SynthLayer, dtype: torch.dtype) -> None:
+    """Cast the norms only (quantized modules keep their int8 / FP8 codes and float32 scales)."""
+    layer.norm1.to(dtype)
+    layer.norm2.to(dtype)
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], None], int], float]:
@@ -170,12 +177,24 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None], int], float]:
         for _ in range(3):
             fn()
         if device.type == "cuda":
+            # replay a CUDA graph of the layer: times the GPU work, not Python's launch overhead
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            run_once = graph.replay
+            for _ in range(3):
+                run_once()
             torch.cuda.synchronize()
             times = []
             for _ in range(repeats):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                run_once()
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
@@ -225,6 +244,8 @@ def layer_bench(shape: Shape, device: str, backends: list[str], repeats: int = 2
         if state is not None:
             state.reset(None)
         decode = timer(lambda: layer(x1, kv), repeats)
+        print(f"  {shape.name} {method} {backend}: prefill {prefill * 1e3:.3f} ms, decode {decode * 1e3:.3f} ms",
+              flush=True)
         rows.append({"shape": shape.name, "method": method, "backend": backend, "tokens": b * t,
                      "prefill_seconds": prefill, "prefill_tokens_per_s": b * t / prefill,
                      "prefill_tflops": base.flops(b * t, t) / prefill / 1e12,
@@ -240,7 +261,7 @@ def layer_bench(shape: Shape, device: str, backends: list[str], repeats: int = 2
         dyn.load_state_dict(base.state_dict())
         for name, lin in dyn.linears().items():
             setattr(dyn, name, DynamicRowLinear(lin, backend))
-        dyn = dyn.to(ref_dtype)
+        _norms_to(dyn, ref_dtype)
         record("dynamic-token", backend, dyn, None)
         rows[-1]["rel_error"] = float((dyn(x).float() - y_ref).norm() / y_ref.norm())
         st = SinkState("bsd")
@@ -248,7 +269,7 @@ def layer_bench(shape: Shape, device: str, backends: list[str], repeats: int = 2
         stat.load_state_dict(base.state_dict())
         st.reset(known)
         stat = _static_layer(stat, backend, calib, st)
-        stat = stat.to(ref_dtype)
+        _norms_to(stat, ref_dtype)
         record("insertquant", backend, stat, st)
         st.reset(known)
         y = stat(x).float()
@@ -294,7 +315,10 @@ def check_quantizers() -> None:
         err_d = (got_d.float() - ref_d).abs().max().item()
         err_s = ((got_s - s).abs() / s).max().item()
         print(f"quantizer check {dtype}: static max |diff| {err}, dynamic {err_d}, scale rel {err_s:.1e}", flush=True)
-        if err > 0 or err_s > 1e-6:
+        # static codes must match exactly; the dynamic kernel divides by its in-kernel scale, which may
+        # differ from the eager division by an ulp: allow one code step (int8) / one FP8 ulp
+        step = 1.0 if dtype == torch.int8 else 0.0625 * ref_d.abs().max().item() / 448
+        if err > 0 or err_s > 1e-6 or err_d > max(step, 1.0 if dtype == torch.int8 else 32.0):
             raise SystemExit("fused quantizer does not match the reference")
 
 

@@ -18,6 +18,16 @@ class UnsupportedConversionError(ValueError):
     """The fake-quant model cannot be run with real kernels as configured."""
 
 
+def int_mm(q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` (int8 x int8 -> int32); pads the rows where the CUDA kernel needs more than 16."""
+    m = q.shape[0]
+    if q.is_cuda and m <= 16:
+        padded = torch.zeros((32, q.shape[1]), dtype=q.dtype, device=q.device)
+        padded[:m] = q
+        return torch._int_mm(padded, w_t)[:m]
+    return torch._int_mm(q, w_t)
+
+
 class SharedInput:
     """Lets Linears that read the same input tensor share one quantization and one matmul.
 
@@ -85,9 +95,13 @@ class RealQuantLinear(nn.Module):
             qweight = fake.qweight.clone()
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("w_scale", w_scale.contiguous())
-        self.register_buffer("a_scale", torch.tensor(a_scale))
+        self.register_buffer("a_scale", torch.tensor(a_scale, device=fake.qweight.device))
         self._a_scale_value = a_scale
         self.register_buffer("out_scale", (w_scale * a_scale).contiguous())
+        self.register_buffer("w_scale_row", w_scale.float().reshape(1, -1).contiguous(), persistent=False)
+        self._scale_a_cache: dict = {}
+        self._sink_out_key = None
+        self._sink_out: Optional[torch.Tensor] = None
         self.bias = None if fake.bias is None else nn.Parameter(fake.bias.detach().clone(), requires_grad=False)
         self.rot_signs, self.rot_factors = fake.rot_signs, fake.rot_factors
         self.detector = fake.detector
@@ -97,6 +111,14 @@ class RealQuantLinear(nn.Module):
             self.w_fp = dequantize_weight(fake.qweight, fake.w_scale)  # only for full-precision sink rows
         self.group: Optional[SharedInput] = None
         self.group_index = 0
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._scale_a_cache = {}
+        if self.rot_signs is not None:
+            self.rot_signs = fn(self.rot_signs)
+            self.rot_factors = [fn(f) for f in self.rot_factors]
+        return result
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, "
@@ -118,11 +140,14 @@ class RealQuantLinear(nn.Module):
                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         if self.backend == "cuda-fp8":
             m = q.shape[0]
-            scale_a = self.a_scale.float().reshape(1, 1).expand(m, 1).contiguous()
-            scale_b = (out_scale / self.a_scale).float().reshape(1, -1).contiguous()
+            scale_a = self._scale_a_cache.get(m)
+            if scale_a is None:  # the static scale as the row-scale vector _scaled_mm wants, made once per M
+                scale_a = self._scale_a_cache[m] = self.a_scale.float().reshape(1, 1).expand(m, 1).contiguous()
+            scale_b = self.w_scale_row if out_scale is self.out_scale else (
+                out_scale / self.a_scale).float().reshape(1, -1).contiguous()
             return torch._scaled_mm(q, qweight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
                                     out_dtype=torch.bfloat16).to(out_dtype)
-        acc = torch._int_mm(q, qweight.t())
+        acc = int_mm(q, qweight.t())
         y = acc * out_scale
         if bias is not None:
             y += bias
@@ -171,7 +196,11 @@ class RealQuantLinear(nn.Module):
         guard = self.guard
         types = state.types.reshape(-1).index_select(0, index).clamp_min(0)
         if guard.mode == "template":
-            out = guard.template_out.index_select(0, types).to(y.dtype)
+            key = (state.generation, y.dtype)
+            if self._sink_out_key != key:  # template rows of this sink set, gathered once per forward
+                self._sink_out_key = key
+                self._sink_out = guard.template_out.index_select(0, types).to(y.dtype)
+            out = self._sink_out
             if self.w_fp is not None:  # some types are not constant here: their rows in full precision
                 unstable = ~guard.template_ok.index_select(0, types)
                 fp = F.linear(x2.index_select(0, index).float(), self.w_fp, self.bias).to(y.dtype)
