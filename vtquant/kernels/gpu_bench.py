@@ -53,6 +53,7 @@ class Shape:
 
 SHAPES = {
     "llama2-7b": Shape("llama2-7b", 4096, 11008, 32, True, True, 8, 512),
+    "llama2-7b-16k": Shape("llama2-7b-16k", 4096, 11008, 32, True, True, 32, 512),
     "vit-b16": Shape("vit-b16", 768, 3072, 12, False, False, 64, 197),
     "vit-l14": Shape("vit-l14", 1024, 4096, 16, False, False, 32, 257),
     "tiny": Shape("tiny", 64, 128, 4, True, True, 2, 32),
@@ -325,7 +326,7 @@ def check_quantizers() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--shapes", default="llama2-7b,vit-b16,vit-l14")
+    parser.add_argument("--shapes", default="llama2-7b,llama2-7b-16k,vit-b16,vit-l14")
     parser.add_argument("--backends", default="cuda-fp8,cuda-int8")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--results-file", default=None)
