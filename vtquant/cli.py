@@ -101,13 +101,18 @@ def _compare(args: argparse.Namespace, settings, title: str) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """SmolLM2-135M, W8A8 (+ W4A8, W8A6): fp, naive-static, dynamic-token, insertquant, insertquant+rotate."""
+    if getattr(args, "vision", False):
+        from .vision import run_vision_demo
+
+        return run_vision_demo(args)
     return _compare(args, DEMO_SETTINGS, "vtquant demo")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.task != "perplexity":
-        print(f"vtquant eval {args.task}: not implemented yet in this version (perplexity is)", file=sys.stderr)
-        return 2
+    if args.task in ("imagenet", "retrieval"):
+        from .vision import run_vision_eval
+
+        return run_vision_eval(args)
     if args.checkpoint:
         return _eval_checkpoint(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -172,6 +177,63 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return analyze_llm(model, tok, name, args, log)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Real low-bit speed: CPU (SmolLM2, one subprocess per method) or GPU (layer shapes)."""
+    from .eval.results import Row, write_results
+
+    log = _log(args)
+    rows: list = []
+    if args.device == "cuda":
+        from .kernels.gpu_bench import SHAPES, check_quantizers, format_rows, layer_bench
+        import torch
+
+        if not torch.cuda.is_available():
+            print("vtquant bench --device cuda: no CUDA GPU visible here", file=sys.stderr)
+            return 2
+        check_quantizers()
+        results = []
+        for name in args.shapes.split(","):
+            results += layer_bench(SHAPES[name], "cuda", args.backends.split(","), args.repeats)
+        print(format_rows(results))
+        for r in results:
+            for metric in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_mem_mb"):
+                rows.append(Row(f"layer:{r['shape']}", r["method"], None if r["method"] == "bf16" else 8,
+                                None if r["method"] == "bf16" else 8,
+                                None if r["method"] == "bf16" else ("per-token" if r["method"] == "dynamic-token" else "per-tensor"),
+                                None if r["method"] == "bf16" else r["method"] != "dynamic-token",
+                                metric, r[metric], r["prefill_seconds"],
+                                {"backend": r["backend"], "prefill_tflops": r["prefill_tflops"],
+                                 "rel_error": r.get("rel_error")}))
+    else:
+        from .kernels.bench import cpu_bench
+
+        results = cpu_bench(args, log=log)
+        fp = next((r for r in results if r["method"] == "fp"), None)
+        print(f"\nvtquant bench (CPU, {results[0]['threads']} threads): {results[0]['model']}, prefill {args.prompt_len} "
+              f"tokens (batch 1, last logits), decode {args.decode_tokens} tokens after a 64-token prompt")
+        print("| method | backend | prefill tok/s | x fp32 | decode tok/s | x fp32 | peak MB | perplexity fake / real |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results:
+            backend = {"fp": "cpu-fp32", "bf16": "cpu-bf16", "dynamic-token": "cpu-int8 (torch.ao dynamic)",
+                       "insertquant": "cpu-int8"}[r["method"]]
+            ratio_p = r["prefill_tokens_per_s"] / fp["prefill_tokens_per_s"] if fp else float("nan")
+            ratio_d = r["decode_tokens_per_s"] / fp["decode_tokens_per_s"] if fp else float("nan")
+            ppl = (f"{r['perplexity_fake']:.3f} / {r['perplexity_real']:.3f}" if "perplexity_real" in r else "-")
+            print(f"| {r['method']} | {backend} | {r['prefill_tokens_per_s']:.0f} | {ratio_p:.2f} | "
+                  f"{r['decode_tokens_per_s']:.1f} | {ratio_d:.2f} | {r['peak_mem_mb']:.0f} | {ppl} |")
+            quant = r["method"] in ("dynamic-token", "insertquant")
+            for metric in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_mem_mb"):
+                rows.append(Row(r["model"], r["method"], 8 if quant else None, 8 if quant else None,
+                                ("per-token" if r["method"] == "dynamic-token" else "per-tensor") if quant else None,
+                                (r["method"] == "insertquant") if quant else None, metric, r[metric],
+                                r["prefill_seconds"], {"backend": backend, **{k: r[k] for k in
+                                                                             ("perplexity_fake", "perplexity_real", "recipe") if k in r}}))
+    if args.results_file:
+        write_results(args.results_file, rows)
+        log(f"wrote {args.results_file}")
+    return 0
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     from . import assets
 
@@ -201,15 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: SmolLM2, all methods, one table (no arguments needed)")
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
+    p.add_argument("--vision", action="store_true",
+                   help="run the vision control instead: DINOv2-S (asset dinov2-s-imgfocus), FP vs W8A8 on bundled photos")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("analyze", help="per-layer spike table, sinks, attention share, PNG plot")
+    p = sub.add_parser("analyze", help="measure the sink mechanism and its restoration: report.html, figures.json, summary")
     _model_args(p), _common(p)
     p.add_argument("--text", default="austen-lady-susan", help="text asset or .txt to analyze (default: %(default)s)")
     p.add_argument("--chunks", type=int, default=4, help="number of 512-token chunks (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--alpha", type=float, default=64.0, help="sink ratio threshold (default: %(default)s)")
     p.add_argument("--out", default="vtquant-analysis", help="output directory (default: %(default)s)")
+    p.add_argument("--recipe", default=None,
+                   help="recipe of the restoration section (default: insertquant+rotate W8A8)")
+    p.add_argument("--calib-text", default=None, help="calibration text (default: the recipe's, shakespeare)")
+    p.add_argument("--calib-windows", type=int, default=8,
+                   help="calibration windows for the restoration section (default: %(default)s)")
+    p.add_argument("--no-restoration", action="store_true", help="skip section 5 (no quantized copies)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint")
@@ -219,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-text", default=None)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("eval", help="evaluate: perplexity (LLMs)")
+    p = sub.add_parser("eval", help="evaluate: perplexity (LLMs), imagenet (top-1/5), retrieval (Flickr30k R@k)")
     p.add_argument("task", choices=("perplexity", "imagenet", "retrieval"))
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
     p.add_argument("--recipe", default=None, help="quantize with this recipe and compare with fp")
@@ -228,7 +298,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to compare when no --recipe / --checkpoint is given")
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
+    p.add_argument("--data", default=None, help="imagenet / retrieval: dataset directory (docs/vision.md lists the layouts); "
+                   "vision --model: timm:NAME, open_clip:NAME/PRETRAINED or hf:PATH")
+    p.add_argument("--calib-data", default=None, help="imagenet: calibration images (default: a seeded sample of --data)")
+    p.add_argument("--split", default="test", help="retrieval: Karpathy split (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="imagenet / retrieval: images per batch (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="imagenet: evaluate the first N images only")
+    p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="real low-bit speed: fp32/bf16 vs per-token dynamic int8 vs vtquant static")
+    from .kernels.bench import add_worker_args
+
+    add_worker_args(p)
+    p.add_argument("--methods", default="fp,bf16,dynamic-token,insertquant", help="CPU methods to compare")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: SmolLM2; cuda: layer shapes")
+    p.add_argument("--shapes", default="llama2-7b,llama2-7b-16k,vit-b16,vit-l14", help="GPU layer shapes")
+    p.add_argument("--backends", default="cuda-fp8,cuda-int8", help="GPU backends")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--results-file", default=None)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("assets", help="list the real assets and what is cached; fetch or add them")
     p.add_argument("--fetch", nargs="*", default=None, metavar="NAME", help="fetch these assets now")
