@@ -7,7 +7,9 @@ first Linears fused into one matmul each for every method alike.  Methods:
 
 * ``bf16``: the layer in bfloat16 (``fp32`` on the CPU);
 * ``dynamic-token`` (``cuda-fp8`` / ``cuda-int8`` / ``cpu-int8``): per-token absmax scales computed
-  on every call by one fused Triton kernel per Linear input, then a row-scaled matmul;
+  on every call by one fused Triton kernel per Linear input, then a row-scaled matmul (FP8:
+  ``torch._scaled_mm`` rowwise; int8: a Triton int8 GEMM with the row x column rescale fused in
+  its epilogue, the same kernel the static path uses with column scales only);
 * ``insertquant`` (same backends): vtquant's :class:`~vtquant.kernels.linear.RealQuantLinear`,
   per-tensor static scales from a calibration pass with the sink rows excluded, sink rows
   (the first token of every sequence) zeroed and their template outputs written by index.
@@ -35,8 +37,8 @@ from ..config import ActArgs, WeightArgs
 from ..core.quant import QuantLinear
 from ..core.sinks import SinkState
 from ..core.templates import SinkGuard
-from .linear import RealQuantLinear, int_mm
-from .triton_quant import FP8_MAX, quant_dynamic_rows
+from .linear import RealQuantLinear
+from .triton_quant import FP8_MAX, int8_matmul_scaled, quant_dynamic_rows
 
 
 @dataclass
@@ -131,7 +133,7 @@ class DynamicRowLinear(nn.Module):
         if self.backend == "cuda-fp8":
             y = torch._scaled_mm(q, self.qweight.t(), scale_a=s, scale_b=self.w_scale, out_dtype=torch.bfloat16)
         else:
-            y = (int_mm(q, self.qweight.t()) * s * self.w_scale).to(x.dtype)
+            y = int8_matmul_scaled(q, self.qweight, self.w_scale.reshape(-1), s, None, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -321,6 +323,16 @@ def check_quantizers() -> None:
         step = 1.0 if dtype == torch.int8 else 0.0625 * ref_d.abs().max().item() / 448
         if err > 0 or err_s > 1e-6 or err_d > max(step, 1.0 if dtype == torch.int8 else 32.0):
             raise SystemExit("fused quantizer does not match the reference")
+    # the fused int8 GEMM against an exact reference (int32 products are exact in float64 here)
+    q = torch.randint(-127, 128, (3000, 4096), dtype=torch.int8, device="cuda")
+    w = torch.randint(-127, 128, (2000, 4096), dtype=torch.int8, device="cuda")
+    cs, rs = torch.rand(2000, device="cuda"), torch.rand(3000, device="cuda")
+    ref = (q.double() @ w.double().T) * cs.double() * rs.double()[:, None]
+    got = tq.int8_matmul_scaled(q, w, cs, rs, None, torch.float32).double()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    print(f"int8 GEMM check: relative error {rel:.2e}", flush=True)
+    if not rel < 1e-6:
+        raise SystemExit("fused int8 GEMM does not match the reference")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -147,6 +147,10 @@ class RealQuantLinear(nn.Module):
                 out_scale / self.a_scale).float().reshape(1, -1).contiguous()
             return torch._scaled_mm(q, qweight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
                                     out_dtype=torch.bfloat16).to(out_dtype)
+        if q.is_cuda:  # int8 GEMM with the rescale (and bias) fused in its epilogue (Triton)
+            from .triton_quant import int8_matmul_scaled
+
+            return int8_matmul_scaled(q, qweight, out_scale, None, bias, out_dtype)
         acc = int_mm(q, qweight.t())
         y = acc * out_scale
         if bias is not None:
