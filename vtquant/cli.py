@@ -215,17 +215,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("|---|---|---|---|---|---|---|---|")
         for r in results:
             backend = {"fp": "cpu-fp32", "bf16": "cpu-bf16", "dynamic-token": "cpu-int8 (torch.ao dynamic)",
-                       "insertquant": "cpu-int8"}[r["method"]]
+                       "insertquant": "cpu-int8", "insertquant+rotate": "cpu-int8"}[r["method"]]
             ratio_p = r["prefill_tokens_per_s"] / fp["prefill_tokens_per_s"] if fp else float("nan")
             ratio_d = r["decode_tokens_per_s"] / fp["decode_tokens_per_s"] if fp else float("nan")
             ppl = (f"{r['perplexity_fake']:.3f} / {r['perplexity_real']:.3f}" if "perplexity_real" in r else "-")
             print(f"| {r['method']} | {backend} | {r['prefill_tokens_per_s']:.0f} | {ratio_p:.2f} | "
                   f"{r['decode_tokens_per_s']:.1f} | {ratio_d:.2f} | {r['peak_mem_mb']:.0f} | {ppl} |")
-            quant = r["method"] in ("dynamic-token", "insertquant")
+            quant = r["method"] in ("dynamic-token", "insertquant", "insertquant+rotate")
             for metric in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_mem_mb"):
                 rows.append(Row(r["model"], r["method"], 8 if quant else None, 8 if quant else None,
                                 ("per-token" if r["method"] == "dynamic-token" else "per-tensor") if quant else None,
-                                (r["method"] == "insertquant") if quant else None, metric, r[metric],
+                                r["method"].startswith("insertquant") if quant else None, metric, r[metric],
                                 r["prefill_seconds"], {"backend": backend, **{k: r[k] for k in
                                                                              ("perplexity_fake", "perplexity_real", "recipe") if k in r}}))
     if args.results_file:
@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .kernels.bench import add_worker_args
 
     add_worker_args(p)
-    p.add_argument("--methods", default="fp,bf16,dynamic-token,insertquant", help="CPU methods to compare")
+    p.add_argument("--methods", default="fp,bf16,dynamic-token,insertquant,insertquant+rotate",
+                   help="CPU methods to compare")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: SmolLM2; cuda: layer shapes")
     p.add_argument("--shapes", default="llama2-7b,llama2-7b-16k,vit-b16,vit-l14", help="GPU layer shapes")
     p.add_argument("--backends", default="cuda-fp8,cuda-int8", help="GPU backends")

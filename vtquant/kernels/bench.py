@@ -6,8 +6,9 @@ is that method's own (ratios still come from one ``vtquant bench`` run):
 * ``fp``: fp32; ``bf16``: the model cast to bfloat16;
 * ``dynamic-token``: the peer, ``torch.ao`` dynamic int8 quantization of the decoder Linears
   (fbgemm; its activation scale is computed on every call);
-* ``insertquant``: vtquant per-tensor static W8A8 with sink insertion, converted to real int8
-  (``vtquant.kernels.convert_(model, "cpu-int8")``).
+* ``insertquant`` / ``insertquant+rotate``: vtquant per-tensor static W8A8 with sink insertion
+  (the second also rotated: online Hadamard on the MLP second-linear input), converted to real
+  int8 (``vtquant.kernels.convert_(model, "cpu-int8")``).
 
 Prefill: one forward over ``prompt_len`` tokens (batch 1) keeping only the last logits,
 median of ``repeats`` timed runs after a warm-up.  Decode: ``decode_tokens`` single-token
@@ -30,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-CPU_METHODS = ("fp", "bf16", "dynamic-token", "insertquant")
+CPU_METHODS = ("fp", "bf16", "dynamic-token", "insertquant", "insertquant+rotate")
 
 
 def _reset_peak_rss() -> None:
@@ -105,12 +106,12 @@ def _worker(args: argparse.Namespace) -> dict:
                 q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(getattr(parent, child)),
                                                            {torch.nn.Linear}, dtype=torch.qint8)[0]
                 setattr(parent, child, q)
-    elif method == "insertquant":
+    elif method in ("insertquant", "insertquant+rotate"):
         import vtquant
         from ..kernels import convert_
 
         base = Recipe()
-        recipe = method_recipe("insertquant+rotate" if args.rotate else "insertquant", base)
+        recipe = method_recipe(method, base)
         cal_ids = torch.tensor(tok(load_text("shakespeare", quiet=True)[:2_000_000])["input_ids"])
         calib = list(torch.split(sample_windows(cal_ids, 512, base.calibration.num_samples, 0), 4))
         vtquant.quantize_(model, recipe, calib, quiet=True)
@@ -142,8 +143,6 @@ def cpu_bench(args: argparse.Namespace, log=print) -> list[dict]:
             cmd += ["--model-file", args.model_file]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        if args.rotate:
-            cmd += ["--rotate"]
         log(f"bench {method} ...")
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode != 0:
@@ -164,7 +163,6 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--ppl-chunks", type=int, default=4, help="Austen chunks for the fake vs real perplexity check")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--rotate", action="store_true", help="insertquant with rotation (online Hadamard on the down-projection)")
 
 
 if __name__ == "__main__":
