@@ -1,27 +1,62 @@
-"""``vtquant analyze``: where the massive activations are, on real text (METHOD.md "The phenomenon").
+"""``vtquant analyze``: measure the sink mechanism and its restoration on a model (issue 4).
 
-Per layer: the largest |activation| of the residual stream (block output), its
-token (position and text) and channel, the median |h|, and their ratio; the
-largest per-token peak at the MLP second-linear input (where spikes are born);
-the share of attention the sink tokens receive.  Emergence and cancellation
-layers come from the same functions the quantizer uses.  Writes a table
-(``summary.md``), ``figures.json`` and a PNG plot.
+Everything here is measured on the model given, on the inputs given; nothing is
+typed in.  Sections (the keys of the returned ``figures`` dict):
+
+1. ``spikes``: per layer the top |activation| values of the residual stream
+   (block outputs), their tokens and channels, ratio to the median |h|; the
+   emergence layer (where the MLP second-linear input spikes) and the
+   cancellation layer, found by the same functions the quantizer uses.
+2. ``constant_vectors``: the sinks' normalized states (the input of the
+   attention / MLP projections) across inputs: mean pairwise cosine, cosine to
+   their mean (the template), relative spread; semantic tokens as baseline.
+3. ``geometry``, per layer and head: W_K (sink key norm / semantic key norm,
+   attention share received), W_Q (cosine of semantic queries with the sink
+   key, before and after RoPE), W_V (sink value norm / semantic value norm,
+   gain ||W_V x|| / ||x|| relative to semantic tokens, share of the input's
+   row-space energy in the lower half of W_V's singular directions, share of its
+   energy in W_V's null space).
+4. ``rope`` (rotary models): energy of the sink key per frequency pair and in the
+   low-frequency pairs (period longer than the analysed context); how much the
+   sink's attention logit changes when its position moves, against semantic keys.
+5. ``restoration``: per-layer relative error of the hidden states, FP vs
+   quantized with insertion, clamp-only and naive-static (rotated models are
+   un-rotated exactly with the same Hadamard matrix); attention on the sink
+   columns FP vs quantized; template transfer across corpora (templates from
+   the calibration text, measured on the analysed text).
+
+Layer ``i`` is the output of block ``i`` (0-based); in transformers'
+``hidden_states`` that is index ``i + 1``.
+
+Model families plug in through the adapter (``get_adapter(model)``); the
+attention geometry needs an :class:`AttentionSpec`, built here for the
+transformers decoders and taken from ``adapter.attention_spec()`` when an
+adapter provides one (vision adapters).
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .adapters import get_adapter
 from .core.hooks import HookManager
 from .core.sinks import find_cancellation_layer, find_emergence_layer, token_peaks
+from .core.templates import template_statistics
 from .recipe import atomic_write_text
 
+ROPE_SHIFTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
+
+# ------------------------------------------------------------------------------------------
+# the legacy one-table statistics (kept: same numbers as the first `vtquant analyze`)
 @torch.no_grad()
 def spike_statistics(model: torch.nn.Module, chunks: torch.Tensor, alpha: float = 64.0,
                      attentions: bool = True) -> dict:
@@ -87,78 +122,670 @@ def spike_statistics(model: torch.nn.Module, chunks: torch.Tensor, alpha: float 
             "sink_residual_norm": sink_norm}
 
 
-def _plot(stats: dict, path: Path, title: str) -> None:
-    import matplotlib
+# ------------------------------------------------------------------------------------------
+# attention description (adapter-generic)
+@dataclass
+class AttentionSpec:
+    """Where a model's attention projections are and how its attention is shaped.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Attributes:
+        q, k, v: per block, the query / key / value Linear (``[T, C] -> [T, heads * head_dim]``); their
+            input is the block's normalized attention input.
+        mlp_in: per block, a Linear reading the normalized MLP input (or ``None``).
+        num_heads, num_kv_heads, head_dim: attention shape (grouped-query: ``num_heads`` multiple of kv).
+        inv_freq: RoPE inverse frequencies ``[head_dim / 2]`` (``None``: no rotary embedding).
+        rope_scaling: the factor the rotary embedding applies to cos / sin.
+        causal: causal self-attention.
+    """
 
-    layers = [r["layer"] for r in stats["layers"]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    ax.semilogy(layers, [r["top_value"] for r in stats["layers"]], "o-", label="top |h| (residual)")
-    ax.semilogy(layers, [r["median_abs"] for r in stats["layers"]], "s-", label="median |h|")
-    ax.semilogy(layers, [r["probe_top_ratio"] for r in stats["layers"]], "^-", label="MLP 2nd-linear input: top token peak / median token peak")
-    for key, style in (("emergence_layer", "--"), ("cancellation_layer", ":")):
-        if stats[key] is not None:
-            ax.axvline(stats[key], color="gray", linestyle=style, label=key.replace("_", " "))
-    ax.set_xlabel("layer"), ax.set_title("massive activations"), ax.legend(fontsize=7)
-    ax = axes[1]
-    shares = [r.get("sink_attention_share") for r in stats["layers"]]
-    ax.bar(layers, [s or 0 for s in shares])
-    ax.set_ylim(0, 1), ax.set_xlabel("layer"), ax.set_title("attention mass on sink tokens")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def format_spike_table(stats: dict, token_text: Callable[[int, int], str]) -> str:
-    lines = ["| layer | top abs(h) | position | token | channel | median abs(h) | ratio | ch >100x | "
-             "probe ratio | sink attn share |", "|---" * 10 + "|"]
-    for r in stats["layers"]:
-        share = r.get("sink_attention_share")
-        lines.append(
-            f"| {r['layer']} | {r['top_value']:.1f} | {r['top_position']} | {token_text(r['top_chunk'], r['top_position'])!r} | "
-            f"{r['top_channel']} | {r['median_abs']:.2f} | {r['ratio_to_median']:.0f} | {r['channels_over_100x_on_top_token']} | "
-            f"{r['probe_top_ratio']:.1f} | {'-' if share is None else f'{share:.2f}'} |")
-    return "\n".join(lines)
+    q: list
+    k: list
+    v: list
+    mlp_in: Optional[list]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    inv_freq: Optional[torch.Tensor] = None
+    rope_scaling: float = 1.0
+    causal: bool = True
 
 
+def attention_spec(adapter: Any) -> Optional[AttentionSpec]:
+    """The :class:`AttentionSpec` of ``adapter``'s model, or ``None`` when unknown."""
+    if hasattr(adapter, "attention_spec"):
+        return adapter.attention_spec()
+    if getattr(adapter, "family", "") != "hf-decoder":
+        return None
+    model = adapter.model
+    cfg = model.config
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    blocks = adapter.blocks()
+    rotary = getattr(model.model, "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None) if rotary is not None else None
+    return AttentionSpec(
+        q=[b.self_attn.q_proj for b in blocks], k=[b.self_attn.k_proj for b in blocks],
+        v=[b.self_attn.v_proj for b in blocks], mlp_in=[b.mlp.gate_proj for b in blocks],
+        num_heads=heads, num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        head_dim=head_dim, inv_freq=None if inv_freq is None else inv_freq.detach().float().cpu(),
+        rope_scaling=float(getattr(rotary, "attention_scaling", 1.0) or 1.0), causal=True)
+
+
+def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """Apply RoPE (the "rotate half" convention of LLaMA) to ``x`` ``[T, ..., d]`` at ``positions`` ``[T]``."""
+    ang = positions.float().view(-1, 1) * inv_freq.view(1, -1)  # [T, d/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1) * scaling
+    sin = torch.cat([ang.sin(), ang.sin()], -1) * scaling
+    shape = [x.shape[0]] + [1] * (x.dim() - 2) + [x.shape[-1]]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos.view(shape) + rot * sin.view(shape)
+
+
+# ------------------------------------------------------------------------------------------
+# metric functions (each tested against a value known by construction)
+def attention_share(attn: torch.Tensor, sink_mask: torch.Tensor) -> torch.Tensor:
+    """Per head, the mean over non-sink query rows after the first sink of the attention mass on sink columns.
+
+    Args:
+        attn: ``[H, T, T]`` attention probabilities of one sequence.
+        sink_mask: bool ``[T]``.
+    """
+    if not bool(sink_mask.any()):
+        return torch.full((attn.shape[0],), float("nan"))
+    first = int(sink_mask.nonzero()[0])
+    rows = ~sink_mask
+    rows[: first + 1] = False
+    if not bool(rows.any()):
+        return torch.full((attn.shape[0],), float("nan"))
+    return attn[:, rows][:, :, sink_mask].sum(-1).mean(-1)
+
+
+def norm_ratio(x: torch.Tensor, sink_mask: torch.Tensor) -> torch.Tensor:
+    """Mean norm of the sink rows over the mean norm of the other rows, per head.
+
+    Args:
+        x: ``[T, heads, d]`` (keys, values).
+    """
+    n = x.norm(dim=-1)
+    return n[sink_mask].mean(0) / n[~sink_mask].mean(0).clamp_min(1e-12)
+
+
+def value_spectrum(weight: torch.Tensor, x: torch.Tensor, low_fraction: float = 0.5) -> dict:
+    """How ``x`` ``[N, C]`` sits in the spectrum of ``weight`` ``[d, C]`` (one value head).
+
+    Returns per row: ``gain`` = ||W x|| / ||x||; ``low`` = share of the row-space energy of ``x`` in the
+    ``low_fraction`` of right-singular directions with the smallest singular values; ``null`` = share of
+    ||x||^2 outside W's row space.
+    """
+    _, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)  # vh [r, C], s descending
+    rank = int((s > s[0] * 1e-6).sum())
+    vh = vh[:rank]
+    c2 = (x.float() @ vh.T).pow(2)  # [N, r]
+    total = x.float().pow(2).sum(-1).clamp_min(1e-30)
+    row = c2.sum(-1)
+    n_low = max(1, int(round(rank * low_fraction)))
+    low = c2[:, rank - n_low:].sum(-1) / row.clamp_min(1e-30)
+    gain = (x.float() @ weight.float().T).norm(dim=-1) / total.sqrt()
+    return {"gain": gain, "low": low, "null": 1.0 - row / total}
+
+
+def pair_energy(k: torch.Tensor) -> torch.Tensor:
+    """Energy of ``k`` ``[..., d]`` per RoPE frequency pair ``(i, i + d/2)`` -> ``[..., d/2]``, normalised to sum 1."""
+    half = k.shape[-1] // 2
+    e = k[..., :half].pow(2) + k[..., half:].pow(2)
+    return e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def logit_drift(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: int, inv_freq: torch.Tensor,
+                shifts=ROPE_SHIFTS, scaling: float = 1.0) -> torch.Tensor:
+    """Mean |change| of the attention logits ``q . k / sqrt(d)`` when key ``k`` moves from ``k_pos`` by ``shifts``.
+
+    Args:
+        q: ``[T, d]`` pre-RoPE queries at positions ``q_pos`` ``[T]``; k: ``[d]`` a pre-RoPE key.
+    Returns:
+        ``[len(shifts)]`` mean absolute logit change (nats) per shift.
+    """
+    d = q.shape[-1]
+    qr = rope_rotate(q.float(), q_pos, inv_freq, scaling)
+    pos = torch.tensor([k_pos] + [k_pos + s for s in shifts])
+    kr = rope_rotate(k.float().unsqueeze(0).expand(len(pos), -1), pos, inv_freq, scaling)
+    logits = qr @ kr.T / math.sqrt(d)  # [T, 1 + S]
+    return (logits[:, 1:] - logits[:, :1]).abs().mean(0)
+
+
+def hidden_error(h_q: torch.Tensor, h_fp: torch.Tensor, mask: torch.Tensor) -> float:
+    """Relative Frobenius error ||h_q - h_fp|| / ||h_fp|| over the rows where ``mask``."""
+    if not bool(mask.any()):
+        return float("nan")
+    a, b = h_q[mask].float(), h_fp[mask].float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def residual_rotation(recipe: Any, hidden: int) -> Optional[torch.Tensor]:
+    """The residual rotation ``Q`` a recipe applies (rotated h = h @ Q), or ``None``."""
+    if recipe is None or not recipe.rotation.enabled or not recipe.rotation.residual or recipe.method == "fp":
+        return None
+    from .core.rotation import random_hadamard
+
+    return random_hadamard(hidden, recipe.rotation.seed).float()
+
+
+# ------------------------------------------------------------------------------------------
+def _forward(model: Any, adapter: Any, batch: torch.Tensor, attentions: bool) -> tuple:
+    """One forward; returns ``(logits or None, list of [H, T, T] attention maps or None)``."""
+    if getattr(adapter, "family", "") == "hf-decoder":
+        out = model(input_ids=batch, use_cache=False, output_attentions=attentions)
+        att = [a[0].float() for a in out.attentions] if attentions and getattr(out, "attentions", None) else None
+        return out.logits[0].float(), att
+    out = adapter.forward(batch)
+    return None, None
+
+
+def _attention_from_qk(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """Attention probabilities ``[H, T, T]`` from projected ``q`` ``[T, H, d]`` and ``k`` ``[T, KV, d]``."""
+    t = q.shape[0]
+    if spec.inv_freq is not None:
+        pos = torch.arange(t)
+        q, k = rope_rotate(q, pos, spec.inv_freq, spec.rope_scaling), rope_rotate(k, pos, spec.inv_freq, spec.rope_scaling)
+    k = k.repeat_interleave(spec.num_heads // spec.num_kv_heads, dim=1)
+    logits = torch.einsum("thd,shd->hts", q, k) / math.sqrt(spec.head_dim)
+    if spec.causal:
+        logits = logits.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return logits.softmax(-1)
+
+
+@torch.no_grad()
+def _pass_fp(model: Any, adapter: Any, chunks: torch.Tensor, spec: Optional[AttentionSpec], quiet: bool) -> dict:
+    """FP forward over the chunks: residual states, probe peaks, normalized inputs, attention maps."""
+    from tqdm.auto import tqdm
+
+    blocks = adapter.blocks()
+    n_layers = len(blocks)
+    cur: dict = {}
+    with HookManager() as hooks:
+        for i, block in enumerate(blocks):
+            hooks.forward(block, lambda m, inp, out, i=i: cur.setdefault("h", {}).__setitem__(
+                i, adapter.block_output(out)[0].detach().float().cpu()))
+            hooks.pre_forward(block.get_submodule(adapter.probe_name()), lambda m, inp, i=i: cur.setdefault(
+                "p", {}).__setitem__(i, token_peaks(inp[0][0]).float().cpu()))
+            if spec is not None:
+                hooks.pre_forward(spec.q[i], lambda m, inp, i=i: cur.setdefault("xa", {}).__setitem__(
+                    i, inp[0][0].detach().float().cpu()))
+                if spec.mlp_in is not None:
+                    hooks.pre_forward(spec.mlp_in[i], lambda m, inp, i=i: cur.setdefault("xm", {}).__setitem__(
+                        i, inp[0][0].detach().float().cpu()))
+        out = {"h": [], "peaks": [], "xa": [], "xm": [], "attn": [], "logits": []}
+        for ci in tqdm(range(chunks.shape[0]), desc="analyze: fp pass", disable=quiet, leave=False):
+            cur.clear()
+            logits, att = _forward(model, adapter, chunks[ci:ci + 1], attentions=True)
+            out["h"].append(torch.stack([cur["h"][i] for i in range(n_layers)]))
+            out["peaks"].append(torch.stack([cur["p"][i] for i in range(n_layers)]))
+            if spec is not None:
+                out["xa"].append(torch.stack([cur["xa"][i] for i in range(n_layers)]))
+                if "xm" in cur:
+                    out["xm"].append(torch.stack([cur["xm"][i] for i in range(n_layers)]))
+            out["attn"].append(None if att is None else [a.half() for a in att])  # half: 4 x 30 maps of T x T
+            out["logits"].append(logits)
+    out["h"] = torch.stack(out["h"], 1)  # [L, n, T, C]
+    out["peaks"] = torch.stack(out["peaks"], 1)  # [L, n, T]
+    out["xa"] = torch.stack(out["xa"], 1) if out["xa"] else None
+    out["xm"] = torch.stack(out["xm"], 1) if out["xm"] else None
+    return out
+
+
+def _sink_types(mask: torch.Tensor, k: int) -> torch.Tensor:
+    order = torch.cumsum(mask.long(), dim=-1) - 1
+    return torch.where(mask, order.clamp(max=k - 1), torch.full_like(order, -1))
+
+
+# ------------------------------------------------------------------------------------------
+def _section_spikes(fp: dict, alpha: float, token_text: Callable[[int, int], str], top_k: int = 3) -> dict:
+    h = fp["h"]  # [L, n, T, C]
+    n_layers, n, t, _ = h.shape
+    peaks = fp["peaks"]
+    reference = peaks.flatten(1).median(dim=1).values.clamp_min(1e-12)
+    ratios = peaks / reference.view(-1, 1, 1)
+    probe_max = ratios.flatten(1).max(dim=1).values
+    emergence = find_emergence_layer(probe_max, alpha)
+    sinks = ratios[emergence] > alpha if emergence is not None else torch.zeros(n, t, dtype=torch.bool)
+    counts = sinks.sum(1)
+    k_types = int(torch.mode(counts[counts > 0]).values) if bool((counts > 0).any()) else 1
+    layers, rows, sink_norm = [], [], []
+    ha = h.abs()
+    tok_peak, tok_chan = ha.max(dim=-1)  # [L, n, T]
+    for i in range(n_layers):
+        med = float(ha[i].flatten()[:: max(1, ha[i].numel() // 2_000_000)].median())
+        top = []
+        order = tok_peak[i].flatten().argsort(descending=True)[:top_k]
+        for flat in order.tolist():
+            c, p = divmod(flat, t)
+            top.append({"value": float(tok_peak[i, c, p]), "chunk": c, "token_position": p,
+                        "token": token_text(c, p), "channel": int(tok_chan[i, c, p]),
+                        "ratio_to_median": float(tok_peak[i, c, p]) / max(med, 1e-12)})
+        c0, p0 = top[0]["chunk"], top[0]["token_position"]
+        sink_norm.append(float(h[i][sinks].norm(dim=-1).mean()) if bool(sinks.any()) else 0.0)
+        layers.append({"layer": i, "top": top, "median_abs": med,
+                       "ratio_to_median": top[0]["ratio_to_median"],
+                       "channels_over_100x_on_top_token": int((ha[i, c0, p0] > 100 * med).sum()),
+                       "probe_top_ratio": float(probe_max[i]), "probe_reference": float(reference[i]),
+                       "sink_residual_norm": sink_norm[-1]})
+        for c in range(n):
+            for p in sinks[c].nonzero().flatten().tolist():
+                rows.append({"layer": i, "chunk": c, "token_position": p, "token": token_text(c, p),
+                             "channel": int(tok_chan[i, c, p]), "value": float(tok_peak[i, c, p]),
+                             "ratio_to_median": float(tok_peak[i, c, p]) / max(med, 1e-12)})
+    cancellation = find_cancellation_layer(torch.tensor(sink_norm), emergence) if emergence is not None else None
+    # heatmap data: per-token peak |h| of chunk 0, first positions
+    return {"emergence_layer": emergence, "cancellation_layer": cancellation, "alpha": alpha,
+            "num_template_types": k_types, "layers": layers, "sinks": rows,
+            "sink_positions": [sinks[c].nonzero().flatten().tolist() for c in range(n)],
+            "_mask": sinks, "_tok_peak0": tok_peak[:, 0].clone()}
+
+
+def _section_constant(fp: dict, sinks: torch.Tensor, k_types: int, gen: torch.Generator) -> dict:
+    out: dict = {}
+    types = _sink_types(sinks, k_types)
+    for key, name in (("xa", "attention_input"), ("xm", "mlp_input")):
+        x = fp.get(key)
+        if x is None:
+            continue
+        rows = []
+        for i in range(x.shape[0]):
+            xi = x[i]  # [n, T, C]
+            sem = xi[~sinks]
+            idx = torch.randperm(sem.shape[0], generator=gen)[:256]
+            sem_n = F.normalize(sem[idx], dim=-1)
+            sem_pair = float(((sem_n @ sem_n.T).sum() - len(idx)) / max(1, len(idx) * (len(idx) - 1)))
+            row: dict = {"layer": i, "semantic_pairwise_cosine": sem_pair, "types": []}
+            for k in range(k_types):
+                s = xi[types == k]
+                if s.shape[0] == 0:
+                    row["types"].append(None)
+                    continue
+                _, cos_mean, spread = template_statistics(s)
+                sn = F.normalize(s, dim=-1)
+                m = s.shape[0]
+                pair = float(((sn @ sn.T).sum() - m) / (m * (m - 1))) if m > 1 else float("nan")
+                row["types"].append({"count": m, "pairwise_cosine": pair, "cosine_to_template": cos_mean,
+                                     "relative_spread": spread})
+            rows.append(row)
+        out[name] = rows
+    return out
+
+
+@torch.no_grad()
+def _section_geometry(fp: dict, sinks: torch.Tensor, spec: AttentionSpec) -> tuple[dict, dict]:
+    """Sections 3 (projection geometry) and 4 (RoPE) from the stored FP normalized inputs."""
+    xa = fp["xa"]
+    n_layers, n, t, _ = xa.shape
+    H, KV, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    group = H // KV
+    acc: dict[str, list] = {}
+
+    def add(key: str, layer: int, value: torch.Tensor) -> None:
+        acc.setdefault(key, [[] for _ in range(n_layers)])[layer].append(value.float())
+
+    rope = spec.inv_freq is not None
+    for i in range(n_layers):
+        wv = spec.v[i].weight.detach().float().cpu() if getattr(spec.v[i], "weight", None) is not None else None
+        for c in range(n):
+            s = sinks[c]
+            if not bool(s.any()) or bool(s.all()):
+                continue
+            x = xa[i, c]
+            q = spec.q[i](x).float().view(t, H, d)
+            k = spec.k[i](x).float().view(t, KV, d)
+            v = spec.v[i](x).float().view(t, KV, d)
+            add("key_norm_ratio", i, norm_ratio(k, s))
+            add("value_norm_ratio", i, norm_ratio(v, s))
+            att = fp["attn"][c][i].float() if fp["attn"][c] is not None else _attention_from_qk(q, k, spec)
+            add("attention_share", i, attention_share(att, s))
+            first = int(s.nonzero()[0])
+            sem = ~s
+            sem[: first + 1] = False
+            kh = k.repeat_interleave(group, dim=1)  # [T, H, d]
+            k_sink = kh[first]  # [H, d]
+            qn = F.normalize(q[sem], dim=-1)  # [Ts, H, d]
+            add("query_alignment", i, (qn * F.normalize(k_sink, dim=-1)).sum(-1).mean(0))
+            ksem = F.normalize(kh[sem], dim=-1)
+            add("query_alignment_baseline", i, (qn.mean(0) * ksem.mean(0)).sum(-1))
+            if rope:
+                pos = torch.arange(t)
+                qr = F.normalize(rope_rotate(q, pos, spec.inv_freq), dim=-1)
+                kr = F.normalize(rope_rotate(kh, pos, spec.inv_freq), dim=-1)
+                add("query_alignment_rope", i, (qr[sem] * kr[first]).sum(-1).mean(0))
+                cosm = torch.einsum("thd,shd->hts", qr[sem], kr[sem])  # [H, Ts, Ts]
+                pos_s = pos[sem]
+                causal = pos_s.view(-1, 1) > pos_s.view(1, -1)
+                add("query_alignment_rope_baseline", i, (cosm * causal).sum((1, 2)) / causal.sum().clamp_min(1))
+            if wv is not None:
+                sink_gain, sem_gain, sink_low, sem_low, sink_null, sem_null = [], [], [], [], [], []
+                for g in range(KV):
+                    spec_s = value_spectrum(wv[g * d:(g + 1) * d], x[s])
+                    spec_t = value_spectrum(wv[g * d:(g + 1) * d], x[sem])
+                    sink_gain.append(spec_s["gain"].mean() / spec_t["gain"].mean().clamp_min(1e-12))
+                    sink_low.append(spec_s["low"].mean()), sem_low.append(spec_t["low"].mean())
+                    sink_null.append(spec_s["null"].mean()), sem_null.append(spec_t["null"].mean())
+                add("value_gain_ratio", i, torch.stack(sink_gain))
+                add("value_low_energy_sink", i, torch.stack(sink_low))
+                add("value_low_energy_semantic", i, torch.stack(sem_low))
+                add("value_null_fraction_sink", i, torch.stack(sink_null))
+                add("value_null_fraction_semantic", i, torch.stack(sem_null))
+            if rope:
+                add("rope_pair_energy_sink", i, pair_energy(k[first]))  # [KV, d/2]
+                add("rope_pair_energy_semantic", i, pair_energy(k[sem]).mean(0))
+                pos = torch.arange(t)
+                drift_s, drift_t = [], []
+                sem_idx = sem.nonzero().flatten()
+                sample = sem_idx[torch.linspace(0, len(sem_idx) // 2, 8).long().unique()]
+                for g in range(KV):
+                    qg = q[sem][:, g * group:(g + 1) * group].reshape(-1, d)
+                    qpos = pos[sem].repeat_interleave(group)
+                    drift_s.append(logit_drift(qg, qpos, k[first, g], first, spec.inv_freq).mean())
+                    ds = []
+                    for u in sample.tolist():
+                        later = pos[sem] > u
+                        qu = q[sem][later][:, g * group:(g + 1) * group].reshape(-1, d)
+                        ds.append(logit_drift(qu, pos[sem][later].repeat_interleave(group), k[u, g], u,
+                                              spec.inv_freq).mean())
+                    drift_t.append(torch.stack(ds).mean())
+                add("rope_logit_drift_sink", i, torch.stack(drift_s))
+                add("rope_logit_drift_semantic", i, torch.stack(drift_t))
+
+    def mean_of(key: str) -> list:
+        return [torch.stack(v).mean(0).tolist() if v else None for v in acc.get(key, [])]
+
+    geo_keys = ["key_norm_ratio", "attention_share", "query_alignment", "query_alignment_baseline",
+                "query_alignment_rope", "query_alignment_rope_baseline", "value_norm_ratio", "value_gain_ratio",
+                "value_low_energy_sink", "value_low_energy_semantic", "value_null_fraction_sink",
+                "value_null_fraction_semantic"]
+    geometry = {key: mean_of(key) for key in geo_keys if key in acc}
+    geometry["shape"] = {"heads": H, "kv_heads": KV, "head_dim": d}
+    rope_out: dict = {}
+    if rope:
+        inv = spec.inv_freq
+        period = (2 * math.pi / inv).tolist()
+        low = torch.tensor([p > t for p in period])
+        e_s, e_t = mean_of("rope_pair_energy_sink"), mean_of("rope_pair_energy_semantic")
+        rope_out = {
+            "pair_period_tokens": period, "context_tokens": t,
+            "pair_energy_sink": e_s, "pair_energy_semantic": e_t,
+            "low_frequency_share_sink": [None if e is None else torch.tensor(e)[:, low].sum(-1).tolist() for e in e_s],
+            "low_frequency_share_semantic": [None if e is None else torch.tensor(e)[:, low].sum(-1).tolist() for e in e_t],
+            "top4_pair_share_sink": [None if e is None else torch.tensor(e).sort(-1, descending=True).values[:, :4].sum(-1).tolist() for e in e_s],
+            "logit_drift_sink": mean_of("rope_logit_drift_sink"),
+            "logit_drift_semantic": mean_of("rope_logit_drift_semantic"),
+            "shifts": list(ROPE_SHIFTS),
+        }
+    return geometry, rope_out
+
+
+# ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _pass_variant(model: Any, adapter: Any, chunks: torch.Tensor, fp: dict, sinks: torch.Tensor,
+                  rot: Optional[torch.Tensor], crop: int, quiet: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    blocks = adapter.blocks()
+    n_layers = len(blocks)
+    cur: dict = {}
+    err_sem = [[] for _ in range(n_layers)]
+    err_sink = [[] for _ in range(n_layers)]
+    shares, crops, nll = [], None, []
+    with HookManager() as hooks:
+        for i, block in enumerate(blocks):
+            hooks.forward(block, lambda m, inp, out, i=i: cur.__setitem__(i, adapter.block_output(out)[0].detach().float().cpu()))
+        for c in tqdm(range(chunks.shape[0]), desc="analyze: quantized pass", disable=quiet, leave=False):
+            cur.clear()
+            logits, att = _forward(model, adapter, chunks[c:c + 1], attentions=True)
+            s = sinks[c]
+            for i in range(n_layers):
+                hq = cur[i] @ rot.T if rot is not None else cur[i]
+                err_sem[i].append((hq[~s] - fp["h"][i, c][~s]).pow(2).sum())
+                err_sink[i].append((hq[s] - fp["h"][i, c][s]).pow(2).sum() if bool(s.any()) else torch.tensor(0.0))
+            if att is not None:
+                shares.append(torch.stack([attention_share(a, s) for a in att]))
+                if c == 0:
+                    crops = torch.stack([a[:, :crop, :crop].mean(0) for a in att])
+            if logits is not None:
+                nll.append(F.cross_entropy(logits[:-1], chunks[c, 1:].to(logits.device), reduction="none"))
+    ref_sem = [sum(fp["h"][i, c][~sinks[c]].pow(2).sum() for c in range(chunks.shape[0])) for i in range(n_layers)]
+    ref_sink = [sum(fp["h"][i, c][sinks[c]].pow(2).sum() for c in range(chunks.shape[0])) for i in range(n_layers)]
+    out = {"hidden_error_semantic": [float((sum(err_sem[i]) / ref_sem[i].clamp_min(1e-30)).sqrt()) for i in range(n_layers)],
+           "hidden_error_sink": [float((sum(err_sink[i]) / ref_sink[i].clamp_min(1e-30)).sqrt()) if bool(sinks.any())
+                                 else None for i in range(n_layers)]}
+    if shares:
+        out["attention_share"] = torch.stack(shares).nanmean(0).tolist()  # [L, H]
+        out["_crop"] = crops
+    if nll:
+        out["perplexity"] = float(torch.cat(nll).mean().exp())
+    return out
+
+
+@torch.no_grad()
+def _collect_sink_inputs(model: Any, adapter: Any, spec: AttentionSpec, batches: list, emergence: int,
+                         reference: float, alpha: float, k_types: int) -> list:
+    """FP normalized attention inputs of the sinks of ``batches`` (detected as in the analysis), per layer and type."""
+    blocks = adapter.blocks()
+    cur: dict = {}
+    per_layer: list = [[[] for _ in range(k_types)] for _ in blocks]
+    with HookManager() as hooks:
+        hooks.pre_forward(blocks[emergence].get_submodule(adapter.probe_name()),
+                          lambda m, inp: cur.__setitem__("p", token_peaks(inp[0]).float().cpu()))
+        for i in range(len(blocks)):
+            hooks.pre_forward(spec.q[i], lambda m, inp, i=i: cur.__setitem__(i, inp[0].detach().float().cpu()))
+        for batch in batches:
+            cur.clear()
+            for b in range(batch.shape[0]):
+                _forward(model, adapter, batch[b:b + 1], attentions=False)
+                mask = (cur["p"][0] / reference) > alpha
+                types = _sink_types(mask, k_types)
+                for i in range(len(blocks)):
+                    for k in range(k_types):
+                        if bool((types == k).any()):
+                            per_layer[i][k].append(cur[i][0][types == k])
+    return [[torch.cat(v) if v else None for v in layer] for layer in per_layer]
+
+
+@torch.no_grad()
+def _section_transfer(calib_inputs: list, fp: dict, sinks: torch.Tensor, k_types: int, spec: AttentionSpec) -> dict:
+    """Templates from the calibration corpus (A) measured on the analysed corpus (B), per layer."""
+    types = _sink_types(sinks, k_types)
+    rows = []
+    for i, per_type in enumerate(calib_inputs):
+        row: dict = {"layer": i, "types": []}
+        for k in range(k_types):
+            a = per_type[k]
+            b = fp["xa"][i][types == k]
+            if a is None or b.shape[0] == 0:
+                row["types"].append(None)
+                continue
+            t_a, t_b = a.mean(0), b.mean(0)
+            kb, ka = spec.k[i](b).float(), spec.k[i](t_a.unsqueeze(0)).float()
+            vb, va = spec.v[i](b).float(), spec.v[i](t_a.unsqueeze(0)).float()
+            kin, vin = spec.k[i](t_b.unsqueeze(0)).float(), spec.v[i](t_b.unsqueeze(0)).float()
+            row["types"].append({
+                "calib_count": int(a.shape[0]), "eval_count": int(b.shape[0]),
+                "template_cosine_calib_vs_eval": float(F.cosine_similarity(t_a, t_b, dim=0)),
+                "eval_cosine_to_calib_template": float(F.cosine_similarity(b, t_a.unsqueeze(0), dim=-1).mean()),
+                "eval_cosine_to_eval_template": float(F.cosine_similarity(b, t_b.unsqueeze(0), dim=-1).mean()),
+                "input_rel_error": float(((b - t_a).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)).mean()),
+                "key_rel_error": float(((kb - ka).norm(dim=-1) / kb.norm(dim=-1).clamp_min(1e-12)).mean()),
+                "value_rel_error": float(((vb - va).norm(dim=-1) / vb.norm(dim=-1).clamp_min(1e-12)).mean()),
+                "key_rel_error_in_distribution": float(((kb - kin).norm(dim=-1) / kb.norm(dim=-1).clamp_min(1e-12)).mean()),
+                "value_rel_error_in_distribution": float(((vb - vin).norm(dim=-1) / vb.norm(dim=-1).clamp_min(1e-12)).mean()),
+            })
+        rows.append(row)
+    return {"layers": rows}
+
+
+def restoration_variants(recipe: Any) -> list[tuple[str, Any]]:
+    """``(label, recipe)`` pairs of section 5: the recipe with insertion, clamp-only, naive-static."""
+    from .config import SinkConfig, method_recipe
+
+    w_bits = recipe.weights.bits if recipe.weights else 8
+    a_bits = recipe.activations.bits if recipe.activations else 8
+    rotate = recipe.rotation.enabled
+    base = recipe if recipe.method == "insertquant" else method_recipe(
+        "insertquant+rotate" if rotate else "insertquant", recipe, w_bits=w_bits, a_bits=a_bits)
+    clamp = copy.deepcopy(base)
+    clamp.sinks = SinkConfig(**{**vars(base.sinks), "insert": False, "restore_residual": False})
+    naive = method_recipe("naive-static", recipe, w_bits=w_bits, a_bits=a_bits, rotate=rotate)
+    tag = f"W{w_bits}A{a_bits}"
+    return [(f"{base.display_method} {tag} (clamp + insert)", base),
+            (f"{base.display_method} {tag} clamp only (no insertion)", clamp),
+            (f"{naive.display_method} {tag}", naive)]
+
+
+# ------------------------------------------------------------------------------------------
+def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, recipe: Any = None,
+                  calib_batches: Optional[list] = None, token_text: Optional[Callable[[int, int], str]] = None,
+                  restoration: bool = True, crop: int = 32, quiet: bool = True,
+                  log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run every section on ``model`` (full precision, not modified) over ``chunks`` ``[n, T]``.
+
+    Args:
+        model: a supported full-precision model (eager attention for attention maps).
+        chunks: the analysed inputs, one forward per row.
+        alpha: sink threshold on the probe ratio (as the quantizer).
+        recipe: the quantization recipe of section 5 (its calibration batches are ``calib_batches``).
+        calib_batches: calibration batches (a different corpus for the transfer measurement).
+        token_text: ``(chunk, position) -> label`` for tables and heatmaps.
+        restoration: run section 5 (quantizes copies of the model).
+
+    Returns:
+        The ``figures`` dict (json-able except keys starting with ``_``).
+    """
+    start = time.time()
+    adapter = get_adapter(model)
+    spec = attention_spec(adapter)
+    token_text = token_text or (lambda c, p: str(p))
+    gen = torch.Generator().manual_seed(0)
+    log(f"section 1-4: full-precision pass over {chunks.shape[0]} x {chunks.shape[1]} tokens ...")
+    fp = _pass_fp(model, adapter, chunks, spec, quiet)
+    spikes = _section_spikes(fp, alpha, token_text)
+    sinks = spikes["_mask"]
+    k_types = spikes["num_template_types"]
+    figures: dict = {"model_class": type(model).__name__, "adapter": type(adapter).__name__,
+                     "num_layers": len(adapter.blocks()), "chunks": list(chunks.shape),
+                     "emergence_layer": spikes["emergence_layer"], "cancellation_layer": spikes["cancellation_layer"],
+                     "sinks": spikes["sinks"], "spikes": spikes, "notes": []}
+    figures["constant_vectors"] = _section_constant(fp, sinks, k_types, gen) if spec is not None else None
+    if spec is None:
+        figures["notes"].append(f"{type(adapter).__name__} gives no attention spec: sections 2-4 skipped")
+    elif not bool(sinks.any()):
+        figures["notes"].append(f"no token exceeds alpha={alpha:g} x the median token peak: no sinks, "
+                                "sections 3-5 have nothing to measure")
+    if spec is not None and bool(sinks.any()):
+        log("section 3-4: projection geometry and RoPE ...")
+        figures["geometry"], figures["rope"] = _section_geometry(fp, sinks, spec)
+    t_fp = time.time() - start
+    figures["seconds_fp_sections"] = round(t_fp, 1)
+    if restoration and recipe is not None and calib_batches and bool(sinks.any()):
+        import vtquant
+
+        res: dict = {"variants": {}, "calibration": getattr(recipe.calibration, "dataset", None)}
+        fp_nll = [F.cross_entropy(lg[:-1], chunks[c, 1:], reduction="none") for c, lg in enumerate(fp["logits"])
+                  if lg is not None]
+        res["fp_perplexity"] = float(torch.cat(fp_nll).mean().exp()) if fp_nll else None
+        res["fp_attention_share"] = figures.get("geometry", {}).get("attention_share")
+        res["_fp_crop"] = torch.stack([a[:, :crop, :crop].float().mean(0) for a in fp["attn"][0]]) if fp["attn"][0] else None
+        for label, rec in restoration_variants(recipe):
+            log(f"section 5: quantizing a copy with {label} ...")
+            t0 = time.time()
+            qmodel = copy.deepcopy(model)
+            report = vtquant.quantize_(qmodel, rec, calib_batches, quiet=quiet)
+            rot = residual_rotation(rec, fp["h"].shape[-1])
+            v = _pass_variant(qmodel, adapter.__class__(qmodel), chunks, fp, sinks, rot, crop, quiet)
+            v["report"] = report.to_dict()
+            v["rotated"] = rot is not None
+            v["seconds"] = round(time.time() - t0, 1)
+            res["variants"][label] = v
+            del qmodel
+        if spec is not None and spikes["emergence_layer"] is not None:
+            log("section 5: template transfer (calibration corpus -> analysed corpus) ...")
+            e = spikes["emergence_layer"]
+            calib_inputs = _collect_sink_inputs(model, adapter, spec, calib_batches, e,
+                                                spikes["layers"][e]["probe_reference"], alpha, k_types)
+            res["template_transfer"] = _section_transfer(calib_inputs, fp, sinks, k_types, spec)
+        figures["restoration"] = res
+    figures["seconds"] = round(time.time() - start, 1)
+    return figures
+
+
+def public(figures: Any) -> Any:
+    """``figures`` without the private (``_``-prefixed) tensors, json-able."""
+    if isinstance(figures, dict):
+        return {k: public(v) for k, v in figures.items() if not str(k).startswith("_")}
+    if isinstance(figures, (list, tuple)):
+        return [public(v) for v in figures]
+    if isinstance(figures, torch.Tensor):
+        return figures.tolist()
+    if isinstance(figures, float) and not math.isfinite(figures):
+        return None
+    return figures
+
+
+# ------------------------------------------------------------------------------------------
 def analyze_llm(model: Any, tokenizer: Any, name: str, args: Any, log: Callable[[str], None]) -> int:
-    from .data import load_text
+    """``vtquant analyze`` on a causal LM: figures.json, report.html (+ PNGs), summary.txt / summary.md."""
+    from .config import Recipe, method_recipe
+    from .data import load_text, sample_windows
     from .eval.perplexity import make_chunks
+    from .report import summary_text, write_report
 
     start = time.time()
-    ids = torch.tensor(tokenizer(load_text(args.text, quiet=args.quiet))["input_ids"])
+    quiet = getattr(args, "quiet", False)
+    ids = torch.tensor(tokenizer(load_text(args.text, quiet=quiet))["input_ids"])
     chunks = make_chunks(ids, args.seq_len, args.chunks)
-    log(f"analyzing {name} on {chunks.shape[0]} x {args.seq_len} tokens of {args.text} ...")
-    stats = spike_statistics(model, chunks, alpha=args.alpha)
+    recipe_path = getattr(args, "recipe", None)
+    if recipe_path:
+        from .recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
+    else:
+        recipe = method_recipe("insertquant+rotate", Recipe())
+    if getattr(args, "calib_text", None):
+        recipe.calibration.dataset = args.calib_text
+    windows = getattr(args, "calib_windows", None)
+    if windows:
+        recipe.calibration.num_samples = windows
+    cal = recipe.calibration
+    restoration = not getattr(args, "no_restoration", False)
+    calib_batches = None
+    if restoration:
+        cal_ids = torch.tensor(tokenizer(load_text(cal.dataset, quiet=quiet))["input_ids"])
+        calib_batches = list(torch.split(sample_windows(cal_ids, cal.seq_len, cal.num_samples, cal.seed),
+                                         cal.batch_size))
+    log(f"analyzing {name} on {chunks.shape[0]} x {args.seq_len} tokens of {args.text}"
+        + (f"; restoration with {recipe.display_method} calibrated on {cal.num_samples} x {cal.seq_len} tokens "
+           f"of {cal.dataset}" if restoration else ""))
 
     def token_text(chunk: int, pos: int) -> str:
         return tokenizer.decode([int(chunks[chunk, pos])])
 
-    for row in stats["sinks"]:
-        row["token_text"] = token_text(row["chunk"], row["token_position"])
-    table = format_spike_table(stats, token_text)
+    figures = analyze_model(model, chunks, alpha=args.alpha, recipe=recipe, calib_batches=calib_batches,
+                            token_text=token_text, restoration=restoration, quiet=quiet, log=log)
+    figures["model"] = name
+    figures["text"] = args.text
+    figures["recipe"] = recipe.to_dict()
+    import sys
+
+    figures["command"] = getattr(args, "command_line", None) or "vtquant " + " ".join(sys.argv[1:])
+    figures["seconds"] = round(time.time() - start, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = (f"# vtquant analyze: {name}\n\n{chunks.shape[0]} chunks x {args.seq_len} tokens of {args.text}; "
-              f"emergence layer {stats['emergence_layer']}, cancellation layer {stats['cancellation_layer']}; "
-              f"sink positions per chunk {stats['sink_positions']} (probe ratio > {args.alpha:g})\n\n")
-    atomic_write_text(out / "summary.md", header + table + "\n")
-    stats["model"], stats["text"], stats["seconds"] = name, args.text, round(time.time() - start, 1)
-    atomic_write_text(out / "figures.json", json.dumps(stats, indent=1))
-    _plot(stats, out / "spikes.png", f"{name}: {args.text}, {chunks.shape[0]}x{args.seq_len} tokens")
-    print(header + table)
-    print(f"\nwrote {out / 'summary.md'}, {out / 'figures.json'}, {out / 'spikes.png'}")
-    if args.results_file:
+    labels = [token_text(0, p) for p in range(min(64, chunks.shape[1]))]
+    write_report(figures, out, title=f"vtquant analyze: {name}", token_labels=labels)
+    text = summary_text(figures)
+    print(text)
+    print(f"\nwrote {out / 'report.html'}, {out / 'figures.json'}, {out / 'summary.txt'} and the PNGs beside them")
+    if getattr(args, "results_file", None):
         from .eval.results import Row, write_results
 
-        rows = [Row(name, "fp", None, None, None, None, f"layer{r['layer']}_top_abs", r["top_value"], 0.0)
-                for r in stats["layers"]]
-        write_results(args.results_file, rows, emergence_layer=stats["emergence_layer"],
-                      cancellation_layer=stats["cancellation_layer"])
+        rows = [Row(name, "fp", None, None, None, None, f"layer{r['layer']}_top_abs", r["top"][0]["value"], 0.0)
+                for r in figures["spikes"]["layers"]]
+        write_results(args.results_file, rows, emergence_layer=figures["emergence_layer"],
+                      cancellation_layer=figures["cancellation_layer"])
     return 0
