@@ -60,6 +60,8 @@ class QuantReport:
     layer_template_cosine: dict = field(default_factory=dict)
     layer_template_spread: dict = field(default_factory=dict)
     restore_layer: Optional[int] = None
+    type_names: list = field(default_factory=list)
+    protected_types: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -277,9 +279,15 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
     sink_flat = ratios[emergence_idx] > cfg.alpha
     known_flat = torch.cat([(m if m is not None else torch.zeros(s, dtype=torch.bool)).flatten()
                             for m, s in zip(known_masks, shape_bt)]) if known_kinds else None
+    fixed_types = adapter.known_sink_types(known_kinds)  # None: LLM-style types by order
     if known_flat is not None and bool(known_flat.any()):
         report.known_confirmed = float((sink_flat & known_flat).sum() / known_flat.sum())
-        if report.known_confirmed < 0.5:
+        if fixed_types is not None:  # vision: known tokens (CLS, registers) stay guarded; harmless if calm
+            if report.known_confirmed < 0.5:
+                report.notes.append(f"known sinks {known_kinds} carry the spike in only "
+                                    f"{100 * report.known_confirmed:.0f} % of their tokens: kept (full-precision "
+                                    "rows unless their inputs are constant)")
+        elif report.known_confirmed < 0.5:
             report.notes.append(f"known sinks {known_kinds} carry the spike in only "
                                 f"{100 * report.known_confirmed:.0f} % of inputs: not used")
             known_kinds = []
@@ -293,6 +301,13 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
         per_seq += [row.nonzero().flatten().tolist() for row in m.view(s)]
     counts = torch.tensor([len(p) for p in per_seq])
     k = int(torch.mode(counts[counts > 0]).values) if bool((counts > 0).any()) else 1
+    protected: list = []
+    if fixed_types is not None:  # one type per known token kind + one shared by content-detected sinks
+        k = len(fixed_types) + 1
+        state.num_known_types = len(fixed_types)
+        report.type_names = list(fixed_types) + ["content"]
+        protected = list(adapter.head_sink_types(known_kinds))
+        report.protected_types = protected
     report.num_types = k
     report.calib_sink_positions = per_seq
     state.num_types = k
@@ -322,6 +337,7 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
                  "emergence_layer": emergence, "cancellation_layer": cancellation,
                  "exclude_from_calibration": cfg.exclude_from_calibration,
                  "restore_layer": cancellation if (cfg.restore_residual and cancellation is not None) else None,
+                 "num_known_types": state.num_known_types, "protected_types": protected,
                  "guard_modes": {}}
     for (li, name), q in wrapped.items():
         if li >= first_guard:
@@ -376,7 +392,8 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
     for (li, name), q in wrapped.items():
         if q.guard is None:
             continue
-        stable = torch.tensor([type_cos.get((li, t), -1.0) >= cfg.template_min_cosine for t in range(k)])
+        stable = torch.tensor([type_cos.get((li, t), -1.0) >= cfg.template_min_cosine and t not in protected
+                               for t in range(k)])  # a token the head reads is never replaced
         if not cfg.insert:
             mode = "clamp"
         elif bool(stable.any()):
@@ -414,7 +431,7 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
                     mean, cos, _ = template_statistics(h[t == i])
                     restore.template[i] = mean.to(restore.template)
                     # restore only residual states that are (nearly) constant across inputs
-                    restore.restore_type[i] = cos >= cfg.template_min_cosine
+                    restore.restore_type[i] = cos >= cfg.template_min_cosine and i not in protected
                 else:
                     restore.restore_type[i] = False
             if not bool(restore.restore_type.any()):
@@ -430,6 +447,7 @@ def _install_sink_modules(adapter: Any, wrapped: dict, sink_plan: dict, state: S
                           hooks: HookManager, num_types: int) -> None:
     """Create detectors, guards and the residual restore of ``sink_plan``, sharing ``state``."""
     state.num_types = num_types
+    state.num_known_types = sink_plan.get("num_known_types")
     probe = adapter.probe_name()
     stage_of_layer = {layer: stage for stage, layer in sink_plan["stages"].items()}
     for (li, name), q in wrapped.items():

@@ -1,0 +1,145 @@
+"""transformers vision towers: CLIP / SigLIP (vision and text) and DINOv2 (with and without registers).
+
+Per-class knowledge in the small :data:`TOWERS` table (llm-compressor's mapping idea):
+where the blocks are, the probe Linear, and the prefix tokens.  All run batch-first.
+
+* ``CLIPVisionTransformer`` / ``CLIPVisionModel``: CLS at 0 (pooled: protected).
+* ``SiglipVisionTransformer`` / ``SiglipVisionModel``: no CLS (attention-pooling head
+  reads every token): content-based detection only.
+* ``CLIPTextTransformer`` / ``CLIPTextModel``: first token and the pooled end-of-text
+  token (argmax of the ids for legacy ``eos_token_id == 2``, else the first
+  ``eos_token_id``); ``SiglipTextTransformer``: the pooled last token.
+* ``Dinov2Model``: CLS at 0; ``Dinov2WithRegistersModel``: CLS then
+  ``num_register_tokens`` registers.
+
+A whole ``CLIPModel`` / ``SiglipModel`` is quantized tower by tower with
+:func:`vtquant.vision.quantize_clip_`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .base import UnsupportedModelError, register_adapter
+from .vision_common import VisionAdapter
+
+TOWERS = {
+    "CLIPVisionTransformer": {"kind": "vision", "cls": True},
+    "CLIPVisionModel": {"kind": "vision", "cls": True, "inner": "vision_model"},
+    "SiglipVisionTransformer": {"kind": "vision", "cls": False},
+    "SiglipVisionModel": {"kind": "vision", "cls": False, "inner": "vision_model"},
+    "Dinov2Model": {"kind": "dinov2", "cls": True},
+    "Dinov2WithRegistersModel": {"kind": "dinov2", "cls": True},
+    "CLIPTextTransformer": {"kind": "text", "pool": "clip"},
+    "CLIPTextModel": {"kind": "text", "pool": "clip", "inner": "text_model"},
+    "SiglipTextTransformer": {"kind": "text", "pool": "last"},
+    "SiglipTextModel": {"kind": "text", "pool": "last", "inner": "text_model"},
+}
+
+
+@register_adapter(*TOWERS)
+class HFVisionAdapter(VisionAdapter):
+    """Adapter for the transformers towers listed in :data:`TOWERS`."""
+
+    family = "hf-vision"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.spec = TOWERS[type(model).__name__]
+        self.tower = getattr(model, self.spec.get("inner", ""), None) or model  # transformers 5 flattened the wrappers
+        self.offers_registers = self.spec["kind"] == "dinov2"
+        if self.spec["kind"] == "dinov2":
+            self.layers = self.tower.encoder.layer
+        else:
+            self.layers = self.tower.encoder.layers
+
+    @property
+    def config(self) -> Any:
+        return self.tower.config
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def probe_name(self) -> str:
+        if self.spec["kind"] == "dinov2" and getattr(self.config, "use_swiglu_ffn", False):
+            return "mlp.weights_out"
+        return "mlp.fc2"
+
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    # --- known sinks ------------------------------------------------------------------
+    def prefix_kinds(self) -> list[tuple[str, str, int]]:
+        if self.spec["kind"] == "text":
+            return []
+        out = [("cls", "cls", 0)] if self.spec["cls"] else []
+        for r in range(int(getattr(self.config, "num_register_tokens", 0) or 0)):
+            out.append(("registers", f"register{r}", 1 + r))
+        return out
+
+    def known_sink_kinds(self) -> tuple[str, ...]:
+        if self.spec["kind"] == "text":
+            return ("first_token", "eot")
+        return super().known_sink_kinds()
+
+    def known_sink_types(self, kinds: list[str]) -> list[str]:
+        if self.spec["kind"] == "text":
+            return [k for k in ("first_token", "eot") if k in kinds]
+        return super().known_sink_types(kinds)
+
+    def head_sink_types(self, kinds: list[str]) -> list[int]:
+        if self.spec["kind"] == "text":
+            names = self.known_sink_types(kinds)
+            return [names.index("eot")] if "eot" in names else []
+        return super().head_sink_types(kinds)
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """The pooled token per row, as the transformers text tower pools."""
+        if self.spec["pool"] == "last":
+            return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+        eos = getattr(self.config, "eos_token_id", 2)
+        if eos == 2:
+            return ids.to(torch.int).argmax(dim=-1)
+        return (ids == eos).int().argmax(dim=-1)
+
+    def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
+        if self.spec["kind"] != "text":
+            return super().install_known_sinks(state, kinds, hooks)
+        self._check_kinds(kinds)
+        names = self.known_sink_types(kinds)
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if not names or ids is None:
+                state.reset(None)
+                return
+            b, t = ids.shape
+            known = torch.zeros(b, t, dtype=torch.bool, device=ids.device)
+            types = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
+            rows = torch.arange(b, device=ids.device)
+            if "first_token" in names:
+                known[:, 0], types[:, 0] = True, names.index("first_token")
+            if "eot" in names:
+                eot = self.eot_positions(ids)
+                known[rows, eot], types[rows, eot] = True, names.index("eot")
+            state.reset(known, known_types=types)
+
+        hooks.pre_forward(self.tower.embeddings, pre_hook, with_kwargs=True)
+
+    def forward(self, batch: Any) -> Any:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        device = next(self.model.parameters()).device
+        if self.spec["kind"] == "text":
+            return self.model(input_ids=x.to(device))
+        return self.model(pixel_values=x.to(device))
+
+
+@register_adapter("CLIPModel", "SiglipModel")
+class _HFTwoTowers(HFVisionAdapter):
+    def __init__(self, model: nn.Module) -> None:  # noqa: D107
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has two towers with separate sinks: quantize it with "
+            "vtquant.vision.quantize_clip_(model, recipe, images=..., texts=...), or one tower with "
+            "vtquant.quantize_(model.vision_model, recipe, calib=pixel_values)")

@@ -1,0 +1,162 @@
+"""open_clip CLIP: the visual and the text tower, each quantized on its own.
+
+* Layout: open_clip blocks run batch-first (``Transformer.batch_first=True``, the
+  default since open_clip 2.2x) or sequence-first (``[T, B, C]``, older releases and
+  models built with ``batch_first=False``); the adapter reads ``batch_first`` and
+  tells the core, whose masks stay ``[B, T]``.
+* Attention: ``nn.MultiheadAttention`` keeps q/k/v in ``in_proj_weight``.  The adapter
+  replaces it by :class:`~vtquant.adapters.vision_common.ExplicitMultiheadAttention`
+  (same outputs, explicit q/k/v/out Linears), so every matrix of a block is quantized;
+  :func:`~vtquant.adapters.vision_common.unquantized_weights` checks that nothing is left.
+* Known sinks: the visual CLS token (read by the head: protected); in the text tower
+  the first token (start-of-text) and the pooled end-of-text token (protected).
+
+A whole ``CLIP`` has two towers with separate sink mechanisms: quantize it with
+:func:`vtquant.vision.quantize_clip_`, which runs the core once per tower.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .base import UnsupportedModelError, register_adapter
+from .vision_common import VisionAdapter, make_attention_explicit_
+
+
+def _transformer_layout(transformer: nn.Module) -> str:
+    return "bsd" if getattr(transformer, "batch_first", True) else "sbd"
+
+
+def _prepare_tower(transformer: nn.Module) -> int:
+    """Explicit q/k/v Linears, and a cast dtype that does not read ``mlp.c_fc.weight``.
+
+    open_clip asks ``resblocks[0].get_weight_dtype()`` (``mlp.c_fc.weight.dtype``) for the cast
+    dtype; a quantized Linear keeps int8 codes instead of ``weight``, so the block answers with
+    its first LayerNorm's dtype (the model's float dtype) instead.
+    """
+    for block in transformer.resblocks:
+        if hasattr(block, "ln_1"):
+            block.get_weight_dtype = lambda block=block: block.ln_1.weight.dtype
+    return make_attention_explicit_(transformer)
+
+
+@register_adapter("open_clip.transformer.VisionTransformer")
+class OpenCLIPVisualAdapter(VisionAdapter):
+    """The image tower (``model.visual``) of an open_clip ``CLIP``."""
+
+    family = "open_clip-visual"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.token_layout = _transformer_layout(model.transformer)
+        self.replaced_attention = _prepare_tower(model.transformer)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.transformer.resblocks)
+
+    def probe_name(self) -> str:
+        return "mlp.c_proj"
+
+    def hidden_size(self) -> int:
+        return int(self.model.transformer.width)
+
+    def prefix_kinds(self) -> list[tuple[str, str, int]]:
+        return [("cls", "cls", 0)] if getattr(self.model, "class_embedding", None) is not None else []
+
+    def protected_type_names(self) -> set[str]:
+        return {"cls"} if getattr(self.model, "pool_type", "tok") == "tok" else set()
+
+
+def text_pool_positions(ids: torch.Tensor, pool_type: str, eos_id: Any = None) -> torch.Tensor:
+    """Position of the pooled (end-of-text) token per row, as open_clip's ``text_global_pool``."""
+    if pool_type == "argmax":
+        return ids.argmax(dim=-1)
+    if pool_type == "eos" and eos_id is not None:
+        return (ids == eos_id).int().argmax(dim=-1)
+    if pool_type == "first":
+        return torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+    return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+
+
+class OpenCLIPTextAdapter(VisionAdapter):
+    """The text tower of an open_clip ``CLIP`` (``transformer``, ``token_embedding``, ``ln_final``).
+
+    ``model`` is the ``CLIP`` itself (its text tower is not a module of its own) or a
+    ``TextTransformer`` (``CustomTextCLIP.text``).
+    """
+
+    family = "open_clip-text"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        if not hasattr(model, "token_embedding") or not hasattr(model, "transformer"):
+            raise ValueError(f"{type(model).__name__} has no open_clip text tower (token_embedding + transformer)")
+        self.token_layout = _transformer_layout(model.transformer)
+        self.replaced_attention = _prepare_tower(model.transformer)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.transformer.resblocks)
+
+    def probe_name(self) -> str:
+        return "mlp.c_proj"
+
+    def hidden_size(self) -> int:
+        return int(self.model.transformer.width)
+
+    def known_sink_kinds(self) -> tuple[str, ...]:
+        return ("first_token", "eot")
+
+    def _pool(self) -> tuple[str, Any]:
+        pool = getattr(self.model, "text_pool_type", None) or getattr(self.model, "pool_type", "argmax")
+        return pool, getattr(self.model, "eos_id", None)
+
+    def known_sink_types(self, kinds: list[str]) -> list[str]:
+        return [k for k in ("first_token", "eot") if k in kinds]
+
+    def head_sink_types(self, kinds: list[str]) -> list[int]:
+        names = self.known_sink_types(kinds)
+        return [names.index("eot")] if "eot" in names else []
+
+    def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
+        self._check_kinds(kinds)
+        names = self.known_sink_types(kinds)
+        pool, eos_id = self._pool()
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            ids = args[0]
+            if not names:
+                state.reset(None)
+                return
+            b, t = ids.shape
+            known = torch.zeros(b, t, dtype=torch.bool, device=ids.device)
+            types = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
+            rows = torch.arange(b, device=ids.device)
+            if "first_token" in names:
+                known[:, 0] = True
+                types[:, 0] = names.index("first_token")
+            if "eot" in names:
+                eot = text_pool_positions(ids, pool, eos_id)
+                known[rows, eot] = True
+                types[rows, eot] = names.index("eot")
+            state.reset(known, known_types=types)
+
+        hooks.pre_forward(self.model.token_embedding, pre_hook)
+
+    def forward(self, batch: Any) -> Any:
+        ids = batch[0] if isinstance(batch, (tuple, list)) else batch
+        device = next(self.model.parameters()).device
+        encode = getattr(self.model, "encode_text", None) or self.model
+        return encode(ids.to(device))
+
+
+@register_adapter("open_clip.model.CLIP", "open_clip.model.CustomTextCLIP")
+class _OpenCLIPTwoTowers(OpenCLIPVisualAdapter):
+    """A whole CLIP is two models for the core: say how to quantize it."""
+
+    def __init__(self, model: nn.Module) -> None:  # noqa: D107
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has two towers with separate sinks: quantize it with "
+            "vtquant.vision.quantize_clip_(model, recipe, images=..., texts=...), or one tower with "
+            "vtquant.quantize_(model.visual, recipe, calib=images)")
