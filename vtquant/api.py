@@ -50,11 +50,16 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Iterable, *, adapter: Any
     return report
 
 
-def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
+def save(model: nn.Module, path: Union[str, os.PathLike], *, compact_embeddings: Optional[str] = None) -> Path:
     """Save a quantized model: ``model.safetensors`` + ``vtquant.json`` (plan, recipe, model config, report).
 
     The directory is written to a temporary sibling and moved into place, so an
     interrupted save never leaves a half-written checkpoint.
+
+    Args:
+        compact_embeddings: ``None`` (default) stores every tensor as it is; ``"int8"`` (per-row
+            codes + scales) or ``"bf16"`` stores the full-precision embedding table and output head
+            compactly on disk (see :mod:`vtquant.storage`); :func:`load` restores float tables.
     """
     from safetensors.torch import save_model
 
@@ -65,7 +70,13 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        storage = None
+        if compact_embeddings is not None:
+            from .storage import save_compact
+
+            storage = save_compact(model, str(tmp / "model.safetensors"), compact_embeddings)
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         meta = {
             "format_version": FORMAT_VERSION,
             "adapter": type(handle.adapter).__name__,
@@ -74,6 +85,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> Path:
             "recipe_yaml": recipe_to_yaml(handle.recipe) if getattr(handle, "recipe", None) else None,
             "report": handle.report.to_dict() if handle.report else None,
         }
+        if storage is not None:
+            meta["storage"] = storage
         (tmp / "vtquant.json").write_text(json.dumps(meta, indent=1))
         if getattr(handle, "recipe", None):
             (tmp / "recipe.yaml").write_text(recipe_to_yaml(handle.recipe))
@@ -117,5 +130,10 @@ def load(path: Union[str, os.PathLike], *, device: Optional[str] = None) -> nn.M
         model.vtquant.recipe = recipe_from_dict(yaml.safe_load(meta["recipe_yaml"]))
     if device is not None:
         model.to(device)
-    load_model(model, str(path / "model.safetensors"), strict=True, device=device or "cpu")
+    if meta.get("storage"):
+        from .storage import load_compact
+
+        load_compact(model, str(path / "model.safetensors"), meta["storage"], device=device or "cpu")
+    else:
+        load_model(model, str(path / "model.safetensors"), strict=True, device=device or "cpu")
     return model.eval()
