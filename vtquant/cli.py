@@ -170,9 +170,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import analyze_llm
+    from .analyze import analyze_llm, analyze_vision, is_vision_spec
 
     log = _log(args)
+    if is_vision_spec(args.model):  # timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH or the DINOv2-S control
+        return analyze_vision(args, log)
     model, tok, name = _load(args, log, attn_implementation="eager")
     return analyze_llm(model, tok, name, args, log)
 
@@ -280,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=8,
                    help="calibration windows for the restoration section (default: %(default)s)")
     p.add_argument("--no-restoration", action="store_true", help="skip section 5 (no quantized copies)")
+    p.add_argument("--images", default=None, help="vision --model (timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH or "
+                   "control = the DINOv2-S asset): a folder of images (default: the bundled photos)")
+    p.add_argument("--num-images", type=int, default=6, help="vision: images analysed (default: %(default)s)")
+    p.add_argument("--calib-images", type=int, default=8,
+                   help="vision: other images calibrating the restoration section (default: %(default)s)")
+    p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint")

@@ -103,31 +103,81 @@ def make_plots(figures: dict, out: Path, token_labels: Optional[list] = None) ->
 
     # 1b. heatmap layer x token
     peak0 = spikes.get("_tok_peak0")
+    vision = figures.get("vision")
+    if vision and not token_labels:
+        token_labels = vision.get("labels")
     if peak0 is not None:
-        n_tok = min(64, peak0.shape[1])
+        n_tok = peak0.shape[1] if vision else min(64, peak0.shape[1])
         fig, ax = plt.subplots(figsize=(13, 5.5))
         im = ax.imshow(peak0[:, :n_tok].clamp_min(1e-3).log10().numpy(), aspect="auto", origin="lower", cmap="magma",
                        interpolation="nearest")
         fig.colorbar(im, ax=ax, label="log10 max_c |h|")
         if token_labels:
-            ax.set_xticks(range(n_tok))
-            ax.set_xticklabels([repr(t)[1:-1][:8] for t in token_labels[:n_tok]], rotation=90, fontsize=6)
-        ax.set_xlabel("token (first input, first positions)"), ax.set_ylabel("layer")
+            step = max(1, math.ceil(n_tok / 64))
+            ticks = list(range(0, n_tok, step))
+            if vision:  # every prefix token and every sink of the first image gets its tick
+                ticks = sorted(set(ticks) | set(range(vision["num_prefix"])) | set(spikes["sink_positions"][0]))
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([repr(token_labels[t])[1:-1][:8] for t in ticks], rotation=90, fontsize=6)
+        ax.set_xlabel("token (first image: prefix tokens, then patches (row,col))" if vision else
+                      "token (first input, first positions)"), ax.set_ylabel("layer")
         ax.set_title("per-token peak |h| of the residual stream (layer x token)")
         fig.tight_layout()
         paths["spike_heatmap"] = _save(fig, out / "spike_heatmap.png")
+
+    # 1c. vision: per-image patch grid of the peak |h| at the map layer, overlaid on the image
+    if vision and vision.get("_patch_maps") is not None:
+        maps = vision["_patch_maps"]
+        imgs = figures.get("_images")
+        n_img = min(8, maps.shape[0])
+        cols = min(4, n_img)
+        rows_ = math.ceil(n_img / cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(3.4 * cols, 3.6 * rows_), squeeze=False)
+        logm = maps[:n_img].clamp_min(1e-3).log10()
+        vmin, vmax = float(logm.min()), float(logm.max())
+        gh, gw = vision["grid"]
+        from matplotlib.patches import Rectangle
+
+        im = None
+        for j, ax in enumerate(axes.flatten()):
+            ax.axis("off")
+            if j >= n_img:
+                continue
+            h_img, w_img = vision["image_size"]
+            if imgs is not None:
+                ax.imshow(imgs[j].numpy(), extent=(0, w_img, h_img, 0))
+            im = ax.imshow(logm[j].numpy(), extent=(0, w_img, h_img, 0), cmap="magma", alpha=0.6 if imgs is not None
+                           else 1.0, vmin=vmin, vmax=vmax, interpolation="nearest")
+            for rc in vision["sink_patches"][j]:
+                r, c = rc
+                ax.add_patch(Rectangle((c * w_img / gw, r * h_img / gh), w_img / gw, h_img / gh, fill=False,
+                                       edgecolor="cyan", linewidth=1.5))
+            prefix = ", ".join(f"{p['label']} {_fmt(float(v), 3)}" for p, v in
+                               zip(vision["prefix"], vision["_prefix_values"][j].tolist()))
+            names = figures.get("input_names") or []
+            ax.set_title((f"{names[j]}\n" if j < len(names) else f"image {j}\n") + (prefix or "no prefix tokens"),
+                         fontsize=7)
+        if im is not None:
+            fig.colorbar(im, ax=axes.flatten().tolist(), fraction=0.02, pad=0.01, label="log10 max_c |h| (patch)")
+        fig.suptitle(f"{vision['map_quantity']}; cyan boxes: sink patches (alpha {figures['spikes']['alpha']:g})",
+                     fontsize=9)
+        paths["patch_maps"] = _save(fig, out / "patch_maps.png")
 
     # 2. constant vectors
     cv = figures.get("constant_vectors")
     if cv:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        tnames = spikes.get("type_names") or []
         for name, rows in cv.items():
             k_types = max((len(r["types"]) for r in rows), default=0)
             for k in range(k_types):
+                if not any(r["types"][k] for r in rows):
+                    continue
+                tn = tnames[k] if k < len(tnames) else f"type {k}"
                 pc = [r["types"][k]["pairwise_cosine"] if r["types"][k] else float("nan") for r in rows]
                 sp = [r["types"][k]["relative_spread"] if r["types"][k] else float("nan") for r in rows]
-                axes[0].plot(layers, pc, "o-", ms=3, label=f"sinks, {name}, type {k}")
-                axes[1].semilogy(layers, _pos(sp), "o-", ms=3, label=f"{name}, type {k}")
+                axes[0].plot(layers, pc, "o-", ms=3, label=f"sinks, {name}, {tn}")
+                axes[1].semilogy(layers, _pos(sp), "o-", ms=3, label=f"{name}, {tn}")
             axes[0].plot(layers, [r["semantic_pairwise_cosine"] for r in rows], "x:", label=f"semantic tokens, {name}")
         for ax in axes:
             _mark_layers(ax, figures)
@@ -355,17 +405,55 @@ def key_numbers(figures: dict) -> dict:
     return out
 
 
+def _per_type_cosines(figures: dict, name: str = "attention_input") -> dict:
+    """Sink type name -> span of the pairwise cosine across inputs over the active layers."""
+    rows = (figures.get("constant_vectors") or {}).get(name) or []
+    sel = _active_layers(figures)
+    names = figures["spikes"].get("type_names") or []
+    out = {}
+    for t, tn in enumerate(names):
+        vals = [rows[i]["types"][t]["pairwise_cosine"] for i in sel
+                if i < len(rows) and t < len(rows[i]["types"]) and rows[i]["types"][t]]
+        if vals:
+            out[tn] = _span(vals)
+    return out
+
+
 def summary_text(figures: dict) -> str:
     """A short plain-text summary of the measurements."""
     k = key_numbers(figures)
+    vision = figures.get("vision")
     positions = figures["spikes"]["sink_positions"]
-    lines = [f"vtquant analyze: {figures.get('model', figures['model_class'])} on {figures['chunks'][0]} x "
-             f"{figures['chunks'][1]} tokens of {figures.get('text', 'the given inputs')} ({figures.get('seconds')} s)",
+    if vision:
+        gh, gw = vision["grid"]
+        head = (f"vtquant analyze: {figures.get('model', figures['model_class'])} on {figures['chunks'][0]} images x "
+                f"{figures['chunks'][1]} tokens ({vision['num_prefix']} prefix + {gh}x{gw} patches) of "
+                f"{figures.get('text', 'the given images')} ({figures.get('seconds')} s)")
+        where = f"sink tokens per image {figures['spikes'].get('sink_tokens', positions)}"
+        top_tokens = sorted({figures['spikes']['layers'][i]['top'][0]['token'] for i in _active_layers(figures)})
+        at = f"token(s) {top_tokens}"
+    else:
+        head = (f"vtquant analyze: {figures.get('model', figures['model_class'])} on {figures['chunks'][0]} x "
+                f"{figures['chunks'][1]} tokens of {figures.get('text', 'the given inputs')} ({figures.get('seconds')} s)")
+        where = f"sink positions per input {positions}"
+        at = f"position(s) {k['top_positions']}"
+    lines = [head,
              f"1. spikes: emergence layer {figures['emergence_layer']}, cancellation layer {figures['cancellation_layer']} "
-             f"(layer i = output of block i); sink positions per input {positions}; in layers {k['active_layers']} "
-             f"top |h| {k['top_value']} in channel(s) {k['top_channels']} at position(s) {k['top_positions']}, "
+             f"(layer i = output of block i); {where}; in layers {k['active_layers']} "
+             f"top |h| {k['top_value']} in channel(s) {k['top_channels']} at {at}, "
              f"median |h| {k['median_abs']}, ratio {k['ratio_to_median']}"]
-    if "sink_pairwise_cosine_attention_input" in k:
+    if figures["emergence_layer"] is None:
+        ratios = [r["probe_top_ratio"] for r in figures["spikes"]["layers"]]
+        j = max(range(len(ratios)), key=lambda i: ratios[i])
+        lines.append(f"   no massive activations: the largest MLP second-linear input token peak is {_fmt(ratios[j])}x the "
+                     f"median token peak (layer {j}), below alpha = {figures['spikes']['alpha']:g}: no sinks, "
+                     "emergence layer None")
+    if vision and "sink_pairwise_cosine_attention_input" in k:
+        per_type = _per_type_cosines(figures) or {"no sinks": "-"}
+        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' normalized attention inputs, pairwise "
+                     "cosine across images per sink type: " + "; ".join(f"{n} {v}" for n, v in per_type.items())
+                     + f" (non-sink tokens {k['semantic_pairwise_cosine_attention_input']})")
+    elif "sink_pairwise_cosine_attention_input" in k:
         lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' normalized attention inputs, pairwise "
                      f"cosine across inputs {k['sink_pairwise_cosine_attention_input']} (semantic tokens "
                      f"{k['semantic_pairwise_cosine_attention_input']}); template relative spread "
@@ -380,19 +468,27 @@ def summary_text(figures: dict) -> str:
                      f"{k.get('value_low_energy_sink', '-')} (semantic {k.get('value_low_energy_semantic', '-')}), "
                      f"null-space fraction {k.get('value_null_fraction_sink', '-')} (semantic "
                      f"{k.get('value_null_fraction_semantic', '-')})")
+    if figures.get("rope_skipped"):
+        lines.append(f"4. RoPE: skipped: {figures['rope_skipped']}")
     if "rope_low_frequency_share_sink" in k:
         lines.append(f"4. RoPE: sink key energy in low-frequency pairs (period > context) "
                      f"{k['rope_low_frequency_share_sink']} (semantic {k['rope_low_frequency_share_semantic']}); "
                      f"logit change when the key moves {k['rope_logit_drift_sink']} nats (semantic "
                      f"{k['rope_logit_drift_semantic']})")
     if "variants" in k:
-        lines.append(f"5. restoration (calibrated on {figures['restoration'].get('calibration')}; fp perplexity "
-                     f"{_fmt(k['fp_perplexity'], 4)} on the analysed chunks):")
+        if vision:
+            lines.append(f"5. restoration (calibrated on {figures['restoration'].get('calibration')}; hidden-state error "
+                         "vs FP on the analysed images):")
+        else:
+            lines.append(f"5. restoration (calibrated on {figures['restoration'].get('calibration')}; fp perplexity "
+                         f"{_fmt(k['fp_perplexity'], 4)} on the analysed chunks):")
         for label, v in k["variants"].items():
-            lines.append(f"   {label}: perplexity {_fmt(v['perplexity'], 4)}; hidden error semantic max "
+            lines.append(f"   {label}: " + ("" if vision else f"perplexity {_fmt(v['perplexity'], 4)}; ")
+                         + "hidden error semantic max "
                          f"{_fmt(v['hidden_error_semantic_max'])} (last layer {_fmt(v['hidden_error_semantic_last'])}), "
-                         f"sink max {_fmt(v['hidden_error_sink_max'])}; attention share on sinks |diff| max "
-                         f"{_fmt(v.get('attention_share_max_abs_diff'))} mean {_fmt(v.get('attention_share_mean_abs_diff'))}")
+                         f"sink max {_fmt(v['hidden_error_sink_max'])}"
+                         + (f"; attention share on sinks |diff| max {_fmt(v.get('attention_share_max_abs_diff'))} mean "
+                            f"{_fmt(v.get('attention_share_mean_abs_diff'))}" if not vision else ""))
         if "transfer_key_rel_error" in k:
             lines.append(f"   template transfer (layers {k['active_layers']}): cosine of analysed-text sinks to the "
                          f"calibration template {k['transfer_eval_cosine_to_calib_template']}; key rel. error "
@@ -443,6 +539,7 @@ def _img(path: Optional[Path], alt: str) -> str:
 
 def render_html(figures: dict, plots: dict, title: str) -> str:
     k = key_numbers(figures)
+    vision = figures.get("vision")
     parts = [f"<h1>{html.escape(title)}</h1>",
              "<p class=meta>" + html.escape(f"{figures['model_class']} ({figures['adapter']}), {figures['num_layers']} "
                                             f"layers; {figures['chunks'][0]} inputs x {figures['chunks'][1]} tokens of "
@@ -456,6 +553,23 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
     h, text = SECTION_TEXT["spikes"]
     parts += [f"<h2>{h}</h2><p>{html.escape(text)}</p>", _img(plots.get("spikes"), "spikes"),
               _img(plots.get("spike_heatmap"), "heatmap")]
+    if vision:
+        gh, gw = vision["grid"]
+        parts.append("<p>" + html.escape(
+            f"Tokens: {', '.join(p['label'] for p in vision['prefix']) or 'no prefix tokens'} then {gh} x {gw} patches "
+            f"labelled (row, col) in the order the patch embedding flattens them (token layout "
+            f"{vision['token_layout']}). Patch grids below: {vision['map_quantity']}, on a log scale, overlaid on the "
+            "model's input image (min-max scaled for display); sink patches boxed; the prefix tokens' values in "
+            "each title.") + "</p>")
+        parts.append(_img(plots.get("patch_maps"), "patch maps"))
+        if figures["emergence_layer"] is None:
+            ratios = [r["probe_top_ratio"] for r in figures["spikes"]["layers"]]
+            j = max(range(len(ratios)), key=lambda i: ratios[i])
+            parts.append("<p><b>" + html.escape(
+                f"No massive activations in this model on these images: the largest MLP second-linear input token "
+                f"peak is {_fmt(ratios[j])}x the median token peak (layer {j}), below alpha = "
+                f"{figures['spikes']['alpha']:g}. No sinks, emergence layer None; sections 3 and the template "
+                "transfer have nothing to measure.") + "</b></p>")
     rows = []
     for r in figures["spikes"]["layers"]:
         t = r["top"][0]
@@ -482,6 +596,16 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
         heads = ["layer"]
         for name in cv:
             heads += [f"{name}: sink cos", f"{name}: spread", f"{name}: semantic cos"]
+        if vision:  # one column pair per sink type (CLS, registers, content patches)
+            names = figures["spikes"].get("type_names") or []
+            ai = cv.get("attention_input") or first
+            used = [t for t in range(len(names)) if any(t < len(r["types"]) and r["types"][t] for r in ai)]
+            heads = ["layer"] + [f"{names[t]}: {x}" for t in used for x in ("count", "pairwise cos", "spread")] + \
+                ["non-sink pairwise cos"]
+            rows = [[r["layer"]] + [c for t in used for c in (
+                (r["types"][t]["count"], _fmt(r["types"][t]["pairwise_cosine"]), _fmt(r["types"][t]["relative_spread"]))
+                if r["types"][t] else ("-", "-", "-"))] + [_fmt(r["semantic_pairwise_cosine"])] for r in ai]
+            parts.append("<p>Attention input per sink type:</p>")
         parts.append(_table(heads, rows))
     # 3
     geo = figures.get("geometry")
@@ -496,6 +620,8 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
                 for i in range(figures["num_layers"])]
         parts.append("<p>Per layer, mean over heads (per-head values in figures.json):</p>" + _table(["layer"] + keys, rows))
     # 4
+    if figures.get("rope_skipped") and not figures.get("rope"):
+        parts.append(f"<h2>{SECTION_TEXT['rope'][0]}</h2><p>Skipped: " + html.escape(figures["rope_skipped"]) + "</p>")
     if figures.get("rope"):
         h, text = SECTION_TEXT["rope"]
         parts += [f"<h2>{h}</h2><p>{html.escape(text)}</p>", _img(plots.get("rope"), "rope")]
