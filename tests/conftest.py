@@ -1,4 +1,15 @@
 """Shared pytest configuration."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model tests run on one thread: fastest there, and immune to CPU contention."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def pytest_configure(config):

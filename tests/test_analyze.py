@@ -28,12 +28,7 @@ from sinkmodels import SINK_ID, SPIKE_CHANNEL, SPIKE_VALUE, implanted_decoder, t
 EMERGENCE, CANCELLATION = 2, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ import visionmodels as vm
 PAINTED = [[1, 6], [], [15], [0, 5, 10]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 def _labels(painted, prefix):

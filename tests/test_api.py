@@ -16,12 +16,7 @@ from vtquant.config import Recipe, SinkConfig, method_recipe
 from sinkmodels import implanted_decoder, token_batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 @pytest.fixture(scope="module")

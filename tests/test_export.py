@@ -28,12 +28,7 @@ EXACT = 1e-5
 MIN_EXACT_SHARE = 0.97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 @pytest.fixture(scope="module")

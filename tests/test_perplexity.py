@@ -16,12 +16,7 @@ from vtquant.eval.results import Row, format_table, row_for, write_results
 REQUIRED_KEYS = {"model", "method", "w_bits", "a_bits", "act_granularity", "static", "metric", "value", "seconds"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 @pytest.fixture(scope="module")

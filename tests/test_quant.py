@@ -14,12 +14,7 @@ from vtquant.core.quant import ActQuantizer, QuantLinear, dequantize_weight, qua
 from sinkmodels import SINK_ID, implanted_decoder, token_batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 def _weights(out_f: int = 16, in_f: int = 64, seed: int = 0) -> torch.Tensor:

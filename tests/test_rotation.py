@@ -19,12 +19,7 @@ HADAMARD_ORDERS = [12, 20, 24, 48, 64, 72, 576, 1536, 768]
 NO_CONSTRUCTION = [86, 172]  # 2*43, 4*43: no Sylvester x Paley factorisation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 @pytest.mark.parametrize("n", HADAMARD_ORDERS)

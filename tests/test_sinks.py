@@ -23,13 +23,7 @@ from sinkmodels import SINK_ID, implanted_decoder, token_batches
 MIXED_POSITIONS = ((0,), (0, 5), (3,), (7, 12))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is fastest and immune to CPU contention from other processes
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 @pytest.fixture(scope="module")

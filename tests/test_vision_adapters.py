@@ -23,12 +23,7 @@ from vtquant.vision import clip_towers, quantize_clip_
 import visionmodels as vm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 def _pooled_timm(m, x):

@@ -11,12 +11,7 @@ from vtquant.cli import main
 from test_vision_eval import make_flickr_fixture, make_imagenet_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 def test_cli_eval_imagenet_timm(tmp_path, capsys):
