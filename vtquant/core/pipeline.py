@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import ActArgs, ConfigError, Recipe, WeightArgs
 from .hooks import HookManager
-from .quant import QuantLinear, quantize_weight
+from .quant import QuantLinear
 from .rotation import random_hadamard_factors, rotate_model_
 from .sinks import (SinkDetector, SinkState, choose_stage1, find_cancellation_layer,
                     find_emergence_layer, token_peaks)
@@ -207,12 +207,7 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
     # 3. quantize weights
     if recipe.weights is not None:
         for qlin in wrapped.values():
-            codes, scale = quantize_weight(qlin.weight, recipe.weights)
-            qlin.weight = None
-            qlin.register_buffer("qweight", codes)
-            qlin.register_buffer("w_scale", scale)
-            qlin.w_bits, qlin.w_granularity = recipe.weights.bits, recipe.weights.granularity
-            qlin._w_cache = None
+            qlin.quantize_weights_(recipe.weights)
 
     # 4. activations
     if recipe.activations is not None:

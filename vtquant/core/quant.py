@@ -193,6 +193,15 @@ class QuantLinear(nn.Module):
     def has_input_rotation(self) -> bool:
         return self.rot_signs is not None
 
+    def quantize_weights_(self, args: WeightArgs) -> None:
+        """Replace the full-precision weight by RTN int8 codes + scales (in place)."""
+        codes, scale = quantize_weight(self.weight, args)
+        self.weight = None
+        self.register_buffer("qweight", codes)
+        self.register_buffer("w_scale", scale)
+        self.w_bits, self.w_granularity = args.bits, args.granularity
+        self._w_cache = None
+
     def dequantized_weight(self) -> torch.Tensor:
         if self.weight is not None:
             return self.weight

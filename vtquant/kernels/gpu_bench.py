@@ -156,14 +156,7 @@ def _static_layer(layer: SynthLayer, backend: str, calib: torch.Tensor, state: S
         fake.guard.recorder = None
         fake.guard.template_out[0] = sink_inputs.mean(0) @ fake.weight.detach().float().T
         fake.guard.mode = "template"
-        # weights to int8 codes now (the calibration pass ran with full-precision weights)
-        from ..core.quant import quantize_weight
-
-        codes, scale = quantize_weight(fake.weight, WeightArgs(bits=8))
-        fake.weight = None
-        fake.register_buffer("qweight", codes)
-        fake.register_buffer("w_scale", scale)
-        fake.w_bits, fake.w_granularity = 8, "per-channel"
+        fake.quantize_weights_(WeightArgs(bits=8))  # the calibration pass ran with full-precision weights
         real = RealQuantLinear(fake, backend)
         setattr(layer, name, real.to(calib.device))
     return layer
