@@ -9,7 +9,7 @@ from vtquant.cli import build_parser, main
 def test_every_subcommand_takes_quiet_and_results_file():
     parser = build_parser()
     for argv in (["demo"], ["analyze"], ["quantize", "--recipe", "r.yaml", "--out", "o"], ["eval", "perplexity"],
-                 ["bench"], ["assets"]):
+                 ["bench"], ["assets"], ["compare"]):
         args = parser.parse_args(argv + ["--quiet", "--results-file", "x.json"])
         assert args.quiet and args.results_file == "x.json"
 

@@ -1,4 +1,4 @@
-"""The ``vtquant`` command: demo, analyze, quantize, eval, assets.
+"""The ``vtquant`` command: demo, compare, analyze, quantize, eval, assets.
 
 Every subcommand shows progress on long work (tqdm), takes ``--quiet`` and
 ``--results-file F`` (JSON ``{"rows": [...]}``, written atomically).
@@ -72,8 +72,44 @@ def _load(args: argparse.Namespace, log, **kwargs):
     return model, tok, name
 
 
-def _compare(args: argparse.Namespace, settings, title: str) -> int:
-    from .eval.results import format_table, write_results
+COMPARE_METHODS = "fp,naive-static,dynamic-token,smoothquant,prefix,rotate,insertquant,insertquant+rotate"
+
+
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    """``"W8A8,W4A8"`` -> ``[(8, 8), (4, 8)]``."""
+    import re
+
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        m = re.fullmatch(r"[wW](\d+)[aA](\d+)", part)
+        if not m:
+            raise ValueError(f"--settings: {part!r} is not of the form W8A8")
+        out.append((int(m.group(1)), int(m.group(2))))
+    if not out:
+        raise ValueError("--settings: give at least one setting, e.g. W8A8")
+    return out
+
+
+def compare_settings(methods: str, settings: str) -> list[tuple[str, int, int]]:
+    """Methods x bit settings (``fp`` once, first)."""
+    from .config import METHOD_NAMES, ConfigError
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHOD_NAMES]
+    if bad:
+        raise ConfigError(f"--methods: unknown {bad}; choose from {list(METHOD_NAMES)}")
+    try:
+        bits = parse_settings(settings)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    out = [("fp", 8, 8)] if "fp" in names else []
+    for w, a in bits:
+        out += [(m, w, a) for m in names if m != "fp"]
+    return out
+
+
+def _compare(args: argparse.Namespace, settings, title: str, compare: bool = False) -> int:
+    from .eval.results import format_compare_table, format_table, plot_compare, write_results
     from .llm import prepare_text, run_methods
 
     log = _log(args)
@@ -87,9 +123,15 @@ def _compare(args: argparse.Namespace, settings, title: str) -> int:
     rows, results = run_methods(model, setup, base, settings, name, quiet=args.quiet, log=log)
     fp = next((r.value for r in rows if r.method == "fp"), None)
     print(f"\n{title}: {name}; {setup.protocol}; calibration: {setup.calib_desc}")
-    print(format_table(rows, reference=fp))
+    print(format_compare_table(rows, reference=fp) if compare else format_table(rows, reference=fp))
     total = time.time() - start
     print(f"total {total:.0f} s")
+    if compare:
+        print("peak RSS: whole-process VmHWM while the method ran (reset through /proc/self/clear_refs), "
+              "including the full-precision reference model")
+    if compare and getattr(args, "plot", None):
+        plot_compare(rows, args.plot, title=f"{name}: {setup.protocol.split(' (')[0]}")
+        log(f"wrote {args.plot}")
     if args.results_file:
         write_results(args.results_file, rows, protocol=setup.protocol, calibration=setup.calib_desc,
                       total_seconds=round(total, 1),
@@ -106,6 +148,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         return run_vision_demo(args)
     return _compare(args, DEMO_SETTINGS, "vtquant demo")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Methods x bit settings side by side: one table, JSON rows, a PNG bar chart."""
+    return _compare(args, compare_settings(args.methods, args.settings), "vtquant compare", compare=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -268,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision", action="store_true",
                    help="run the vision control instead: DINOv2-S (asset dinov2-s-imgfocus), FP vs W8A8 on bundled photos")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="the peers side by side: methods x bit settings, one table + JSON + PNG")
+    _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
+    p.add_argument("--methods", default=COMPARE_METHODS, help="comma-separated methods (default: %(default)s)")
+    p.add_argument("--settings", default="W8A8", help="comma-separated bit settings, e.g. W8A8,W4A8,W8A6 "
+                   "(default: %(default)s)")
+    p.add_argument("--recipe", default=None, help="base recipe: calibration, sinks, smoothquant_alpha, ignore "
+                   "(default: the built-in defaults)")
+    p.add_argument("--plot", default=None, help="write a PNG bar chart of perplexity to this file")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("analyze", help="measure the sink mechanism and its restoration: report.html, figures.json, summary")
     _model_args(p), _common(p)

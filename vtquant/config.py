@@ -12,8 +12,13 @@ from typing import Any, Optional
 
 RECIPE_VERSION = 1
 
-METHODS = ("fp", "naive-static", "dynamic-token", "insertquant")
-"""Method names (``insertquant`` + ``rotation.enabled`` is reported as ``insertquant+rotate``)."""
+METHODS = ("fp", "naive-static", "dynamic-token", "insertquant", "smoothquant", "prefix")
+"""Method names stored in recipes (``insertquant`` + ``rotation.enabled`` is reported as
+``insertquant+rotate``; ``naive-static`` + ``rotation.enabled`` is reported as ``rotate``)."""
+
+METHOD_NAMES = ("fp", "naive-static", "dynamic-token", "smoothquant", "prefix", "rotate", "insertquant",
+                "insertquant+rotate")
+"""Names accepted by :func:`method_recipe` (the peers of METHOD.md side by side)."""
 
 
 class ConfigError(ValueError):
@@ -186,6 +191,8 @@ class Recipe:
         rotation: rotation (any method may use it).
         calibration: calibration data.
         ignore: module names (suffix match) left in full precision.
+        smoothquant_alpha: migration strength of ``smoothquant`` (SmoothQuant's alpha, in [0, 1]):
+            s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j; ignored by other methods.
     """
 
     version: int = RECIPE_VERSION
@@ -198,6 +205,7 @@ class Recipe:
     rotation: RotationConfig = field(default_factory=RotationConfig)
     calibration: CalibConfig = field(default_factory=CalibConfig)
     ignore: list = field(default_factory=lambda: ["lm_head"])
+    smoothquant_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or self.version != RECIPE_VERSION:
@@ -213,13 +221,19 @@ class Recipe:
         if self.method == "dynamic-token" and self.activations is not None:
             if self.activations.granularity != "per-token" or self.activations.static:
                 raise ConfigError("method dynamic-token needs activations.granularity: per-token and static: false")
-        if self.method in ("naive-static", "insertquant") and self.activations is not None:
+        if (isinstance(self.smoothquant_alpha, bool) or not isinstance(self.smoothquant_alpha, (int, float))
+                or not (0.0 <= float(self.smoothquant_alpha) <= 1.0)):
+            raise ConfigError(f"recipe.smoothquant_alpha = {self.smoothquant_alpha!r}: use a number in [0, 1] "
+                              "(SmoothQuant's default: 0.5)")
+        if self.method in ("naive-static", "insertquant", "smoothquant", "prefix") and self.activations is not None:
             if self.activations.granularity != "per-tensor" or not self.activations.static:
                 raise ConfigError(f"method {self.method} needs per-tensor static activations")
 
     @property
     def display_method(self) -> str:
-        """Method name as reported in results (``insertquant+rotate`` when rotated)."""
+        """Method name as reported in results (``insertquant+rotate`` / ``rotate`` when rotated)."""
+        if self.rotation.enabled and self.method == "naive-static":
+            return "rotate"
         if self.rotation.enabled and self.method != "fp":
             return f"{self.method}+rotate"
         return self.method
@@ -242,16 +256,20 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
     """Derive the recipe of a named method from a base recipe (same calibration and ignore list).
 
     Args:
-        method: ``fp``, ``naive-static``, ``dynamic-token``, ``insertquant`` or ``insertquant+rotate``.
+        method: one of :data:`METHOD_NAMES`: ``fp``, ``naive-static``, ``dynamic-token``, ``smoothquant``
+            (alpha from ``base.smoothquant_alpha``), ``prefix``, ``rotate`` (naive-static with the QuaRot-style
+            rotation, no sink handling), ``insertquant`` or ``insertquant+rotate``.
         base: recipe whose calibration, sinks and weight settings are reused.
         w_bits: weight bits.
         a_bits: activation bits.
         rotate: also rotate (implied by ``insertquant+rotate``).
     """
+    if method == "rotate":
+        method, rotate = "naive-static", True
     if method.endswith("+rotate"):
         method, rotate = method[: -len("+rotate")], True
     if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS) + ['insertquant+rotate']}")
+        raise ConfigError(f"unknown method {method!r}; choose one of {list(METHOD_NAMES)}")
     weights = None if method == "fp" else WeightArgs(
         bits=w_bits,
         granularity=(base.weights or WeightArgs()).granularity,
@@ -267,8 +285,10 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
     rotation = copy.deepcopy(base.rotation)
     rotation.enabled = rotate and method != "fp"
     sinks = copy.deepcopy(base.sinks)
+    label = "rotate" if (method == "naive-static" and rotation.enabled) else (
+        f"{method}{'+rotate' if rotation.enabled else ''}")
     return Recipe(
-        name=f"{method}{'+rotate' if rotation.enabled else ''}-w{w_bits}a{a_bits}",
+        name=f"{label}-w{w_bits}a{a_bits}",
         model=base.model,
         method=method,
         weights=weights,
@@ -277,4 +297,5 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
         rotation=rotation,
         calibration=copy.deepcopy(base.calibration),
         ignore=list(base.ignore),
+        smoothquant_alpha=base.smoothquant_alpha,
     )

@@ -7,6 +7,7 @@ same evaluation chunks (Austen by default: a different text, on purpose).
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -61,12 +62,41 @@ class MethodResult:
     eval_seconds: float
     report: Any = None
     model: Any = field(default=None, repr=False)
+    peak_rss_mb: Optional[float] = None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak resident set (Linux ``/proc/self/clear_refs`` = 5); False if not possible."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> Optional[float]:
+    """The process's peak resident set since the last reset (``VmHWM`` of ``/proc/self/status``), MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, settings: list[tuple[str, int, int]],
                 model_name: str, quiet: bool = False, log: Callable[[str], None] = print,
                 keep_models: bool = False) -> tuple[list[Row], list[MethodResult]]:
     """Quantize a copy of ``fp_model`` per ``(method, w_bits, a_bits)`` and measure perplexity.
+
+    Each row's extra fields: ``calib_seconds`` (copy + calibrate + quantize), ``eval_seconds`` and
+    ``peak_rss_mb``: the peak resident memory of the whole process while that method ran (VmHWM
+    after a reset through /proc/self/clear_refs; it includes the full-precision reference model
+    held for all methods; ``None`` where /proc is not available).
 
     Returns:
         Result rows (metric ``perplexity``) and the per-method details.
@@ -77,8 +107,9 @@ def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, setti
     for method, w_bits, a_bits in settings:
         recipe = None if method == "fp" else method_recipe(method, base, w_bits=w_bits, a_bits=a_bits)
         label = "fp" if recipe is None else f"{recipe.display_method} W{w_bits}A{a_bits}"
-        model = fp_model if recipe is None else copy.deepcopy(fp_model)
+        can_reset = reset_peak_rss()
         t0 = time.time()
+        model = fp_model if recipe is None else copy.deepcopy(fp_model)
         report = None
         if recipe is not None:
             report = api.quantize_(model, recipe, setup.calib_batches, quiet=quiet)
@@ -86,11 +117,13 @@ def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, setti
         t1 = time.time()
         ppl = perplexity(model, setup.eval_chunks, quiet=quiet, desc=f"eval {label}")
         eval_s = time.time() - t1
+        peak = peak_rss_mb() if can_reset else None
         rows.append(row_for(recipe, model_name, "perplexity", ppl, calib_s + eval_s,
-                            calib_seconds=round(calib_s, 2), eval_seconds=round(eval_s, 2)))
-        results.append(MethodResult(recipe, ppl, calib_s, eval_s, report, model if keep_models else None))
+                            calib_seconds=round(calib_s, 2), eval_seconds=round(eval_s, 2),
+                            peak_rss_mb=None if peak is None else round(peak, 1)))
+        results.append(MethodResult(recipe, ppl, calib_s, eval_s, report, model if keep_models else None, peak))
         log(f"{label:<28} perplexity {ppl:9.3f}   (calibrate+quantize {calib_s:5.1f} s, eval {eval_s:5.1f} s)")
-        if report is not None and recipe.method == "insertquant" and not quiet:
+        if report is not None and recipe.method in ("insertquant", "prefix", "smoothquant") and not quiet:
             log("    " + report.summary().replace("\n", "\n    "))
         if model is not fp_model and not keep_models:
             del model

@@ -69,7 +69,7 @@ class QuantReport:
 
     def summary(self) -> str:
         lines = [f"method: {self.method} ({self.seconds:.1f} s)"]
-        if self.method.startswith("insertquant"):
+        if self.method.startswith(("insertquant", "prefix")):
             lines.append(f"emergence layer: {self.emergence_layer}, cancellation layer: {self.cancellation_layer}, "
                          f"stages: {self.stages}, alphas: { {k: round(v, 2) for k, v in self.alphas.items()} }")
             lines.append(f"template types: {self.num_types}, known sinks: {self.known_sinks} "
@@ -194,6 +194,16 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
                                online=rot.online, heads=rot.heads)["online"]
         plan["rotation"] = asdict(rot)
 
+    # 1b. smoothquant: migrate per-channel activation scale into the readers' weights (exact in float)
+    if recipe.method == "smoothquant":
+        from .smooth import smooth_model_
+
+        info = smooth_model_(adapter.rotation_spec(), lambda: _run(adapter, batches, "smoothquant statistics", quiet),
+                             alpha=float(recipe.smoothquant_alpha))
+        plan["smoothquant"] = info
+        report.notes.append(f"smoothquant: alpha={info['alpha']:g}, {info['groups']} norm->readers groups smoothed, "
+                            f"largest factor {info['max_factor']:g} (largest input |x| {info['max_act_absmax']:g})")
+
     # 2. wrap every target Linear (full precision for now)
     wrapped = _wrap_linears(adapter, recipe.ignore, online=online)
     plan["targets"] = sorted(q.name for q in wrapped.values())
@@ -201,8 +211,9 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
                                for q in wrapped.values() if q.has_input_rotation}
 
     state = None
-    if recipe.method == "insertquant" and recipe.sinks.enabled:
-        state = _calibrate_sinks(adapter, recipe, batches, wrapped, hooks, report, plan, quiet)
+    if recipe.method in ("insertquant", "prefix") and recipe.sinks.enabled:
+        state = _calibrate_sinks(adapter, recipe, batches, wrapped, hooks, report, plan, quiet,
+                                 templates=recipe.method == "insertquant")
 
     # 3. quantize weights
     if recipe.weights is not None:
@@ -227,7 +238,13 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
 
 
 def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict, hooks: HookManager,
-                     report: QuantReport, plan: dict, quiet: bool) -> Optional[SinkState]:
+                     report: QuantReport, plan: dict, quiet: bool, templates: bool = True) -> Optional[SinkState]:
+    """Detection (pass 1) and, with ``templates``, templates and residual restore (pass 2).
+
+    ``templates=False`` is the ``prefix`` method: the same detection, then every Linear computes
+    the sink rows in full precision (``fp-row``) and keeps them out of the static scales; no
+    templates, no residual restore.
+    """
     cfg = recipe.sinks
     blocks = adapter.blocks()
     n_layers = len(blocks)
@@ -326,18 +343,24 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
     report.stages, report.alphas, report.known_sinks = stages, alphas, known_kinds
 
     # ---- pass 2: templates ----------------------------------------------------------
-    first_guard = 0 if known_kinds else min(stages.values())
+    first_guard = 0 if (known_kinds or not templates) else min(stages.values())
     sink_plan = {"stages": stages, "alphas": alphas, "references": refs, "num_types": k,
                  "known_sinks": known_kinds, "first_guard_layer": first_guard,
                  "emergence_layer": emergence, "cancellation_layer": cancellation,
                  "exclude_from_calibration": cfg.exclude_from_calibration,
-                 "restore_layer": cancellation if (cfg.restore_residual and cancellation is not None) else None,
+                 "restore_layer": cancellation if (templates and cfg.restore_residual and cancellation is not None)
+                 else None,
                  "num_known_types": state.num_known_types, "protected_types": protected,
                  "guard_modes": {}}
     for (li, name), q in wrapped.items():
         if li >= first_guard:
             sink_plan["guard_modes"][q.name] = "fp-row"
     _install_sink_modules(adapter, wrapped, sink_plan, state, hooks, num_types=k)
+    if not templates:  # prefix: full-precision sink rows everywhere, nothing more to calibrate
+        report.layer_modes = {li: "fp-row" for (li, _name) in wrapped}
+        sink_plan["det_templates"] = {}
+        plan["sinks"] = sink_plan
+        return state
     recorders = {}
     for q in wrapped.values():
         if q.guard is not None:

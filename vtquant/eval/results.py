@@ -64,3 +64,73 @@ def format_table(rows: Iterable[Row], reference: Optional[float] = None) -> str:
         ratio = f" {r.value / reference:.3f} |" if reference else ""
         lines.append(f"| {r.method} | {w} | {a} | {gran} | {static} | {r.metric} | {r.value:.3f} |{ratio} {r.seconds:.1f} |")
     return "\n".join(lines)
+
+
+def format_compare_table(rows: Iterable[Row], reference: Optional[float] = None) -> str:
+    """The ``vtquant compare`` table: value, ratio to fp, calibration / eval seconds, peak RSS per method."""
+    lines = ["| method | W | A | act | static | perplexity | x fp | calibrate s | eval s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        w = r.w_bits if r.w_bits is not None else "fp"
+        a = r.a_bits if r.a_bits is not None else "fp"
+        static = "-" if r.static is None else ("yes" if r.static else "no")
+        ratio = f"{r.value / reference:.3f}" if reference else "-"
+        cal, ev, rss = (r.extra.get(k) for k in ("calib_seconds", "eval_seconds", "peak_rss_mb"))
+        lines.append(f"| {r.method} | {w} | {a} | {r.act_granularity or '-'} | {static} | {r.value:.3f} | {ratio} | "
+                     f"{'-' if cal is None else f'{cal:.1f}'} | {'-' if ev is None else f'{ev:.1f}'} | "
+                     f"{'-' if rss is None else f'{rss:.0f}'} |")
+    return "\n".join(lines)
+
+
+def plot_compare(rows: Iterable[Row], path: str, title: str = "") -> None:
+    """Bar chart of perplexity per method, one bar per bit setting (log scale), written atomically (PNG)."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    fp = next((r.value for r in rows if r.method == "fp"), None)
+    quant = [r for r in rows if r.method != "fp"]
+    methods = list(dict.fromkeys(r.method for r in quant))
+    settings = list(dict.fromkeys(f"W{r.w_bits}A{r.a_bits}" for r in quant))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) * max(1, len(settings)) ** 0.5 + 2), 4.2))
+    width = 0.8 / max(1, len(settings))
+    for si, setting in enumerate(settings):
+        xs, ys = [], []
+        for mi, method in enumerate(methods):
+            hit = next((r for r in quant if r.method == method and f"W{r.w_bits}A{r.a_bits}" == setting), None)
+            if hit is not None:
+                xs.append(mi + (si - (len(settings) - 1) / 2) * width)
+                ys.append(hit.value)
+        bars = ax.bar(xs, ys, width=width, label=setting)
+        for bar, y in zip(bars, ys):
+            ax.annotate(f"{y:.1f}" if y < 1000 else f"{y:.3g}", (bar.get_x() + bar.get_width() / 2, y),
+                        ha="center", va="bottom", fontsize=7)
+    if fp is not None:
+        ax.axhline(fp, color="black", linestyle="--", linewidth=1, label=f"fp {fp:.2f}")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=20, ha="right")
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp.png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        plt.close(fig)
