@@ -196,3 +196,14 @@ def test_load_onto_device(fp_model, tmp_path):
     path = vtquant.save(_quantized(fp_model, method_recipe("insertquant", Recipe())), tmp_path / "ckpt")
     loaded = vtquant.load(path, device="cuda")
     assert all(t.device.type == "cuda" for t in list(loaded.parameters()) + list(loaded.buffers()))
+
+
+def test_saved_checkpoint_has_the_umask_permissions(fp_model, tmp_path):
+    q = _quantized(fp_model, method_recipe("naive-static", Recipe()))
+    old = os.umask(0o022)
+    try:
+        target = vtquant.save(q, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert (os.stat(target).st_mode & 0o777) == 0o755  # not mkdtemp's 0700
+    assert (os.stat(target / "model.safetensors").st_mode & 0o777) == 0o644

@@ -77,6 +77,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, compact_embeddings:
             storage = save_compact(model, str(tmp / "model.safetensors"), compact_embeddings)
         else:
             save_model(model, str(tmp / "model.safetensors"))
+        _usual_permissions(tmp)
         meta = {
             "format_version": FORMAT_VERSION,
             "adapter": type(handle.adapter).__name__,
@@ -103,6 +104,16 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, compact_embeddings:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders (and safetensors may write 0600 files): give the checkpoint the
+    permissions of a normally created folder, as the user's umask says."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for child in folder.iterdir():
+        os.chmod(child, 0o666 & ~umask)
 
 
 def load(path: Union[str, os.PathLike], *, device: Optional[str] = None) -> nn.Module:
