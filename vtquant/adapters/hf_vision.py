@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .base import UnsupportedModelError, register_adapter
-from .vision_common import VisionAdapter
+from .vision_common import VisionAdapter, text_known_sinks
 
 TOWERS = {
     "CLIPVisionTransformer": {"kind": "vision", "cls": True},
@@ -115,15 +115,7 @@ class HFVisionAdapter(VisionAdapter):
             if not names or ids is None:
                 state.reset(None)
                 return
-            b, t = ids.shape
-            known = torch.zeros(b, t, dtype=torch.bool, device=ids.device)
-            types = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
-            rows = torch.arange(b, device=ids.device)
-            if "first_token" in names:
-                known[:, 0], types[:, 0] = True, names.index("first_token")
-            if "eot" in names:
-                eot = self.eot_positions(ids)
-                known[rows, eot], types[rows, eot] = True, names.index("eot")
+            known, types = text_known_sinks(ids, names, self.eot_positions)
             state.reset(known, known_types=types)
 
         hooks.pre_forward(self.tower.embeddings, pre_hook, with_kwargs=True)

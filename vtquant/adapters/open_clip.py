@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .base import UnsupportedModelError, register_adapter
-from .vision_common import VisionAdapter, make_attention_explicit_
+from .vision_common import VisionAdapter, make_attention_explicit_, text_known_sinks
 
 
 def _transformer_layout(transformer: nn.Module) -> str:
@@ -42,11 +42,8 @@ def _prepare_tower(transformer: nn.Module) -> int:
     return make_attention_explicit_(transformer)
 
 
-@register_adapter("open_clip.transformer.VisionTransformer")
-class OpenCLIPVisualAdapter(VisionAdapter):
-    """The image tower (``model.visual``) of an open_clip ``CLIP``."""
-
-    family = "open_clip-visual"
+class _OpenCLIPTower(VisionAdapter):
+    """What both open_clip towers share: ``transformer.resblocks``, the ``mlp.c_proj`` probe, the layout."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -61,6 +58,13 @@ class OpenCLIPVisualAdapter(VisionAdapter):
 
     def hidden_size(self) -> int:
         return int(self.model.transformer.width)
+
+
+@register_adapter("open_clip.transformer.VisionTransformer")
+class OpenCLIPVisualAdapter(_OpenCLIPTower):
+    """The image tower (``model.visual``) of an open_clip ``CLIP``."""
+
+    family = "open_clip-visual"
 
     def prefix_kinds(self) -> list[tuple[str, str, int]]:
         return [("cls", "cls", 0)] if getattr(self.model, "class_embedding", None) is not None else []
@@ -80,7 +84,7 @@ def text_pool_positions(ids: torch.Tensor, pool_type: str, eos_id: Any = None) -
     return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
 
 
-class OpenCLIPTextAdapter(VisionAdapter):
+class OpenCLIPTextAdapter(_OpenCLIPTower):
     """The text tower of an open_clip ``CLIP`` (``transformer``, ``token_embedding``, ``ln_final``).
 
     ``model`` is the ``CLIP`` itself (its text tower is not a module of its own) or a
@@ -90,20 +94,9 @@ class OpenCLIPTextAdapter(VisionAdapter):
     family = "open_clip-text"
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
         if not hasattr(model, "token_embedding") or not hasattr(model, "transformer"):
             raise ValueError(f"{type(model).__name__} has no open_clip text tower (token_embedding + transformer)")
-        self.token_layout = _transformer_layout(model.transformer)
-        self.replaced_attention = _prepare_tower(model.transformer)
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.model.transformer.resblocks)
-
-    def probe_name(self) -> str:
-        return "mlp.c_proj"
-
-    def hidden_size(self) -> int:
-        return int(self.model.transformer.width)
+        super().__init__(model)
 
     def known_sink_kinds(self) -> tuple[str, ...]:
         return ("first_token", "eot")
@@ -129,17 +122,7 @@ class OpenCLIPTextAdapter(VisionAdapter):
             if not names:
                 state.reset(None)
                 return
-            b, t = ids.shape
-            known = torch.zeros(b, t, dtype=torch.bool, device=ids.device)
-            types = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
-            rows = torch.arange(b, device=ids.device)
-            if "first_token" in names:
-                known[:, 0] = True
-                types[:, 0] = names.index("first_token")
-            if "eot" in names:
-                eot = text_pool_positions(ids, pool, eos_id)
-                known[rows, eot] = True
-                types[rows, eot] = names.index("eot")
+            known, types = text_known_sinks(ids, names, lambda x: text_pool_positions(x, pool, eos_id))
             state.reset(known, known_types=types)
 
         hooks.pre_forward(self.model.token_embedding, pre_hook)

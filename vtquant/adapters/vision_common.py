@@ -58,6 +58,23 @@ def unquantized_weights(module: nn.Module) -> list[str]:
     return left
 
 
+def text_known_sinks(ids: torch.Tensor, names: list[str], eot_positions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Known-sink mask and fixed template types of a text tower's tokens ``ids`` ``[B, T]``.
+
+    ``names`` (in type order) may hold ``first_token`` and ``eot`` (the pooled end-of-text token);
+    ``eot_positions(ids)`` gives the latter's position per row.
+    """
+    b, t = ids.shape
+    known = torch.zeros(b, t, dtype=torch.bool, device=ids.device)
+    types = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
+    if "first_token" in names:
+        known[:, 0], types[:, 0] = True, names.index("first_token")
+    if "eot" in names:
+        rows, eot = torch.arange(b, device=ids.device), eot_positions(ids)
+        known[rows, eot], types[rows, eot] = True, names.index("eot")
+    return known, types
+
+
 class VisionAdapter(ModelAdapter):
     """Common behaviour of vision towers: prefix-token known sinks with fixed types.
 
