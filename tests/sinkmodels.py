@@ -85,3 +85,14 @@ def token_batches(n: int = 4, batch: int = 2, seq: int = 32, vocab: int = 64, se
                 ids[b, p] = SINK_ID
         out.append(ids)
     return out
+
+
+def rel_logit_error(ref: torch.nn.Module, model: torch.nn.Module, batches) -> float:
+    """Relative L2 error of ``model``'s logits against ``ref``'s over ``batches`` of token ids."""
+    num = den = 0.0
+    with torch.no_grad():
+        for x in batches:
+            a, b = ref(input_ids=x).logits, model(input_ids=x).logits
+            num += float((a - b).pow(2).sum())
+            den += float(a.pow(2).sum())
+    return (num / den) ** 0.5

@@ -13,7 +13,7 @@ from vtquant.adapters import UnsupportedModelError, get_adapter, supported_archi
 from vtquant.config import Recipe, method_recipe
 from vtquant.core.quant import QuantLinear
 
-from sinkmodels import SINK_ID, implanted_decoder, token_batches
+from sinkmodels import SINK_ID, implanted_decoder, token_batches, rel_logit_error
 
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GemmaForCausalLM"]
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -23,14 +23,6 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
-def _rel_l2(ref, model, batches) -> float:
-    num = den = 0.0
-    with torch.no_grad():
-        for x in batches:
-            a, b = ref(input_ids=x).logits, model(input_ids=x).logits
-            num += float((a - b).pow(2).sum())
-            den += float(a.pow(2).sum())
-    return (num / den) ** 0.5
 
 
 def test_supported_architectures():
@@ -67,7 +59,7 @@ def test_insertquant_w8a8_on_each_architecture(arch):
     naive = copy.deepcopy(model)
     vtquant.quantize_(naive, method_recipe("naive-static", Recipe()), calib, quiet=True)
     evals = token_batches(n=2, seed=13)
-    err_insert, err_naive = _rel_l2(model, q, evals), _rel_l2(model, naive, evals)
+    err_insert, err_naive = rel_logit_error(model, q, evals), rel_logit_error(model, naive, evals)
     assert err_insert < err_naive / 2, f"{arch}: insertquant {err_insert:.4f} vs naive {err_naive:.4f}"
 
 

@@ -16,7 +16,7 @@ from vtquant.core.quant import QuantLinear
 from vtquant.core.smooth import smooth_model_
 from vtquant.recipe import recipe_from_dict
 
-from sinkmodels import SINK_ID, implanted_decoder, token_batches
+from sinkmodels import SINK_ID, implanted_decoder, token_batches, rel_logit_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,14 +26,6 @@ def sink_model():
     return implanted_decoder()
 
 
-def _rel_l2(ref: nn.Module, model: nn.Module, batches) -> float:
-    num = den = 0.0
-    with torch.no_grad():
-        for x in batches:
-            a, b = ref(input_ids=x).logits, model(input_ids=x).logits
-            num += float((a - b).pow(2).sum())
-            den += float(a.pow(2).sum())
-    return (num / den) ** 0.5
 
 
 def _quantized(model, method, calib=None, **kw):
@@ -110,7 +102,7 @@ def test_smoothquant_vs_naive_static_on_the_implanted_sink(sink_model, capsys):
     evals = token_batches(n=3, seed=21)
     naive, smooth = _quantized(sink_model, "naive-static"), _quantized(sink_model, "smoothquant")
     insert = _quantized(sink_model, "insertquant")
-    e_naive, e_smooth, e_insert = (_rel_l2(sink_model, m, evals) for m in (naive, smooth, insert))
+    e_naive, e_smooth, e_insert = (rel_logit_error(sink_model, m, evals) for m in (naive, smooth, insert))
     with capsys.disabled():
         print(f"\n[W8A8 implanted sink] rel L2: naive-static {e_naive:.4f}, smoothquant {e_smooth:.4f}, "
               f"insertquant {e_insert:.4f}")
@@ -134,8 +126,8 @@ def test_smoothquant_fixes_an_always_on_outlier_channel(capsys):
                 for lin in readers:
                     lin.weight[:, 11] /= 50.0
     calib, evals = token_batches(sink_positions=((),)), token_batches(n=3, seed=21, sink_positions=((),))
-    e_naive = _rel_l2(model, _quantized(model, "naive-static", calib), evals)
-    e_smooth = _rel_l2(model, _quantized(model, "smoothquant", calib), evals)
+    e_naive = rel_logit_error(model, _quantized(model, "naive-static", calib), evals)
+    e_smooth = rel_logit_error(model, _quantized(model, "smoothquant", calib), evals)
     with capsys.disabled():
         print(f"\n[W8A8 outlier channel] rel L2: naive-static {e_naive:.4f}, smoothquant {e_smooth:.4f}")
     assert e_smooth < e_naive / 3
@@ -169,7 +161,7 @@ def test_prefix_keeps_sink_rows_exact(sink_model, capsys):
     naive = _quantized(sink_model, "naive-static")
     assert float(q.model.layers[2].mlp.down_proj.act.scale) < float(naive.model.layers[2].mlp.down_proj.act.scale) / 100
     evals = token_batches(n=3, seed=21)
-    e_prefix, e_naive = _rel_l2(sink_model, q, evals), _rel_l2(sink_model, naive, evals)
+    e_prefix, e_naive = rel_logit_error(sink_model, q, evals), rel_logit_error(sink_model, naive, evals)
     with capsys.disabled():
         print(f"\n[W8A8 implanted sink] rel L2: prefix {e_prefix:.4f}, naive-static {e_naive:.4f}")
     assert e_prefix < e_naive / 3

@@ -11,7 +11,7 @@ import vtquant
 from vtquant.config import ActArgs, Recipe, SinkConfig, WeightArgs, method_recipe
 from vtquant.core.quant import ActQuantizer, QuantLinear, dequantize_weight, quantize_weight
 
-from sinkmodels import SINK_ID, implanted_decoder, token_batches
+from sinkmodels import SINK_ID, implanted_decoder, token_batches, rel_logit_error
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
@@ -196,20 +196,12 @@ def w8a8_models(sink_model):
     return out
 
 
-def _rel_l2(ref: nn.Module, model: nn.Module, batches) -> float:
-    num = den = 0.0
-    with torch.no_grad():
-        for x in batches:
-            a, b = ref(input_ids=x).logits, model(input_ids=x).logits
-            num += float((a - b).pow(2).sum())
-            den += float(a.pow(2).sum())
-    return (num / den) ** 0.5
 
 
 def test_naive_static_degrades_far_more_than_insertquant(sink_model, w8a8_models, capsys):
     evals = token_batches(n=3, seed=21)  # sinks at the first token, as in calibration
-    naive = _rel_l2(sink_model, w8a8_models["naive-static"], evals)
-    insert = _rel_l2(sink_model, w8a8_models["insertquant"], evals)
+    naive = rel_logit_error(sink_model, w8a8_models["naive-static"], evals)
+    insert = rel_logit_error(sink_model, w8a8_models["insertquant"], evals)
     with capsys.disabled():
         print(f"\n[W8A8] relative L2 logit error: naive-static {naive:.4f}, insertquant {insert:.4f}")
     assert naive > 3 * insert, f"naive-static {naive:.4f} vs insertquant {insert:.4f}"
@@ -252,7 +244,7 @@ def test_dynamic_token_needs_no_calibrated_scale(sink_model):
     acts = [m.act for m in q.modules() if isinstance(m, QuantLinear)]
     assert len(acts) == 42 and all(a.granularity == "per-token" and not a.static for a in acts)
     evals = token_batches(n=2, seed=5)
-    assert _rel_l2(sink_model, q, evals) < 0.05
+    assert rel_logit_error(sink_model, q, evals) < 0.05
 
 
 def test_sinks_disabled_is_plain_per_tensor(sink_model):
