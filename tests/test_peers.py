@@ -183,10 +183,13 @@ def test_prefix_and_smoothquant_checkpoints_round_trip(sink_model, tmp_path):
 def test_compare_settings_parse():
     from vtquant.cli import compare_settings
 
-    out = compare_settings("fp,naive-static,rotate", "W8A8,w4a8")
-    assert out == [("fp", 8, 8), ("naive-static", 8, 8), ("rotate", 8, 8), ("naive-static", 4, 8), ("rotate", 4, 8)]
+    out = compare_settings("fp,naive-static,rotate", "W8A8,w4a8kv4")
+    assert out == [("fp", 8, 8, None), ("naive-static", 8, 8, None), ("rotate", 8, 8, None),
+                   ("naive-static", 4, 8, 4), ("rotate", 4, 8, 4)]
     with pytest.raises(ConfigError, match="W8A8"):
         compare_settings("fp", "8x8")
+    with pytest.raises(ConfigError, match="W4A8KV8"):
+        compare_settings("fp", "W8A8KV")
     with pytest.raises(ConfigError, match="unknown"):
         compare_settings("fp,awq", "W8A8")
 

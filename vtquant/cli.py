@@ -75,22 +75,22 @@ def _load(args: argparse.Namespace, log, **kwargs):
 COMPARE_METHODS = "fp,naive-static,dynamic-token,smoothquant,prefix,rotate,insertquant,insertquant+rotate"
 
 
-def parse_settings(text: str) -> list[tuple[int, int]]:
-    """``"W8A8,W4A8"`` -> ``[(8, 8), (4, 8)]``."""
+def parse_settings(text: str) -> list[tuple[int, int, Optional[int]]]:
+    """``"W8A8,W4A8KV4"`` -> ``[(8, 8, None), (4, 8, 4)]`` (KV: key / value cache bits, default fp)."""
     import re
 
     out = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        m = re.fullmatch(r"[wW](\d+)[aA](\d+)", part)
+        m = re.fullmatch(r"[wW](\d+)[aA](\d+)(?:[kK][vV](\d+))?", part)
         if not m:
-            raise ValueError(f"--settings: {part!r} is not of the form W8A8")
-        out.append((int(m.group(1)), int(m.group(2))))
+            raise ValueError(f"--settings: {part!r} is not of the form W8A8 or W4A8KV8")
+        out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)) if m.group(3) else None))
     if not out:
         raise ValueError("--settings: give at least one setting, e.g. W8A8")
     return out
 
 
-def compare_settings(methods: str, settings: str) -> list[tuple[str, int, int]]:
+def compare_settings(methods: str, settings: str) -> list[tuple[str, int, int, Optional[int]]]:
     """Methods x bit settings (``fp`` once, first)."""
     from .config import METHOD_NAMES, ConfigError
 
@@ -102,20 +102,25 @@ def compare_settings(methods: str, settings: str) -> list[tuple[str, int, int]]:
         bits = parse_settings(settings)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    out = [("fp", 8, 8)] if "fp" in names else []
-    for w, a in bits:
-        out += [(m, w, a) for m in names if m != "fp"]
+    out = [("fp", 8, 8, None)] if "fp" in names else []
+    for w, a, kv in bits:
+        out += [(m, w, a, kv) for m in names if m != "fp"]
     return out
 
 
-def _compare(args: argparse.Namespace, settings, title: str, compare: bool = False) -> int:
+def _compare(args: argparse.Namespace, settings, title: str, compare: bool = False, base=None) -> int:
     from .eval.results import format_compare_table, format_table, plot_compare, write_results
     from .llm import prepare_text, run_methods
 
     log = _log(args)
     start = time.time()
     model, tok, name = _load(args, log)
-    base = _base_recipe(args)
+    base = base if base is not None else _base_recipe(args)
+    w = base.weights
+    if compare and w is not None:
+        log(f"weights: {w.algorithm} {w.granularity}{f' (group {w.group_size})' if w.granularity == 'per-group' else ''}"
+            f", clip search {'on' if w.clip_search else 'off'}; activation clip search "
+            f"{'on' if base.activations is not None and base.activations.clip_search else 'off'}")
     setup = prepare_text(tok, base, args.eval_text, args.seq_len, None if args.full else args.eval_chunks,
                          bos=args.bos, quiet=args.quiet)
     log(f"calibration: {setup.calib_desc}")
@@ -135,8 +140,7 @@ def _compare(args: argparse.Namespace, settings, title: str, compare: bool = Fal
     if args.results_file:
         write_results(args.results_file, rows, protocol=setup.protocol, calibration=setup.calib_desc,
                       total_seconds=round(total, 1),
-                      reports={f"{r.recipe.display_method}-w{r.recipe.weights.bits}a{r.recipe.activations.bits}":
-                               r.report.to_dict() for r in results if r.report is not None})
+                      reports={r.recipe.name: r.report.to_dict() for r in results if r.report is not None})
         log(f"wrote {args.results_file}")
     return 0
 
@@ -150,9 +154,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _compare(args, DEMO_SETTINGS, "vtquant demo")
 
 
+def compare_base_recipe(args: argparse.Namespace):
+    """The base recipe of ``vtquant compare``: the --recipe (or the defaults) with the weight and
+    clipping options applied; without a --recipe, GPTQ weights and clipping search are on."""
+    import dataclasses
+
+    from .config import ActArgs, WeightArgs
+
+    base = _base_recipe(args)
+    given = getattr(args, "recipe", None) is not None
+    weights = base.weights or WeightArgs()
+    acts = base.activations or ActArgs()
+    algorithm = args.weights or (weights.algorithm if given else "gptq")
+    clip = (args.clip_search == "on") if args.clip_search else (weights.clip_search if given else True)
+    act_clip = (args.clip_search == "on") if args.clip_search else (acts.clip_search if given else True)
+    changes = {"algorithm": algorithm, "clip_search": clip}
+    if args.group_size is not None:
+        changes.update(granularity="per-group", group_size=args.group_size)
+    base.weights = dataclasses.replace(weights, **changes)
+    base.activations = dataclasses.replace(acts, clip_search=act_clip and acts.static)
+    return base
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Methods x bit settings side by side: one table, JSON rows, a PNG bar chart."""
-    return _compare(args, compare_settings(args.methods, args.settings), "vtquant compare", compare=True)
+    return _compare(args, compare_settings(args.methods, args.settings), "vtquant compare", compare=True,
+                    base=compare_base_recipe(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -321,8 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=COMPARE_METHODS, help="comma-separated methods (default: %(default)s)")
     p.add_argument("--settings", default="W8A8", help="comma-separated bit settings, e.g. W8A8,W4A8,W8A6 "
                    "(default: %(default)s)")
-    p.add_argument("--recipe", default=None, help="base recipe: calibration, sinks, smoothquant_alpha, ignore "
-                   "(default: the built-in defaults)")
+    p.add_argument("--recipe", default=None, help="base recipe: calibration, sinks, smoothquant_alpha, ignore, "
+                   "weight and clipping options (default: the built-in defaults + the options below)")
+    p.add_argument("--weights", choices=("rtn", "gptq"), default=None,
+                   help="weight quantizer for every method (default: gptq, or the --recipe's)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="per-group weight scales of this many input columns (default: per-channel, or the --recipe's)")
+    p.add_argument("--clip-search", choices=("on", "off"), default=None,
+                   help="weight and activation clipping search (default: on, or the --recipe's)")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of perplexity to this file")
     p.set_defaults(func=cmd_compare)
 

@@ -7,6 +7,7 @@ field names.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -37,27 +38,45 @@ def _check_bits(owner: str, name: str, value: Any) -> None:
 
 @dataclass
 class WeightArgs:
-    """Weight quantization (round-to-nearest).
+    """Weight quantization.
 
     Attributes:
         bits: integer bit width, 2..8.
         granularity: ``per-channel`` (one scale per output row) or ``per-group``.
         group_size: input columns per scale for ``per-group``.
         symmetric: symmetric (zero-point free) grid; only symmetric is implemented for weights.
+        algorithm: ``rtn`` (round to nearest) or ``gptq`` (GPTQ with second-order error
+            compensation, from the Hessian of the Linear's calibration inputs; with insertquant
+            those inputs already went through clamp-and-insert: sink rows are not in it).
+        clip_search: choose per-row (per-group) weight clip ratios minimising the calibration
+            output error ``dW H dW^T`` (before RTN / GPTQ).
+        gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
+        gptq_block_size: GPTQ lazy-update block width (columns).
+        act_order: GPTQ quantizes columns by decreasing Hessian diagonal.
     """
 
     bits: int = 8
     granularity: str = "per-channel"
     group_size: int = 128
     symmetric: bool = True
+    algorithm: str = "rtn"
+    clip_search: bool = False
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("weights", "bits", self.bits)
         _check_choice("weights", "granularity", self.granularity, ("per-channel", "per-group"))
+        _check_choice("weights", "algorithm", self.algorithm, ("rtn", "gptq"))
         if not isinstance(self.group_size, int) or self.group_size < 8:
             raise ConfigError(f"weights.group_size = {self.group_size!r}: use an integer >= 8 (e.g. 128)")
         if not self.symmetric:
             raise ConfigError("weights.symmetric = false is not implemented; use true")
+        if not (0.0 < float(self.gptq_damp) < 1.0):
+            raise ConfigError(f"weights.gptq_damp = {self.gptq_damp!r}: use a fraction in (0, 1) (GPTQ: 0.01)")
+        if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
+            raise ConfigError(f"weights.gptq_block_size = {self.gptq_block_size!r}: use a positive integer (128)")
 
 
 @dataclass
@@ -70,6 +89,12 @@ class ActArgs:
         static: scales fixed from calibration (per-tensor only); ``false`` = computed per call.
         symmetric: symmetric grid, or asymmetric with a zero point.
         clip_ratio: static range = observed range x clip_ratio (1.0 = MinMax).
+        clip_search: per Linear, choose the clip ratio (a grid from 1.0 down to 0.3) that minimises
+            the calibration MSE of the Linear's output over *semantic* tokens (sink rows, which the
+            quantizer never sees, are excluded); replaces ``clip_ratio``.  The structure constraint
+            is checked after the search: the sink set detected on the quantized model must equal
+            the full-precision one (R = |S_q & S_fp| / |S_fp|, in the report); if not, the search
+            is undone layer by layer from the first layer until it holds.
     """
 
     bits: int = 8
@@ -77,6 +102,7 @@ class ActArgs:
     static: bool = True
     symmetric: bool = True
     clip_ratio: float = 1.0
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("activations", "bits", self.bits)
@@ -85,6 +111,8 @@ class ActArgs:
             raise ConfigError("activations: per-token scales cannot be static; set static: false")
         if not (0.0 < float(self.clip_ratio) <= 1.0):
             raise ConfigError(f"activations.clip_ratio = {self.clip_ratio!r}: use a number in (0, 1]")
+        if self.clip_search and not self.static:
+            raise ConfigError("activations.clip_search needs static scales (dynamic scales have no range to clip)")
 
 
 @dataclass
@@ -191,6 +219,11 @@ class Recipe:
         rotation: rotation (any method may use it).
         calibration: calibration data.
         ignore: module names (suffix match) left in full precision.
+        kv_cache: key / value cache quantization (the outputs of the adapter's key and value
+            projections, before RoPE as in KVQuant), same fields as ``activations``; ``null`` keeps
+            the cache in full precision.  Sink tokens' keys and values are never quantized: with
+            insertquant they are the inserted templates (or full-precision rows), with prefix they are
+            the kept full-precision ones.
         smoothquant_alpha: migration strength of ``smoothquant`` (SmoothQuant's alpha, in [0, 1]):
             s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j; ignored by other methods.
     """
@@ -206,6 +239,7 @@ class Recipe:
     calibration: CalibConfig = field(default_factory=CalibConfig)
     ignore: list = field(default_factory=lambda: ["lm_head"])
     smoothquant_alpha: float = 0.5
+    kv_cache: Optional[ActArgs] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or self.version != RECIPE_VERSION:
@@ -228,6 +262,16 @@ class Recipe:
         if self.method in ("naive-static", "insertquant", "smoothquant", "prefix") and self.activations is not None:
             if self.activations.granularity != "per-tensor" or not self.activations.static:
                 raise ConfigError(f"method {self.method} needs per-tensor static activations")
+        if self.kv_cache is not None:
+            if not isinstance(self.kv_cache, ActArgs):
+                raise ConfigError("recipe.kv_cache: give a mapping with bits (and granularity / static), or null")
+            if self.method == "fp":
+                raise ConfigError("method fp keeps everything in full precision; set kv_cache: null")
+            if self.method == "dynamic-token" and (self.kv_cache.granularity != "per-token" or self.kv_cache.static):
+                raise ConfigError("method dynamic-token needs kv_cache.granularity: per-token and static: false")
+            if self.method != "dynamic-token" and (self.kv_cache.granularity != "per-tensor"
+                                                   or not self.kv_cache.static):
+                raise ConfigError(f"method {self.method} needs a per-tensor static kv_cache")
 
     @property
     def display_method(self) -> str:
@@ -252,7 +296,8 @@ class Recipe:
         return data
 
 
-def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8, rotate: bool = False) -> Recipe:
+def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8, rotate: bool = False,
+                  kv_bits: Optional[int] = None) -> Recipe:
     """Derive the recipe of a named method from a base recipe (same calibration and ignore list).
 
     Args:
@@ -263,6 +308,8 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
         w_bits: weight bits.
         a_bits: activation bits.
         rotate: also rotate (implied by ``insertquant+rotate``).
+        kv_bits: key / value cache bits (``None``: full-precision cache); per-tensor static, or
+            per-token dynamic for ``dynamic-token``.
     """
     if method == "rotate":
         method, rotate = "naive-static", True
@@ -270,25 +317,26 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
         method, rotate = method[: -len("+rotate")], True
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {list(METHOD_NAMES)}")
-    weights = None if method == "fp" else WeightArgs(
-        bits=w_bits,
-        granularity=(base.weights or WeightArgs()).granularity,
-        group_size=(base.weights or WeightArgs()).group_size,
-    )
+    weights = None if method == "fp" else dataclasses.replace(base.weights or WeightArgs(), bits=w_bits)
+    base_act = base.activations or ActArgs()
     if method == "fp":
         acts = None
     elif method == "dynamic-token":
         acts = ActArgs(bits=a_bits, granularity="per-token", static=False)
     else:
-        base_act = base.activations or ActArgs()
-        acts = ActArgs(bits=a_bits, symmetric=base_act.symmetric, clip_ratio=base_act.clip_ratio)
+        acts = ActArgs(bits=a_bits, symmetric=base_act.symmetric, clip_ratio=base_act.clip_ratio,
+                       clip_search=base_act.clip_search)
+    kv = None
+    if kv_bits is not None and method != "fp":
+        kv = (ActArgs(bits=kv_bits, granularity="per-token", static=False) if method == "dynamic-token" else
+              ActArgs(bits=kv_bits, symmetric=base_act.symmetric, clip_search=base_act.clip_search))
     rotation = copy.deepcopy(base.rotation)
     rotation.enabled = rotate and method != "fp"
     sinks = copy.deepcopy(base.sinks)
     label = "rotate" if (method == "naive-static" and rotation.enabled) else (
         f"{method}{'+rotate' if rotation.enabled else ''}")
     return Recipe(
-        name=f"{label}-w{w_bits}a{a_bits}",
+        name=f"{label}-w{w_bits}a{a_bits}" + (f"kv{kv_bits}" if kv is not None else ""),
         model=base.model,
         method=method,
         weights=weights,
@@ -298,4 +346,5 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
         calibration=copy.deepcopy(base.calibration),
         ignore=list(base.ignore),
         smoothquant_alpha=base.smoothquant_alpha,
+        kv_cache=kv,
     )

@@ -88,10 +88,10 @@ def peak_rss_mb() -> Optional[float]:
     return None
 
 
-def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, settings: list[tuple[str, int, int]],
+def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, settings: list[tuple],
                 model_name: str, quiet: bool = False, log: Callable[[str], None] = print,
                 keep_models: bool = False) -> tuple[list[Row], list[MethodResult]]:
-    """Quantize a copy of ``fp_model`` per ``(method, w_bits, a_bits)`` and measure perplexity.
+    """Quantize a copy of ``fp_model`` per ``(method, w_bits, a_bits[, kv_bits])`` and measure perplexity.
 
     Each row's extra fields: ``calib_seconds`` (copy + calibrate + quantize), ``eval_seconds`` and
     ``peak_rss_mb``: the peak resident memory of the whole process while that method ran (VmHWM
@@ -104,9 +104,12 @@ def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, setti
     from . import api
 
     rows, results = [], []
-    for method, w_bits, a_bits in settings:
-        recipe = None if method == "fp" else method_recipe(method, base, w_bits=w_bits, a_bits=a_bits)
-        label = "fp" if recipe is None else f"{recipe.display_method} W{w_bits}A{a_bits}"
+    for setting in settings:
+        method, w_bits, a_bits, kv_bits = (tuple(setting) + (None,))[:4]
+        recipe = None if method == "fp" else method_recipe(method, base, w_bits=w_bits, a_bits=a_bits,
+                                                           kv_bits=kv_bits)
+        label = "fp" if recipe is None else (f"{recipe.display_method} W{w_bits}A{a_bits}"
+                                             + (f"KV{kv_bits}" if kv_bits is not None else ""))
         can_reset = reset_peak_rss()
         t0 = time.time()
         model = fp_model if recipe is None else copy.deepcopy(fp_model)
@@ -118,9 +121,12 @@ def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, setti
         ppl = perplexity(model, setup.eval_chunks, quiet=quiet, desc=f"eval {label}")
         eval_s = time.time() - t1
         peak = peak_rss_mb() if can_reset else None
+        extra = {}
+        if report is not None and report.structure_recall is not None:
+            extra["structure_recall"] = round(report.structure_recall, 4)
         rows.append(row_for(recipe, model_name, "perplexity", ppl, calib_s + eval_s,
                             calib_seconds=round(calib_s, 2), eval_seconds=round(eval_s, 2),
-                            peak_rss_mb=None if peak is None else round(peak, 1)))
+                            peak_rss_mb=None if peak is None else round(peak, 1), **extra))
         results.append(MethodResult(recipe, ppl, calib_s, eval_s, report, model if keep_models else None, peak))
         log(f"{label:<28} perplexity {ppl:9.3f}   (calibrate+quantize {calib_s:5.1f} s, eval {eval_s:5.1f} s)")
         if report is not None and recipe.method in ("insertquant", "prefix", "smoothquant") and not quiet:

@@ -23,6 +23,7 @@ _SECTIONS = {
     "sinks": SinkConfig,
     "rotation": RotationConfig,
     "calibration": CalibConfig,
+    "kv_cache": ActArgs,
 }
 
 
@@ -67,7 +68,7 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
     for key, cls in _SECTIONS.items():
         if key in kwargs:
             kwargs[key] = _build(f"{source}: {key}", cls, kwargs[key])
-            if kwargs[key] is None and key not in ("weights", "activations"):
+            if kwargs[key] is None and key not in ("weights", "activations", "kv_cache"):
                 kwargs[key] = cls()
     try:
         return Recipe(**kwargs)

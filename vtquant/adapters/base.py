@@ -102,6 +102,10 @@ class ModelAdapter:
         """Groups of Linears (relative names) that always read the same input tensor, in call order."""
         return []
 
+    def kv_linears(self) -> tuple[str, ...]:
+        """Relative names of the Linears whose outputs a decoder caches (keys, values); ``()`` for encoders."""
+        return ()
+
     def forward(self, batch: Any) -> Any:
         """Run the model on one calibration / evaluation batch."""
         return self.model(batch)

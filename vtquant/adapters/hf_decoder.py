@@ -56,6 +56,9 @@ class HFDecoderAdapter(ModelAdapter):
     def input_groups(self, block: nn.Module) -> list[list[str]]:
         return [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]]
 
+    def kv_linears(self) -> tuple[str, ...]:
+        return ("self_attn.k_proj", "self_attn.v_proj")
+
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..config import ActArgs, ConfigError, Recipe, WeightArgs
 from .hooks import HookManager
+from . import search
 from .quant import QuantLinear
 from .rotation import random_hadamard_factors, rotate_model_
 from .sinks import (SinkDetector, SinkState, choose_stage1, find_cancellation_layer,
@@ -62,6 +63,7 @@ class QuantReport:
     restore_layer: Optional[int] = None
     type_names: list = field(default_factory=list)
     protected_types: list = field(default_factory=list)
+    structure_recall: Optional[float] = None
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -146,10 +148,12 @@ def _wrap_linears(adapter: Any, ignore: list, skeleton_weights: Optional[WeightA
     return wrapped
 
 
-def _run(adapter: Any, batches: list, desc: str, quiet: bool) -> None:
+def _run(adapter: Any, batches: list, desc: str, quiet: bool, after: Optional[Any] = None) -> None:
     with torch.no_grad():
         for batch in tqdm(batches, desc=desc, disable=quiet, leave=False):
             adapter.forward(batch)
+            if after is not None:
+                after()
 
 
 def _attach_restore(adapter: Any, hooks: HookManager, block: nn.Module, restore: ResidualRestore) -> None:
@@ -179,7 +183,8 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
     plan: dict = {"method": recipe.method, "display_method": recipe.display_method,
                   "weights": asdict(recipe.weights) if recipe.weights else None,
                   "activations": asdict(recipe.activations) if recipe.activations else None,
-                  "ignore": list(recipe.ignore), "rotation": None, "sinks": None}
+                  "ignore": list(recipe.ignore), "rotation": None, "sinks": None,
+                  "kv_cache": asdict(recipe.kv_cache) if recipe.kv_cache else None}
     hooks = HookManager()
     if recipe.method == "fp":
         model.vtquant = QuantHandle(plan, None, hooks, adapter)
@@ -215,21 +220,66 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
         state = _calibrate_sinks(adapter, recipe, batches, wrapped, hooks, report, plan, quiet,
                                  templates=recipe.method == "insertquant")
 
-    # 3. quantize weights
-    if recipe.weights is not None:
-        for qlin in wrapped.values():
-            qlin.quantize_weights_(recipe.weights)
+    leaders = search.input_group_leaders(adapter, wrapped)
+    acts, kv, wargs = recipe.activations, recipe.kv_cache, recipe.weights
+    clip_search = bool(acts is not None and acts.static and acts.clip_search)
+    s_fp: Optional[set] = None
 
-    # 4. activations
-    if recipe.activations is not None:
+    def record_positions(desc: str) -> set:
+        return search.detected_sinks(lambda: state.positions(),
+                                     lambda after: _run(adapter, batches, desc, quiet, after=after))
+
+    # 3. weights: RTN, or GPTQ / clip search from the Hessians of the inputs the Linears really see
+    if wargs is not None:
+        hessians = None
+        if wargs.algorithm == "gptq" or wargs.clip_search:
+            positions: list = []
+
+            def run_hessian_pass() -> None:
+                if state is not None and clip_search:
+                    positions.append(record_positions("Hessians (GPTQ)"))
+                else:
+                    _run(adapter, batches, "Hessians (GPTQ)", quiet)
+
+            hessians = search.collect_hessians(wrapped, leaders, run_hessian_pass)
+            if positions:
+                s_fp = positions[0]
+        elif state is not None and clip_search:
+            s_fp = record_positions("sink set (full precision)")
+        info = search.quantize_weights(wrapped, wargs, hessians, leaders, quiet=quiet)
+        del hessians
+        plan["weight_search"] = info
+        if wargs.algorithm == "gptq":
+            report.notes.append(f"weights: GPTQ W{wargs.bits} {wargs.granularity} (damp {wargs.gptq_damp:g}, "
+                                f"act_order {wargs.act_order}), Hessians from one calibration pass over the rows that meet the quantized weight")
+        if "mean_clip" in info:
+            report.notes.append(f"weight clip search: mean clip {info['mean_clip']:.3f}, "
+                                f"{100 * info['clipped_share']:.0f} % of rows / groups clipped")
+        if info.get("rtn_fallback"):
+            report.notes.append(f"GPTQ: no calibration row reached {info['rtn_fallback']}: RTN there")
+
+    # 4. activations (and the key / value cache)
+    if acts is not None:
         from .quant import ActQuantizer
 
         for qlin in wrapped.values():
-            qlin.act = ActQuantizer(recipe.activations).to(qlin.dequantized_weight().device)
-        if recipe.activations.static:
+            qlin.act = ActQuantizer(acts).to(qlin.dequantized_weight().device)
+    if kv is not None:
+        _install_kv_quantizers(adapter, wrapped, kv)
+    needs_observe = (acts is not None and acts.static) or (kv is not None and kv.static)
+    if needs_observe:
+        if clip_search:
+            samples = search.sample_rows(wrapped, leaders, lambda: _run(adapter, batches, "calibrate activation "
+                                                                         "scales", quiet),
+                                         rows_per_batch=max(1, 512 // max(1, len(batches))))
+        else:
             _run(adapter, batches, "calibrate activation scales", quiet)
-            for qlin in wrapped.values():
-                qlin.act.finalize()
+        for qlin in wrapped.values():
+            for quantizer in (qlin.act, qlin.out_act):
+                if quantizer is not None and quantizer.static:
+                    quantizer.finalize()
+        if clip_search:
+            _clip_search(adapter, wrapped, leaders, samples, state, s_fp, record_positions, report, plan)
 
     model.vtquant = QuantHandle(plan, state, hooks, adapter)
     report.seconds = time.time() - start
@@ -487,6 +537,57 @@ def _install_sink_modules(adapter: Any, wrapped: dict, sink_plan: dict, state: S
         state.det_templates[stage] = torch.tensor(det)
 
 
+def _install_kv_quantizers(adapter: Any, wrapped: dict, kv: ActArgs) -> None:
+    """Key / value cache quantizers on the outputs of the adapter's key and value projections."""
+    from .quant import ActQuantizer
+
+    names = tuple(adapter.kv_linears())
+    if not names:
+        raise ConfigError(f"recipe.kv_cache: {type(adapter).__name__} has no key / value cache "
+                          "(encoders attend over the whole input at once); set kv_cache: null")
+    found = [(li, n) for (li, n) in wrapped if n in names]
+    missing = [f"layers.{li}.{n}" for li in range(len(adapter.blocks())) for n in names if (li, n) not in wrapped]
+    if missing:
+        raise ConfigError(f"recipe.kv_cache quantizes the outputs of {list(names)}, but {missing[:4]}"
+                          f"{' ...' if len(missing) > 4 else ''} are in `ignore`; remove them from ignore "
+                          "or set kv_cache: null")
+    for key in found:
+        q = wrapped[key]
+        q.out_act = ActQuantizer(kv).to(q.dequantized_weight().device)
+
+
+def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, state: Optional[SinkState],
+                 s_fp: Optional[set], record_positions: Any, report: QuantReport, plan: dict) -> None:
+    """Activation / cache clip search, then the structure check (sink set of the quantized model = FP's)."""
+    ratios = search.search_activation_clips(wrapped, leaders, samples)
+    act = [v["act"] for v in ratios.values() if "act" in v]
+    kvr = [v["kv"] for v in ratios.values() if "kv" in v]
+    info = {"act_mean_clip": round(sum(act) / len(act), 4) if act else None,
+            "kv_mean_clip": round(sum(kvr) / len(kvr), 4) if kvr else None,
+            "ratios": {name: v for name, v in sorted(ratios.items())}, "structure_recall": None, "undone_layers": []}
+    note = f"activation clip search: mean clip {info['act_mean_clip']}"
+    if kvr:
+        note += f", cache mean clip {info['kv_mean_clip']}"
+    if state is not None and s_fp is not None:
+        s_q = record_positions("sink set (quantized)")
+        recall, extra = search.structure_recall(s_q, s_fp)
+        layers = sorted({li for li, _ in wrapped})
+        undone: list = []
+        # structure constraint: undo the search from the first layer on until the sink sets agree
+        while (recall is not None and (recall < 1.0 or extra > 0)) and len(undone) < len(layers):
+            step = layers[len(undone): len(undone) + max(1, len(layers) // 4)]
+            search.reset_activation_clips(wrapped, [k for k in wrapped if k[0] in step])
+            undone += step
+            s_q = record_positions("sink set (quantized)")
+            recall, extra = search.structure_recall(s_q, s_fp)
+        info.update(structure_recall=recall, extra_sinks=extra, undone_layers=undone, fp_sinks=len(s_fp))
+        report.structure_recall = recall
+        note += (f"; structure R = {recall if recall is None else round(recall, 4)} over {len(s_fp)} FP sinks"
+                 f" ({extra} extra)" + (f", search undone in layers {_ranges(undone)}" if undone else ""))
+    report.notes.append(note)
+    plan["act_clip_search"] = info
+
+
 def apply_plan_(model: nn.Module, adapter: Any, plan: dict) -> None:
     """Rebuild a quantized structure (empty buffers) from ``plan`` on a freshly built model.
 
@@ -516,6 +617,11 @@ def apply_plan_(model: nn.Module, adapter: Any, plan: dict) -> None:
 
             q.act = ActQuantizer(acts)
             q.act.mode = "quant"
+    if plan.get("kv_cache"):
+        _install_kv_quantizers(adapter, wrapped, ActArgs(**plan["kv_cache"]))
+        for q in wrapped.values():
+            if q.out_act is not None:
+                q.out_act.mode = "quant"
     state = None
     if plan.get("sinks"):
         state = SinkState(layout=adapter.token_layout, num_types=plan["sinks"]["num_types"])

@@ -22,8 +22,15 @@ from ..config import ActArgs, WeightArgs
 from .rotation import kron_apply
 
 
-def quantize_weight(weight: torch.Tensor, args: WeightArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, args: WeightArgs,
+                    clip: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric RTN weight quantization.
+
+    Args:
+        weight: ``[out, in]``.
+        args: bits and granularity.
+        clip: optional clip ratios ``[out, groups]`` (e.g. from :func:`vtquant.core.gptq.search_weight_clip`):
+            the scale is ``clip * absmax / qmax``.
 
     Returns:
         ``(codes int8 [out, in], scales float [out, groups])``.
@@ -43,6 +50,8 @@ def quantize_weight(weight: torch.Tensor, args: WeightArgs) -> tuple[torch.Tenso
         groups = 1
         wg = w.view(out_f, 1, in_f)
     scale = wg.abs().amax(dim=-1).clamp_min(1e-12) / qmax  # [out, groups]
+    if clip is not None:
+        scale = scale * clip.to(scale).reshape(out_f, groups)
     codes = torch.clamp(torch.round(wg / scale.unsqueeze(-1)), -qmax - 1, qmax).to(torch.int8)
     return codes.view(out_f, in_f), scale
 
@@ -169,6 +178,12 @@ class QuantLinear(nn.Module):
         # so it is not stored in checkpoints (it is the same matrix in every layer)
         self.register_buffer("rot_signs", None, persistent=False)
         self.rot_factors: list[torch.Tensor] = []
+        # key / value cache quantizer (applied to this Linear's output rows, sink rows excepted)
+        self.out_act: Optional[ActQuantizer] = None
+        # calibration-time callback ``fn(rows [N, in], keep [N] or None, sink_rows [S, in] or None)``:
+        # the rows the activation quantizer sees (rotated, sink rows zeroed; ``keep`` False on sink
+        # rows) and the sink rows that are multiplied by the weight in full precision (fp-row)
+        self.input_observer = None
         self.detector = None
         self.guard = None
         self._w_cache: Optional[torch.Tensor] = None
@@ -180,6 +195,8 @@ class QuantLinear(nn.Module):
         if self.rot_signs is not None:
             sizes = "x".join(str(f.shape[0]) for f in self.rot_factors)
             text += f", online_rotation=hadamard({sizes})"
+        if self.out_act is not None:
+            text += f", kv_cache=({self.out_act.extra_repr()})"
         return text
 
     def set_input_rotation(self, signs: torch.Tensor, factors: list) -> None:
@@ -193,9 +210,16 @@ class QuantLinear(nn.Module):
     def has_input_rotation(self) -> bool:
         return self.rot_signs is not None
 
-    def quantize_weights_(self, args: WeightArgs) -> None:
+    def quantize_weights_(self, args: WeightArgs, clip: Optional[torch.Tensor] = None) -> None:
         """Replace the full-precision weight by RTN int8 codes + scales (in place)."""
-        codes, scale = quantize_weight(self.weight, args)
+        codes, scale = quantize_weight(self.weight, args, clip=clip)
+        self.set_quantized_weight_(codes, scale, args)
+
+    def set_quantized_weight_(self, codes: torch.Tensor, scale: torch.Tensor, args: WeightArgs) -> None:
+        """Install int8 ``codes [out, in]`` and ``scale [out, groups]`` (from RTN or GPTQ) in place of the weight."""
+        if codes.shape != (self.out_features, self.in_features) or codes.dtype != torch.int8:
+            raise ValueError(f"{self.name}: codes must be int8 [{self.out_features}, {self.in_features}], "
+                             f"got {codes.dtype} {list(codes.shape)}")
         self.weight = None
         self.register_buffer("qweight", codes)
         self.register_buffer("w_scale", scale)
@@ -237,6 +261,9 @@ class QuantLinear(nn.Module):
             xq_rows = rows.masked_fill(flat_mask.unsqueeze(-1), 0.0)
         else:
             xq_rows = x
+        if self.input_observer is not None:
+            self.input_observer(xq_rows.reshape(-1, xq_rows.shape[-1]), None if mask is None else ~flat_mask,
+                                None if mask is None else guard.rows_through_weight(sink_rows, flat_mask, state))
         act = self.act
         if act is not None:
             if act.mode == "observe":
@@ -249,5 +276,23 @@ class QuantLinear(nn.Module):
         y = F.linear(xq_rows, weight, None if self.bias is None else self.bias.to(x.dtype))
         if mask is not None:
             y = guard.write_sink_rows(y, sink_rows, flat_mask, state, weight, self.bias)
+        out_act = self.out_act
+        if out_act is not None and out_act.mode != "off":
+            y = self._quantize_output(y, out_act, flat_mask if mask is not None else None,
+                                      guard is not None and guard.exclude_from_calibration)
+        if mask is not None:
             y = state.unrows(y, x)
         return y
+
+    @staticmethod
+    def _quantize_output(y: torch.Tensor, out_act: "ActQuantizer", flat_mask: Optional[torch.Tensor],
+                         exclude: bool) -> torch.Tensor:
+        """Cache quantization of the output rows; sink rows (``flat_mask``) keep their inserted values."""
+        rows = y.reshape(-1, y.shape[-1])
+        if out_act.mode == "observe":
+            out_act.observe(rows, keep=None if (flat_mask is None or not exclude) else ~flat_mask)
+            return y
+        yq = out_act.fake_quant(rows)
+        if flat_mask is not None:
+            yq = torch.where(flat_mask.unsqueeze(-1), rows, yq)
+        return yq.view_as(y)

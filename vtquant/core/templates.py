@@ -56,6 +56,17 @@ class SinkGuard(nn.Module):
             text += f", fp-row types={(~self.template_ok).nonzero().flatten().tolist()}"
         return text
 
+    def rows_through_weight(self, sink_inputs: torch.Tensor, flat_mask: torch.Tensor,
+                            state: SinkState) -> torch.Tensor:
+        """The sink input rows that :meth:`write_sink_rows` multiplies by the (quantized) weight:
+        all of them in ``fp-row`` mode, those of types without a stable template in ``template`` mode."""
+        if self.mode == "fp-row":
+            return sink_inputs
+        if self.mode == "template":
+            types = state.types.reshape(-1)[flat_mask].clamp_min(0)
+            return sink_inputs[~self.template_ok[types]]
+        return sink_inputs[:0]
+
     def write_sink_rows(self, y_rows: torch.Tensor, sink_inputs: torch.Tensor, flat_mask: torch.Tensor,
                         state: SinkState, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """Return ``y_rows`` with the sink rows replaced according to ``mode``."""

@@ -39,8 +39,22 @@ def row_for(recipe_or_none, model: str, metric: str, value: float, seconds: floa
     if r is None or r.method == "fp":
         return Row(model, "fp", None, None, None, None, metric, value, seconds, extra)
     act = r.activations
+    extra = dict(extra)
+    if r.weights is not None:
+        extra.setdefault("w_algorithm", r.weights.algorithm + (f"-g{r.weights.group_size}"
+                                                               if r.weights.granularity == "per-group" else ""))
+    if getattr(r, "kv_cache", None) is not None:
+        extra.setdefault("kv_bits", r.kv_cache.bits)
     return Row(model, r.display_method, r.weights.bits if r.weights else None, act.bits if act else None,
                act.granularity if act else None, act.static if act else None, metric, value, seconds, extra)
+
+
+def setting_label(row: Row) -> str:
+    """``W4A8KV8``-style label of a row (``fp`` for full precision)."""
+    if row.w_bits is None and row.a_bits is None:
+        return "fp"
+    kv = row.extra.get("kv_bits")
+    return f"W{row.w_bits or 'fp'}A{row.a_bits or 'fp'}" + (f"KV{kv}" if kv is not None else "")
 
 
 def write_results(path: str, rows: Iterable[Row], **meta) -> None:
@@ -68,15 +82,19 @@ def format_table(rows: Iterable[Row], reference: Optional[float] = None) -> str:
 
 def format_compare_table(rows: Iterable[Row], reference: Optional[float] = None) -> str:
     """The ``vtquant compare`` table: value, ratio to fp, calibration / eval seconds, peak RSS per method."""
-    lines = ["| method | W | A | act | static | perplexity | x fp | calibrate s | eval s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | W | A | KV | weights | act | static | perplexity | x fp | R | calibrate s | eval s | "
+             "peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w = r.w_bits if r.w_bits is not None else "fp"
         a = r.a_bits if r.a_bits is not None else "fp"
+        kv = r.extra.get("kv_bits", "fp")
         static = "-" if r.static is None else ("yes" if r.static else "no")
         ratio = f"{r.value / reference:.3f}" if reference else "-"
-        cal, ev, rss = (r.extra.get(k) for k in ("calib_seconds", "eval_seconds", "peak_rss_mb"))
-        lines.append(f"| {r.method} | {w} | {a} | {r.act_granularity or '-'} | {static} | {r.value:.3f} | {ratio} | "
+        cal, ev, rss, rec = (r.extra.get(k) for k in ("calib_seconds", "eval_seconds", "peak_rss_mb",
+                                                       "structure_recall"))
+        lines.append(f"| {r.method} | {w} | {a} | {kv} | {r.extra.get('w_algorithm', '-')} | {r.act_granularity or '-'} | "
+                     f"{static} | {r.value:.3f} | {ratio} | {'-' if rec is None else f'{rec:.3f}'} | "
                      f"{'-' if cal is None else f'{cal:.1f}'} | {'-' if ev is None else f'{ev:.1f}'} | "
                      f"{'-' if rss is None else f'{rss:.0f}'} |")
     return "\n".join(lines)
@@ -96,13 +114,13 @@ def plot_compare(rows: Iterable[Row], path: str, title: str = "") -> None:
     fp = next((r.value for r in rows if r.method == "fp"), None)
     quant = [r for r in rows if r.method != "fp"]
     methods = list(dict.fromkeys(r.method for r in quant))
-    settings = list(dict.fromkeys(f"W{r.w_bits}A{r.a_bits}" for r in quant))
+    settings = list(dict.fromkeys(setting_label(r) for r in quant))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) * max(1, len(settings)) ** 0.5 + 2), 4.2))
     width = 0.8 / max(1, len(settings))
     for si, setting in enumerate(settings):
         xs, ys = [], []
         for mi, method in enumerate(methods):
-            hit = next((r for r in quant if r.method == method and f"W{r.w_bits}A{r.a_bits}" == setting), None)
+            hit = next((r for r in quant if r.method == method and setting_label(r) == setting), None)
             if hit is not None:
                 xs.append(mi + (si - (len(settings) - 1) / 2) * width)
                 ys.append(hit.value)

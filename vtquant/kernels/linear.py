@@ -81,6 +81,10 @@ class RealQuantLinear(nn.Module):
             raise UnsupportedConversionError(
                 f"{fake.name}: real kernels run symmetric per-tensor static 8-bit activations "
                 "(method naive-static or insertquant with activations.bits: 8, symmetric: true)")
+        if fake.out_act is not None:
+            raise UnsupportedConversionError(
+                f"{fake.name}: key / value cache quantization (recipe.kv_cache) has no real kernel yet; "
+                "convert a model quantized with kv_cache: null, or evaluate this one in fake quantization")
         self.backend = backend
         self.name = fake.name
         self.in_features, self.out_features = fake.in_features, fake.out_features

@@ -1,0 +1,235 @@
+"""Calibration beyond MinMax: GPTQ weights, clipping search, and the structure check.
+
+These steps run inside :func:`vtquant.core.pipeline.quantize_model_` after the sink
+modules are installed, so every statistic they collect comes from the inputs that the
+quantized Linears really see: rotated, with sink rows clamped out (their outputs are
+inserted from templates).  Nothing here knows a model family: Linears come from the
+adapter, and Linears that read the same tensor (``adapter.input_groups``) share one
+Hessian, one row sample and one activation clip ratio.
+
+* :func:`collect_hessians` - one calibration pass, ``H = 2/n X^T X`` per input group over the
+  rows that meet the quantized weight: semantic rows, plus sink rows computed in full precision
+  (``fp-row``: prefix, unstable templates); sink rows whose output is an inserted template are
+  excluded (their output does not depend on the quantized weight); for GPTQ and the weight
+  clipping search;
+* :func:`quantize_weights` - RTN or GPTQ, with optional Hessian-weighted clip search;
+* :func:`sample_rows` / :func:`search_activation_clips` - per Linear (group), the per-tensor
+  static clip ratio minimising the MSE of the Linear's *output* over semantic rows;
+  key / value cache quantizers minimise the MSE of the cached values themselves;
+* :func:`detected_sinks` / :func:`structure_recall` - the sink set detected on a model
+  (per calibration sequence) and ``R = |S_q & S_fp| / |S_fp|``.
+
+GPTQ here is the "parallel" variant: all Hessians come from one pass over the model with
+full-precision weights (not layer after layer through already-quantized layers as in the
+GPTQ paper's sequential loop); it costs one forward pass instead of one per block.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..config import ActArgs, WeightArgs
+from .quant import ActQuantizer, QuantLinear
+
+CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(15))  # 1.0 ... 0.3
+
+
+def input_group_leaders(adapter: Any, wrapped: dict) -> dict:
+    """``{(layer, name): (layer, leader name)}``: Linears that read the same tensor share a leader."""
+    leaders = {key: key for key in wrapped}
+    blocks = adapter.blocks()
+    for li, block in enumerate(blocks):
+        for group in adapter.input_groups(block):
+            members = [(li, n) for n in group if (li, n) in wrapped]
+            for m in members:
+                leaders[m] = members[0]
+    return leaders
+
+
+def collect_hessians(wrapped: dict, leaders: dict, run: Callable[[], None]) -> dict:
+    """Run ``run()`` once with observers on the group leaders; returns ``{leader key: H [in, in]}``."""
+    from .gptq import HessianAccumulator
+
+    accs = {key: HessianAccumulator() for key in set(leaders.values())}
+
+    def observer(acc: Any) -> Callable:
+        def fn(rows: torch.Tensor, keep: Optional[torch.Tensor], weighted_sinks: Optional[torch.Tensor]) -> None:
+            acc.add(rows if keep is None else rows[keep])
+            if weighted_sinks is not None and weighted_sinks.shape[0]:
+                acc.add(weighted_sinks)  # full-precision sink rows that still meet the quantized weight
+        return fn
+
+    try:
+        for key, acc in accs.items():
+            wrapped[key].input_observer = observer(acc)
+        run()
+    finally:
+        for key in accs:
+            wrapped[key].input_observer = None
+    return {key: acc.hessian() for key, acc in accs.items() if acc.num_rows > 0}
+
+
+def quantize_weights(wrapped: dict, args: WeightArgs, hessians: Optional[dict], leaders: dict,
+                     quiet: bool = False) -> dict:
+    """Quantize every wrapped Linear's weight (RTN or GPTQ, optional clip search) in place.
+
+    A Linear that no calibration row reached (no Hessian) falls back to RTN (listed in ``rtn_fallback``).
+
+    Returns:
+        ``{"mean_clip", "clipped_share"}`` of the clip search and ``rtn_fallback`` where they apply.
+    """
+    from .gptq import gptq_quantize, search_weight_clip
+
+    clips_sum, clips_n, clipped = 0.0, 0, 0
+    rtn_fallback: list = []
+    items = list(wrapped.items())
+    for key, q in tqdm(items, desc=f"quantize weights ({args.algorithm})", disable=quiet, leave=False):
+        hess = hessians.get(leaders[key]) if hessians else None
+        weight = q.weight.detach().float()
+        if hess is not None:
+            hess = hess.to(weight.device)
+        clip = search_weight_clip(weight, hess, args) if args.clip_search else None
+        if clip is not None:
+            clips_sum += float(clip.sum())
+            clips_n += clip.numel()
+            clipped += int((clip < 1.0).sum())
+        if args.algorithm == "gptq" and hess is None:  # no calibration row met this weight: RTN
+            rtn_fallback.append(q.name)
+        if args.algorithm == "gptq" and hess is not None:
+            codes, scale = gptq_quantize(weight, hess, args, clip=clip, blocksize=args.gptq_block_size,
+                                         percdamp=args.gptq_damp, act_order=args.act_order)
+            q.set_quantized_weight_(codes, scale, args)
+        else:
+            q.quantize_weights_(args, clip=clip)
+    info: dict = {"rtn_fallback": rtn_fallback} if rtn_fallback else {}
+    if clips_n:
+        info.update(mean_clip=round(clips_sum / clips_n, 4), clipped_share=round(clipped / clips_n, 4))
+    return info
+
+
+# ------------------------------------------------------------------------------------------
+def sample_rows(wrapped: dict, leaders: dict, run: Callable[[], None], rows_per_batch: int,
+                seed: int = 0) -> dict:
+    """Run ``run()`` once collecting up to ``rows_per_batch`` random semantic input rows per call
+    on each group leader; returns ``{leader key: rows [N, in] float32 (cpu)}``."""
+    gen = torch.Generator().manual_seed(seed)
+    store: dict = {key: [] for key in set(leaders.values())}
+
+    def observer(bucket: list) -> Callable:
+        def fn(rows: torch.Tensor, keep: Optional[torch.Tensor], weighted_sinks: Any = None) -> None:
+            if keep is not None:
+                rows = rows[keep]
+            if rows.shape[0] > rows_per_batch:
+                idx = torch.randperm(rows.shape[0], generator=gen)[:rows_per_batch].to(rows.device)
+                rows = rows[idx]
+            bucket.append(rows.detach().float().cpu())
+        return fn
+
+    previous = {key: wrapped[key].input_observer for key in store}
+    try:
+        for key, bucket in store.items():
+            wrapped[key].input_observer = observer(bucket)
+        run()
+    finally:
+        for key, fn in previous.items():
+            wrapped[key].input_observer = fn
+    return {key: torch.cat(b) for key, b in store.items() if b}
+
+
+def _best_ratio(quantizer: ActQuantizer, error: Callable[[torch.Tensor], float],
+                grid: tuple = CLIP_GRID) -> tuple[float, float, float]:
+    """Try every clip ratio on ``quantizer`` (observed range kept); returns (best, err at best, err at 1.0)."""
+    best, best_err, err_one = 1.0, float("inf"), None
+    for ratio in grid:
+        quantizer.clip_ratio = float(ratio)
+        quantizer.finalize()
+        err = error(quantizer)
+        if ratio == 1.0:
+            err_one = err
+        if err < best_err:
+            best, best_err = float(ratio), err
+    quantizer.clip_ratio = best
+    quantizer.finalize()
+    return best, best_err, err_one if err_one is not None else best_err
+
+
+@torch.no_grad()
+def search_activation_clips(wrapped: dict, leaders: dict, samples: dict, grid: tuple = CLIP_GRID) -> dict:
+    """Per input group, the activation clip ratio minimising ``sum_members ||(Q(X) - X) W^T||^2``;
+    per key / value cache quantizer, the ratio minimising ``||Q(Y) - Y||^2`` on ``Y = X W^T + b``.
+
+    Every quantizer must have observed its range (``observe`` mode) already.  Returns
+    ``{linear name: {"act": ratio, "act_gain": err(1.0) / err(best), "kv": ratio}}``.
+    """
+    members: dict = {}
+    for key, leader in leaders.items():
+        members.setdefault(leader, []).append(key)
+    out: dict = {}
+    for leader, keys in members.items():
+        x = samples.get(leader)
+        if x is None or x.shape[0] == 0:
+            continue
+        qs = [wrapped[k] for k in keys]
+        dev = qs[0].dequantized_weight().device
+        x = x.to(dev)
+        weight = torch.cat([q.dequantized_weight().float() for q in qs])  # [sum out, in]
+        lead_act = qs[0].act
+        if lead_act is not None and lead_act.static and lead_act.mode != "off":
+            def act_err(quantizer: ActQuantizer) -> float:
+                return float(((quantizer.fake_quant(x) - x) @ weight.T).pow(2).sum())
+            ratio, err_best, err_one = _best_ratio(lead_act, act_err, grid)
+            for q in qs[1:]:
+                if q.act is not None:
+                    q.act.clip_ratio = ratio
+                    q.act.finalize()
+            for q in qs:
+                out.setdefault(q.name, {})["act"] = ratio
+                out[q.name]["act_gain"] = round(err_one / max(err_best, 1e-30), 4)
+        for q in qs:
+            if q.out_act is not None and q.out_act.static:
+                y = x @ q.dequantized_weight().float().T
+                if q.bias is not None:
+                    y = y + q.bias.float()
+                ratio, _, _ = _best_ratio(q.out_act, lambda quantizer: float((quantizer.fake_quant(y) - y).pow(2).sum()),
+                                          grid)
+                out.setdefault(q.name, {})["kv"] = ratio
+    return out
+
+
+def reset_activation_clips(wrapped: dict, keys: list, ratio: float = 1.0) -> None:
+    """Set the clip ratio of the activation (and cache) quantizers of ``keys`` back to ``ratio``."""
+    for key in keys:
+        q = wrapped[key]
+        for quantizer in (q.act, q.out_act):
+            if quantizer is not None and quantizer.static:
+                quantizer.clip_ratio = ratio
+                quantizer.finalize()
+
+
+# ------------------------------------------------------------------------------------------
+def detected_sinks(handle_positions: Callable[[], list], run_batches: Callable[[Callable], None]) -> set:
+    """The sink set ``{(sequence, position)}`` detected while ``run_batches`` runs the calibration batches.
+
+    ``run_batches(after)`` must call ``after()`` after each forward; ``handle_positions()`` returns the
+    last forward's positions per batch row.
+    """
+    found: set = set()
+    counter = [0]
+
+    def after() -> None:
+        for row in handle_positions():
+            found.update((counter[0], int(p)) for p in row)
+            counter[0] += 1
+
+    run_batches(after)
+    return found
+
+
+def structure_recall(s_q: set, s_fp: set) -> tuple[Optional[float], int]:
+    """``R = |S_q & S_fp| / |S_fp|`` (``None`` when the FP model has no sinks) and ``|S_q - S_fp|``."""
+    if not s_fp:
+        return None, len(s_q)
+    return len(s_q & s_fp) / len(s_fp), len(s_q - s_fp)
