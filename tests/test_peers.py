@@ -225,3 +225,20 @@ def test_compare_end_to_end(sink_model, tmp_path, monkeypatch, capsys):
     assert all(0 < r["value"] < float("inf") for r in rows) and rows[0]["w_bits"] is None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in png.parent.iterdir() if p.name != "c.png"]  # atomic: no temp file left
+
+
+def test_compare_settings_llmcompressor_rows(monkeypatch):
+    import vtquant.cli as cli
+    from vtquant.cli import compare_settings
+
+    monkeypatch.setattr(cli, "llmcompressor_available", lambda: True)
+    out = compare_settings(None, "W8A8,W4A8KV8")
+    llmc = [s for s in out if s[0].startswith("llmcompressor-")]
+    assert llmc == [("llmcompressor-sq-static", 8, 8, None), ("llmcompressor-sq-gptq-dynamic", 8, 8, None)]
+    assert out[0] == ("fp", 8, 8, None) and ("insertquant+rotate", 4, 8, 8) in out
+    with pytest.raises(ConfigError, match="W8A8 recipes"):
+        compare_settings("fp,llmcompressor-sq-static", "W4A8")
+    monkeypatch.setattr(cli, "llmcompressor_available", lambda: False)
+    assert not [s for s in compare_settings(None, "W8A8") if s[0].startswith("llmcompressor-")]
+    with pytest.raises(ConfigError, match="setup.sh --llmcompressor"):
+        compare_settings("fp,llmcompressor-sq-static", "W8A8")

@@ -73,6 +73,7 @@ def _load(args: argparse.Namespace, log, **kwargs):
 
 
 COMPARE_METHODS = "fp,naive-static,dynamic-token,smoothquant,prefix,rotate,insertquant,insertquant+rotate"
+COMPARE_SETTINGS = "W8A8,W4A8KV8,W4A4KV4"
 
 
 def parse_settings(text: str) -> list[tuple[int, int, Optional[int]]]:
@@ -90,21 +91,43 @@ def parse_settings(text: str) -> list[tuple[int, int, Optional[int]]]:
     return out
 
 
-def compare_settings(methods: str, settings: str) -> list[tuple[str, int, int, Optional[int]]]:
-    """Methods x bit settings (``fp`` once, first)."""
-    from .config import METHOD_NAMES, ConfigError
+def llmcompressor_available() -> bool:
+    import importlib.util
 
+    return importlib.util.find_spec("llmcompressor") is not None
+
+
+def compare_settings(methods: Optional[str], settings: str) -> list[tuple[str, int, int, Optional[int]]]:
+    """Methods x bit settings (``fp`` once, first).
+
+    ``methods=None`` is the default list, plus the llm-compressor rows when it is installed.  The
+    llm-compressor rows are its own W8A8 recipes: they run once, at the first W8A8 setting.
+    """
+    from .config import METHOD_NAMES, ConfigError
+    from .peers.llmcompressor import METHODS as LLMC
+
+    if methods is None:
+        methods = COMPARE_METHODS + ("," + ",".join(LLMC) if llmcompressor_available() else "")
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in names if m not in METHOD_NAMES]
+    bad = [m for m in names if m not in METHOD_NAMES + LLMC]
     if bad:
-        raise ConfigError(f"--methods: unknown {bad}; choose from {list(METHOD_NAMES)}")
+        raise ConfigError(f"--methods: unknown {bad}; choose from {list(METHOD_NAMES + LLMC)}")
     try:
         bits = parse_settings(settings)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if any(m in LLMC for m in names):
+        if not llmcompressor_available():
+            raise ConfigError(f"--methods {[m for m in names if m in LLMC]} need llm-compressor: "
+                              "./tools/setup.sh --llmcompressor (or pip install \"vtquant[llmcompressor]\")")
+        if not any(w == 8 and a == 8 and kv is None for w, a, kv in bits):
+            raise ConfigError(f"the llm-compressor rows are W8A8 recipes; add W8A8 to --settings "
+                              f"(got {settings!r}) or leave them out of --methods")
     out = [("fp", 8, 8, None)] if "fp" in names else []
     for w, a, kv in bits:
-        out += [(m, w, a, kv) for m in names if m != "fp"]
+        out += [(m, w, a, kv) for m in names if m != "fp" and m not in LLMC]
+        if (w, a, kv) == (8, 8, None):
+            out += [(m, 8, 8, None) for m in names if m in LLMC and (m, 8, 8, None) not in out]
     return out
 
 
@@ -345,9 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="the peers side by side: methods x bit settings, one table + JSON + PNG")
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
-    p.add_argument("--methods", default=COMPARE_METHODS, help="comma-separated methods (default: %(default)s)")
-    p.add_argument("--settings", default="W8A8", help="comma-separated bit settings, e.g. W8A8,W4A8,W8A6 "
-                   "(default: %(default)s)")
+    p.add_argument("--methods", default=None, help=f"comma-separated methods (default: {COMPARE_METHODS}, "
+                   "plus llmcompressor-sq-static,llmcompressor-sq-gptq-dynamic when llm-compressor is installed: "
+                   "./tools/setup.sh --llmcompressor)")
+    p.add_argument("--settings", default=COMPARE_SETTINGS, help="comma-separated bit settings W<w>A<a>[KV<kv>], "
+                   "e.g. W8A8,W4A8KV8 (default: %(default)s)")
     p.add_argument("--recipe", default=None, help="base recipe: calibration, sinks, smoothquant_alpha, ignore, "
                    "weight and clipping options (default: the built-in defaults + the options below)")
     p.add_argument("--weights", choices=("rtn", "gptq"), default=None,

@@ -104,8 +104,15 @@ def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, setti
     from . import api
 
     rows, results = [], []
+    from .peers import llmcompressor as llmc
+
     for setting in settings:
         method, w_bits, a_bits, kv_bits = (tuple(setting) + (None,))[:4]
+        if method in llmc.METHODS:
+            row, result = _run_llmcompressor(fp_model, setup, method, model_name, quiet, log, keep_models)
+            rows.append(row)
+            results.append(result)
+            continue
         recipe = None if method == "fp" else method_recipe(method, base, w_bits=w_bits, a_bits=a_bits,
                                                            kv_bits=kv_bits)
         label = "fp" if recipe is None else (f"{recipe.display_method} W{w_bits}A{a_bits}"
@@ -134,3 +141,26 @@ def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, setti
         if model is not fp_model and not keep_models:
             del model
     return rows, results
+
+
+def _run_llmcompressor(fp_model: torch.nn.Module, setup: TextSetup, method: str, model_name: str, quiet: bool,
+                       log: Callable[[str], None], keep_models: bool) -> tuple[Row, MethodResult]:
+    """One llm-compressor row (its own SmoothQuant + W8A8 recipe) on the same calibration and evaluation data."""
+    from .eval.results import Row
+    from .peers.llmcompressor import llmcompressor_quantize
+
+    can_reset = reset_peak_rss()
+    t0 = time.time()
+    model = llmcompressor_quantize(copy.deepcopy(fp_model), setup.calib_batches, method, quiet=quiet)
+    calib_s = time.time() - t0
+    t1 = time.time()
+    ppl = perplexity(model, setup.eval_chunks, quiet=quiet, desc=f"eval {method}")
+    eval_s = time.time() - t1
+    peak = peak_rss_mb() if can_reset else None
+    dynamic = method.endswith("dynamic")
+    row = Row(model_name, method, 8, 8, "per-token" if dynamic else "per-tensor", not dynamic, "perplexity", ppl,
+              calib_s + eval_s, {"calib_seconds": round(calib_s, 2), "eval_seconds": round(eval_s, 2),
+                                 "peak_rss_mb": None if peak is None else round(peak, 1),
+                                 "w_algorithm": "gptq" if "gptq" in method else "rtn", "tool": "llmcompressor"})
+    log(f"{method + ' W8A8':<28} perplexity {ppl:9.3f}   (calibrate+quantize {calib_s:5.1f} s, eval {eval_s:5.1f} s)")
+    return row, MethodResult(None, ppl, calib_s, eval_s, None, model if keep_models else None, peak)

@@ -1,0 +1,1 @@
+"""Third-party quantizers run as peers of vtquant's own methods (optional extras)."""
