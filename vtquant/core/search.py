@@ -12,9 +12,10 @@ Hessian, one row sample and one activation clip ratio.
   (``fp-row``: prefix, unstable templates); sink rows whose output is an inserted template are
   excluded (their output does not depend on the quantized weight); for GPTQ and the weight
   clipping search;
-* :func:`quantize_weights` - RTN or GPTQ, with optional Hessian-weighted clip search;
+* :func:`quantize_weights` - RTN or GPTQ, with an optional clip search weighted by ``diag(H)``;
 * :func:`sample_rows` / :func:`search_activation_clips` - per Linear (group), the per-tensor
-  static clip ratio minimising the MSE of the Linear's *output* over semantic rows;
+  static clip ratio minimising the (column-energy weighted) error of the Linear's *output*
+  over semantic rows;
   key / value cache quantizers minimise the MSE of the cached values themselves;
 * :func:`detected_sinks` / :func:`structure_recall` - the sink set detected on a model
   (per calibration sequence) and ``R = |S_q & S_fp| / |S_fp|``.
@@ -85,25 +86,37 @@ def quantize_weights(wrapped: dict, args: WeightArgs, hessians: Optional[dict], 
 
     clips_sum, clips_n, clipped = 0.0, 0, 0
     rtn_fallback: list = []
-    items = list(wrapped.items())
-    for key, q in tqdm(items, desc=f"quantize weights ({args.algorithm})", disable=quiet, leave=False):
-        hess = hessians.get(leaders[key]) if hessians else None
-        weight = q.weight.detach().float()
+    groups: dict = {}
+    for key, leader in leaders.items():
+        groups.setdefault(leader, []).append(key)
+    for leader, keys in tqdm(list(groups.items()), desc=f"quantize weights ({args.algorithm})", disable=quiet,
+                             leave=False):
+        # Linears reading the same input share H: GPTQ treats rows independently given H, so the
+        # group's weights are stacked and swept once
+        qs = [wrapped[k] for k in keys]
+        weight = torch.cat([q.weight.detach().float() for q in qs])
+        hess = hessians.get(leader) if hessians else None
         if hess is not None:
             hess = hess.to(weight.device)
-        clip = search_weight_clip(weight, hess, args) if args.clip_search else None
+        clip = search_weight_clip(weight, hess, args, diagonal=True) if args.clip_search else None
         if clip is not None:
             clips_sum += float(clip.sum())
             clips_n += clip.numel()
             clipped += int((clip < 1.0).sum())
-        if args.algorithm == "gptq" and hess is None:  # no calibration row met this weight: RTN
-            rtn_fallback.append(q.name)
+        if args.algorithm == "gptq" and hess is None:  # no calibration row met these weights: RTN
+            rtn_fallback += [q.name for q in qs]
         if args.algorithm == "gptq" and hess is not None:
             codes, scale = gptq_quantize(weight, hess, args, clip=clip, blocksize=args.gptq_block_size,
                                          percdamp=args.gptq_damp, act_order=args.act_order)
-            q.set_quantized_weight_(codes, scale, args)
         else:
-            q.quantize_weights_(args, clip=clip)
+            from .quant import quantize_weight
+
+            codes, scale = quantize_weight(weight, args, clip=clip)
+        start = 0
+        for q in qs:
+            stop = start + q.out_features
+            q.set_quantized_weight_(codes[start:stop].contiguous(), scale[start:stop].contiguous(), args)
+            start = stop
     info: dict = {"rtn_fallback": rtn_fallback} if rtn_fallback else {}
     if clips_n:
         info.update(mean_clip=round(clips_sum / clips_n, 4), clipped_share=round(clipped / clips_n, 4))
@@ -158,8 +171,11 @@ def _best_ratio(quantizer: ActQuantizer, error: Callable[[torch.Tensor], float],
 
 @torch.no_grad()
 def search_activation_clips(wrapped: dict, leaders: dict, samples: dict, grid: tuple = CLIP_GRID) -> dict:
-    """Per input group, the activation clip ratio minimising ``sum_members ||(Q(X) - X) W^T||^2``;
-    per key / value cache quantizer, the ratio minimising ``||Q(Y) - Y||^2`` on ``Y = X W^T + b``.
+    """Per input group, the activation clip ratio minimising the output error of its readers,
+    ``sum_ij (Q(X) - X)_ij^2 sum_o W_oj^2`` (the expected ``||(Q(X) - X) W^T||^2`` when the
+    quantization errors of different channels are uncorrelated; one elementwise pass per ratio
+    instead of a matmul); per key / value cache quantizer, the ratio minimising ``||Q(Y) - Y||^2``
+    on ``Y = X W^T + b``.
 
     Every quantizer must have observed its range (``observe`` mode) already.  Returns
     ``{linear name: {"act": ratio, "act_gain": err(1.0) / err(best), "kv": ratio}}``.
@@ -175,11 +191,12 @@ def search_activation_clips(wrapped: dict, leaders: dict, samples: dict, grid: t
         qs = [wrapped[k] for k in keys]
         dev = qs[0].dequantized_weight().device
         x = x.to(dev)
-        weight = torch.cat([q.dequantized_weight().float() for q in qs])  # [sum out, in]
+        # column energy of the readers' weights: sum_o W_oj^2 over every member of the group
+        col_energy = sum(q.dequantized_weight().float().pow(2).sum(dim=0) for q in qs)  # [in]
         lead_act = qs[0].act
         if lead_act is not None and lead_act.static and lead_act.mode != "off":
             def act_err(quantizer: ActQuantizer) -> float:
-                return float(((quantizer.fake_quant(x) - x) @ weight.T).pow(2).sum())
+                return float(((quantizer.fake_quant(x) - x).pow(2) * col_energy).sum())
             ratio, err_best, err_one = _best_ratio(lead_act, act_err, grid)
             for q in qs[1:]:
                 if q.act is not None:
