@@ -208,6 +208,7 @@ def test_compare_end_to_end(sink_model, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "_load", fake_load)
     monkeypatch.setattr(llm, "prepare_text", fake_prepare)
+    monkeypatch.setattr(cli, "llmcompressor_available", lambda: False)  # its rows: test_llmcompressor_peer.py
     res, png = tmp_path / "c.json", tmp_path / "plots" / "c.png"
     rc = main(["compare", "--quiet", "--settings", "W8A8,W8A6", "--results-file", str(res), "--plot", str(png)])
     assert rc == 0

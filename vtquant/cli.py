@@ -141,7 +141,8 @@ def _compare(args: argparse.Namespace, settings, title: str, compare: bool = Fal
     base = base if base is not None else _base_recipe(args)
     w = base.weights
     if compare and w is not None:
-        log(f"weights: {w.algorithm} {w.granularity}{f' (group {w.group_size})' if w.granularity == 'per-group' else ''}"
+        log(f"weights: {w.algorithm}{' (GPTQ below 8 bits, RTN at 8)' if w.algorithm == 'auto' else ''} "
+            f"{w.granularity}{f' (group {w.group_size})' if w.granularity == 'per-group' else ''}"
             f", clip search {'on' if w.clip_search else 'off'}; activation clip search "
             f"{'on' if base.activations is not None and base.activations.clip_search else 'off'}")
     setup = prepare_text(tok, base, args.eval_text, args.seq_len, None if args.full else args.eval_chunks,
@@ -179,7 +180,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def compare_base_recipe(args: argparse.Namespace):
     """The base recipe of ``vtquant compare``: the --recipe (or the defaults) with the weight and
-    clipping options applied; without a --recipe, GPTQ weights and clipping search are on."""
+    clipping options applied; without a --recipe, weights are ``auto`` (GPTQ below 8 bits, RTN at
+    8 bits) and the clipping searches are on."""
     import dataclasses
 
     from .config import ActArgs, WeightArgs
@@ -188,7 +190,7 @@ def compare_base_recipe(args: argparse.Namespace):
     given = getattr(args, "recipe", None) is not None
     weights = base.weights or WeightArgs()
     acts = base.activations or ActArgs()
-    algorithm = args.weights or (weights.algorithm if given else "gptq")
+    algorithm = args.weights or (weights.algorithm if given else "auto")
     clip = (args.clip_search == "on") if args.clip_search else (weights.clip_search if given else True)
     act_clip = (args.clip_search == "on") if args.clip_search else (acts.clip_search if given else True)
     changes = {"algorithm": algorithm, "clip_search": clip}
@@ -375,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. W8A8,W4A8KV8 (default: %(default)s)")
     p.add_argument("--recipe", default=None, help="base recipe: calibration, sinks, smoothquant_alpha, ignore, "
                    "weight and clipping options (default: the built-in defaults + the options below)")
-    p.add_argument("--weights", choices=("rtn", "gptq"), default=None,
-                   help="weight quantizer for every method (default: gptq, or the --recipe's)")
+    p.add_argument("--weights", choices=("rtn", "gptq", "auto"), default=None,
+                   help="weight quantizer for every method (default: auto = GPTQ below 8 bits, RTN at 8 bits; "
+                   "or the --recipe's)")
     p.add_argument("--group-size", type=int, default=None,
                    help="per-group weight scales of this many input columns (default: per-channel, or the --recipe's)")
     p.add_argument("--clip-search", choices=("on", "off"), default=None,

@@ -45,11 +45,13 @@ class WeightArgs:
         granularity: ``per-channel`` (one scale per output row) or ``per-group``.
         group_size: input columns per scale for ``per-group``.
         symmetric: symmetric (zero-point free) grid; only symmetric is implemented for weights.
-        algorithm: ``rtn`` (round to nearest) or ``gptq`` (GPTQ with second-order error
+        algorithm: ``rtn`` (round to nearest), ``gptq`` (GPTQ with second-order error
             compensation, from the Hessian of the Linear's calibration inputs; with insertquant
-            those inputs already went through clamp-and-insert: sink rows are not in it).
+            those inputs already went through clamp-and-insert: sink rows are not in it) or
+            ``auto`` (GPTQ below 8 bits, RTN at 8 bits, where GPTQ gains nothing measurable).
         clip_search: choose per-row (per-group) weight clip ratios minimising the calibration
-            output error ``dW H dW^T`` (before RTN / GPTQ).
+            output error weighted by ``diag(H)`` (before RTN / GPTQ); with ``auto``, only where
+            GPTQ runs.
         gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
         gptq_block_size: GPTQ lazy-update block width (columns).
         act_order: GPTQ quantizes columns by decreasing Hessian diagonal.
@@ -68,7 +70,7 @@ class WeightArgs:
     def __post_init__(self) -> None:
         _check_bits("weights", "bits", self.bits)
         _check_choice("weights", "granularity", self.granularity, ("per-channel", "per-group"))
-        _check_choice("weights", "algorithm", self.algorithm, ("rtn", "gptq"))
+        _check_choice("weights", "algorithm", self.algorithm, ("rtn", "gptq", "auto"))
         if not isinstance(self.group_size, int) or self.group_size < 8:
             raise ConfigError(f"weights.group_size = {self.group_size!r}: use an integer >= 8 (e.g. 128)")
         if not self.symmetric:
@@ -77,6 +79,13 @@ class WeightArgs:
             raise ConfigError(f"weights.gptq_damp = {self.gptq_damp!r}: use a fraction in (0, 1) (GPTQ: 0.01)")
         if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
             raise ConfigError(f"weights.gptq_block_size = {self.gptq_block_size!r}: use a positive integer (128)")
+
+    def resolved(self) -> "WeightArgs":
+        """``algorithm: auto`` made concrete for these bits (GPTQ + clip search below 8 bits, RTN at 8)."""
+        if self.algorithm != "auto":
+            return self
+        low = self.bits < 8
+        return dataclasses.replace(self, algorithm="gptq" if low else "rtn", clip_search=self.clip_search and low)
 
 
 @dataclass
@@ -317,7 +326,7 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
         method, rotate = method[: -len("+rotate")], True
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {list(METHOD_NAMES)}")
-    weights = None if method == "fp" else dataclasses.replace(base.weights or WeightArgs(), bits=w_bits)
+    weights = None if method == "fp" else dataclasses.replace(base.weights or WeightArgs(), bits=w_bits).resolved()
     base_act = base.activations or ActArgs()
     if method == "fp":
         acts = None

@@ -216,14 +216,16 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
                                for q in wrapped.values() if q.has_input_rotation}
 
     state = None
+    fp_sinks: list = []
     if recipe.method in ("insertquant", "prefix") and recipe.sinks.enabled:
         state = _calibrate_sinks(adapter, recipe, batches, wrapped, hooks, report, plan, quiet,
-                                 templates=recipe.method == "insertquant")
+                                 templates=recipe.method == "insertquant", fp_sinks=fp_sinks)
 
     leaders = search.input_group_leaders(adapter, wrapped)
-    acts, kv, wargs = recipe.activations, recipe.kv_cache, recipe.weights
+    acts, kv = recipe.activations, recipe.kv_cache
+    wargs = recipe.weights.resolved() if recipe.weights is not None else None
     clip_search = bool(acts is not None and acts.static and acts.clip_search)
-    s_fp: Optional[set] = None
+    s_fp: Optional[set] = fp_sinks[0] if fp_sinks else None  # recorded by the templates pass
 
     def record_positions(desc: str) -> set:
         return search.detected_sinks(lambda: state.positions(),
@@ -236,7 +238,7 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
             positions: list = []
 
             def run_hessian_pass() -> None:
-                if state is not None and clip_search:
+                if state is not None and clip_search and s_fp is None:
                     positions.append(record_positions("Hessians (GPTQ)"))
                 else:
                     _run(adapter, batches, "Hessians (GPTQ)", quiet)
@@ -244,8 +246,9 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
             hessians = search.collect_hessians(wrapped, leaders, run_hessian_pass)
             if positions:
                 s_fp = positions[0]
-        elif state is not None and clip_search:
-            s_fp = record_positions("sink set (full precision)")
+    if state is not None and clip_search and s_fp is None:  # prefix with RTN weights: one more pass
+        s_fp = record_positions("sink set (full precision)")
+    if wargs is not None:
         info = search.quantize_weights(wrapped, wargs, hessians, leaders, quiet=quiet)
         del hessians
         plan["weight_search"] = info
@@ -288,7 +291,8 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
 
 
 def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict, hooks: HookManager,
-                     report: QuantReport, plan: dict, quiet: bool, templates: bool = True) -> Optional[SinkState]:
+                     report: QuantReport, plan: dict, quiet: bool, templates: bool = True,
+                     fp_sinks: Optional[list] = None) -> Optional[SinkState]:
     """Detection (pass 1) and, with ``templates``, templates and residual restore (pass 2).
 
     ``templates=False`` is the ``prefix`` method: the same detection, then every Linear computes
@@ -430,7 +434,10 @@ def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict,
             tmp.forward(blocks[restore_layer], lambda m, inp, out: res_records.append(
                 (state.rows(adapter.block_output(out)).float().cpu(), state.mask.reshape(-1).cpu(),
                  state.types.reshape(-1).cpu()) if state.mask is not None else None))
-        _run(adapter, batches, "sink templates", quiet)
+        found = search.detected_sinks(lambda: state.positions(),
+                                      lambda after: _run(adapter, batches, "sink templates", quiet, after=after))
+        if fp_sinks is not None:  # pass 2 runs the deployed detectors on the full-precision model
+            fp_sinks.append(found)
     if restore_layer is not None:
         blocks[restore_layer].vtquant_restore.enabled = True
 

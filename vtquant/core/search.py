@@ -115,7 +115,7 @@ def quantize_weights(wrapped: dict, args: WeightArgs, hessians: Optional[dict], 
         start = 0
         for q in qs:
             stop = start + q.out_features
-            q.set_quantized_weight_(codes[start:stop].contiguous(), scale[start:stop].contiguous(), args)
+            q.set_quantized_weight_(codes[start:stop].clone(), scale[start:stop].clone(), args)  # own storage
             start = stop
     info: dict = {"rtn_fallback": rtn_fallback} if rtn_fallback else {}
     if clips_n:

@@ -41,8 +41,9 @@ def row_for(recipe_or_none, model: str, metric: str, value: float, seconds: floa
     act = r.activations
     extra = dict(extra)
     if r.weights is not None:
-        extra.setdefault("w_algorithm", r.weights.algorithm + (f"-g{r.weights.group_size}"
-                                                               if r.weights.granularity == "per-group" else ""))
+        w = r.weights.resolved()
+        extra.setdefault("w_algorithm", w.algorithm + (f"-g{w.group_size}" if w.granularity == "per-group" else "")
+                         + ("+clip" if w.clip_search else ""))
     if getattr(r, "kv_cache", None) is not None:
         extra.setdefault("kv_bits", r.kv_cache.bits)
     return Row(model, r.display_method, r.weights.bits if r.weights else None, act.bits if act else None,
