@@ -243,3 +243,23 @@ def test_compare_settings_llmcompressor_rows(monkeypatch):
     assert not [s for s in compare_settings(None, "W8A8") if s[0].startswith("llmcompressor-")]
     with pytest.raises(ConfigError, match="setup.sh --llmcompressor"):
         compare_settings("fp,llmcompressor-sq-static", "W8A8")
+
+
+def test_compare_base_recipe_defaults_and_overrides(tmp_path):
+    from vtquant.cli import build_parser, compare_base_recipe
+    from vtquant.recipe import save_recipe
+
+    parse = lambda *a: build_parser().parse_args(["compare", *a])  # noqa: E731
+    base = compare_base_recipe(parse())
+    assert (base.weights.algorithm, base.weights.granularity, base.weights.group_size) == ("auto", "per-group", 32)
+    assert base.weights.clip_search and base.activations.clip_search
+    w4 = method_recipe("insertquant", base, w_bits=4).weights
+    w8 = method_recipe("insertquant", base, w_bits=8).weights
+    assert (w4.algorithm, w4.clip_search, w8.algorithm, w8.clip_search) == ("gptq", True, "rtn", False)
+    pc = compare_base_recipe(parse("--group-size", "0", "--weights", "rtn", "--clip-search", "off"))
+    assert (pc.weights.granularity, pc.weights.algorithm, pc.weights.clip_search, pc.activations.clip_search) == \
+        ("per-channel", "rtn", False, False)
+    save_recipe(Recipe(name="mine"), tmp_path / "r.yaml")  # a recipe's own choices are kept unless overridden
+    mine = compare_base_recipe(parse("--recipe", str(tmp_path / "r.yaml")))
+    assert (mine.weights.algorithm, mine.weights.granularity, mine.activations.clip_search) == \
+        ("rtn", "per-channel", False)

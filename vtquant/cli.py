@@ -181,7 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def compare_base_recipe(args: argparse.Namespace):
     """The base recipe of ``vtquant compare``: the --recipe (or the defaults) with the weight and
     clipping options applied; without a --recipe, weights are ``auto`` (GPTQ below 8 bits, RTN at
-    8 bits) and the clipping searches are on."""
+    8 bits) with per-group scales of 32 columns and the clipping searches are on."""
     import dataclasses
 
     from .config import ActArgs, WeightArgs
@@ -194,8 +194,11 @@ def compare_base_recipe(args: argparse.Namespace):
     clip = (args.clip_search == "on") if args.clip_search else (weights.clip_search if given else True)
     act_clip = (args.clip_search == "on") if args.clip_search else (acts.clip_search if given else True)
     changes = {"algorithm": algorithm, "clip_search": clip}
-    if args.group_size is not None:
-        changes.update(granularity="per-group", group_size=args.group_size)
+    group = args.group_size if args.group_size is not None else (None if given else 32)
+    if group == 0:
+        changes.update(granularity="per-channel")
+    elif group is not None:
+        changes.update(granularity="per-group", group_size=group)
     base.weights = dataclasses.replace(weights, **changes)
     base.activations = dataclasses.replace(acts, clip_search=act_clip and acts.static)
     return base
@@ -381,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight quantizer for every method (default: auto = GPTQ below 8 bits, RTN at 8 bits; "
                    "or the --recipe's)")
     p.add_argument("--group-size", type=int, default=None,
-                   help="per-group weight scales of this many input columns (default: per-channel, or the --recipe's)")
+                   help="per-group weight scales of this many input columns; 0 = per-channel (default: 32, or the "
+                   "--recipe's)")
     p.add_argument("--clip-search", choices=("on", "off"), default=None,
                    help="weight and activation clipping search (default: on, or the --recipe's)")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of perplexity to this file")
