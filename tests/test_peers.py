@@ -263,3 +263,20 @@ def test_compare_base_recipe_defaults_and_overrides(tmp_path):
     mine = compare_base_recipe(parse("--recipe", str(tmp_path / "r.yaml")))
     assert (mine.weights.algorithm, mine.weights.granularity, mine.activations.clip_search) == \
         ("rtn", "per-channel", False)
+
+
+def test_compare_breakdown_cli(sink_model, tmp_path, monkeypatch, capsys):
+    import vtquant.cli as cli
+    import vtquant.llm as llm
+    from vtquant.cli import main
+
+    monkeypatch.setattr(cli, "_load", lambda args, log, **kw: (copy.deepcopy(sink_model), None, "tiny-implanted"))
+    monkeypatch.setattr(llm, "prepare_text", lambda tok, recipe, *a, **kw: llm.TextSetup(
+        token_batches(), torch.cat(token_batches(n=1, seed=21)), "2 x 32 tokens", "4 x 2 windows", "random ids"))
+    res = tmp_path / "b.json"
+    assert main(["compare", "--quiet", "--breakdown", "insertquant@W4A8KV8", "--results-file", str(res)]) == 0
+    text = capsys.readouterr().out
+    assert "| weights only |" in text and "| kv cache only |" in text and "% of all" in text
+    data = json.loads(res.read_text())
+    assert data["recipe"]["kv_cache"]["bits"] == 8 and len(data["parts"]["all"]["errors"]) == 6
+    assert main(["compare", "--quiet", "--breakdown", "insertquant@W4"]) == 2

@@ -207,3 +207,19 @@ def test_kv_cache_has_no_real_kernel_yet(sink_model):
     q, _ = _quantize(sink_model, "insertquant", kv_bits=8)
     with pytest.raises(UnsupportedConversionError, match="kv_cache"):
         convert_(q, "cpu-int8")
+
+
+def test_layer_error_breakdown_attributes_the_error(sink_model):
+    from vtquant.eval.layer_errors import format_breakdown, layer_error_breakdown, recipe_parts
+
+    recipe = method_recipe("insertquant", GPTQ, w_bits=3, a_bits=8, kv_bits=8)
+    assert [label for label, _ in recipe_parts(recipe)] == ["weights only", "activations only", "kv cache only", "all"]
+    chunks = torch.cat(token_batches(n=1, seed=9))
+    res = layer_error_breakdown(sink_model, recipe, token_batches(), chunks, log=lambda m: None)
+    parts = res["parts"]
+    assert res["layers"] == 6 and all(len(p["errors"]) == 6 for p in parts.values())
+    # 3-bit weights dominate an 8-bit activation / cache error on this model, and errors grow with depth
+    assert parts["weights only"]["errors"][-1] > 2 * parts["activations only"]["errors"][-1]
+    assert parts["all"]["errors"][-1] >= 0.5 * parts["weights only"]["errors"][-1]
+    assert parts["all"]["errors"][-1] > parts["all"]["errors"][0]
+    assert "| weights only |" in format_breakdown(res, every=2)

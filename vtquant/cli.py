@@ -169,6 +169,39 @@ def _compare(args: argparse.Namespace, settings, title: str, compare: bool = Fal
     return 0
 
 
+def _breakdown(args: argparse.Namespace) -> int:
+    """``compare --breakdown METHOD@SETTING``: per-layer error of weights / activations / cache alone and together."""
+    from .config import ConfigError, method_recipe
+    from .eval.layer_errors import format_breakdown, layer_error_breakdown, parts_summary
+    from .llm import prepare_text
+
+    method, _, setting = args.breakdown.partition("@")
+    try:
+        (w, a, kv), = parse_settings(setting or "W8A8")
+    except ValueError as err:
+        raise ConfigError(f"--breakdown {args.breakdown!r}: {err}; use METHOD@W4A8KV8") from None
+    log = _log(args)
+    start = time.time()
+    model, tok, name = _load(args, log)
+    base = compare_base_recipe(args)
+    recipe = method_recipe(method, base, w_bits=w, a_bits=a, kv_bits=kv)
+    setup = prepare_text(tok, base, args.eval_text, args.seq_len, None if args.full else args.eval_chunks,
+                         bos=args.bos, quiet=args.quiet)
+    result = layer_error_breakdown(model, recipe, setup.calib_batches, setup.eval_chunks, quiet=args.quiet, log=log)
+    print(f"\nvtquant compare --breakdown {args.breakdown}: {name}; {setup.protocol}; relative residual-stream "
+          "error after each layer over the non-first tokens")
+    print(format_breakdown(result))
+    for line in parts_summary(result):
+        print(line)
+    print(f"total {time.time() - start:.0f} s")
+    if args.results_file:
+        from .recipe import atomic_write_text
+
+        atomic_write_text(Path(args.results_file), json.dumps({"breakdown": args.breakdown, "recipe": recipe.to_dict(),
+                                                               **result}, indent=1, default=str))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """SmolLM2-135M, W8A8 (+ W4A8, W8A6): fp, naive-static, dynamic-token, insertquant, insertquant+rotate."""
     if getattr(args, "vision", False):
@@ -206,6 +239,8 @@ def compare_base_recipe(args: argparse.Namespace):
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Methods x bit settings side by side: one table, JSON rows, a PNG bar chart."""
+    if args.breakdown:
+        return _breakdown(args)
     return _compare(args, compare_settings(args.methods, args.settings), "vtquant compare", compare=True,
                     base=compare_base_recipe(args))
 
@@ -389,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-search", choices=("on", "off"), default=None,
                    help="weight and activation clipping search (default: on, or the --recipe's)")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of perplexity to this file")
+    p.add_argument("--breakdown", default=None, metavar="METHOD@SETTING",
+                   help="instead of the table: per-layer error analysis of one method and setting (e.g. "
+                   "insertquant+rotate@W4A8KV8): weights only, activations only, cache only and all together")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("analyze", help="measure the sink mechanism and its restoration: report.html, figures.json, summary")
