@@ -136,11 +136,24 @@ def test_structure_violation_undoes_the_search(sink_model, monkeypatch):
     monkeypatch.setattr(search, "structure_recall", fake)
     q, report = _quantize(sink_model, "insertquant", SEARCH, w_bits=8, a_bits=4)
     info = q.vtquant.plan["act_clip_search"]
-    assert info["undone_layers"] and info["structure_recall"] == 1.0 and len(calls) == 2
+    stage = max(q.vtquant.plan["sinks"]["stages"].values())
+    # only the layers that feed detection are undone (deeper layers cannot change the sink set)
+    assert info["undone_layers"] == list(range(stage + 1))
+    assert info["structure_recall"] == 1.0 and info["recall_with_search"] == 0.5 and len(calls) == 2
     for m in _linears(q):
-        if int(m.name.split(".")[1]) in info["undone_layers"]:
-            assert m.act.clip_ratio == 1.0
-    assert "undone" in report.summary()
+        layer = int(m.name.split(".")[1])
+        assert (m.act.clip_ratio == 1.0) or layer > stage
+        assert info["ratios"][m.name]["act"] == m.act.clip_ratio
+    assert any(info["ratios"][m.name]["act"] < 1.0 for m in _linears(q))  # the deeper layers keep theirs
+    assert "undoing the search in layers" in report.summary()
+
+
+def test_structure_difference_not_from_the_search_is_reported(sink_model, monkeypatch):
+    real = search.structure_recall
+    monkeypatch.setattr(search, "structure_recall", lambda s_q, s_fp: (0.75, real(s_q, s_fp)[1]))
+    q, report = _quantize(sink_model, "insertquant", SEARCH, w_bits=8, a_bits=4)
+    assert report.structure_recall == 0.75
+    assert "comes from quantization itself" in report.summary()
 
 
 def test_weight_clip_search_reports_and_helps_at_3_bits(sink_model):

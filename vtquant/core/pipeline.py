@@ -565,32 +565,53 @@ def _install_kv_quantizers(adapter: Any, wrapped: dict, kv: ActArgs) -> None:
 
 def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, state: Optional[SinkState],
                  s_fp: Optional[set], record_positions: Any, report: QuantReport, plan: dict) -> None:
-    """Activation / cache clip search, then the structure check (sink set of the quantized model = FP's)."""
+    """Activation / cache clip search, then the structure check (sink set of the quantized model = FP's).
+
+    The sink set is decided by the detectors at the stage layers, from inputs that only the layers up
+    to the last stage layer shape; so if the sets differ after the search, the search is undone in
+    exactly those layers (deeper layers cannot change detection) and the check is repeated once.  If
+    the sets still differ, the difference comes from quantization itself, not from the search, and
+    is reported as such.
+    """
     ratios = search.search_activation_clips(wrapped, leaders, samples)
-    act = [v["act"] for v in ratios.values() if "act" in v]
-    kvr = [v["kv"] for v in ratios.values() if "kv" in v]
-    info = {"act_mean_clip": round(sum(act) / len(act), 4) if act else None,
-            "kv_mean_clip": round(sum(kvr) / len(kvr), 4) if kvr else None,
-            "ratios": {name: v for name, v in sorted(ratios.items())}, "structure_recall": None, "undone_layers": []}
-    note = f"activation clip search: mean clip {info['act_mean_clip']}"
-    if kvr:
-        note += f", cache mean clip {info['kv_mean_clip']}"
+    info: dict = {"structure_recall": None, "undone_layers": []}
+    note = "activation clip search"
     if state is not None and s_fp is not None:
         s_q = record_positions("sink set (quantized)")
         recall, extra = search.structure_recall(s_q, s_fp)
-        layers = sorted({li for li, _ in wrapped})
+        first = (recall, extra)
+        stages = (plan.get("sinks") or {}).get("stages") or {}
+        last_stage = max(stages.values()) if stages else max(li for li, _ in wrapped)
         undone: list = []
-        # structure constraint: undo the search from the first layer on until the sink sets agree
-        while (recall is not None and (recall < 1.0 or extra > 0)) and len(undone) < len(layers):
-            step = layers[len(undone): len(undone) + max(1, len(layers) // 4)]
-            search.reset_activation_clips(wrapped, [k for k in wrapped if k[0] in step])
-            undone += step
-            s_q = record_positions("sink set (quantized)")
+        if recall is not None and (recall < 1.0 or extra > 0):
+            undone = sorted({li for li, _ in wrapped if li <= last_stage})
+            search.reset_activation_clips(wrapped, [k for k in wrapped if k[0] in undone])
+            for name in list(ratios):
+                if int(name.split(".")[1]) in undone:
+                    ratios[name] = {**ratios[name], **({"act": 1.0} if "act" in ratios[name] else {}),
+                                    **({"kv": 1.0} if "kv" in ratios[name] else {})}
+            s_q = record_positions("sink set (quantized, search undone)")
             recall, extra = search.structure_recall(s_q, s_fp)
-        info.update(structure_recall=recall, extra_sinks=extra, undone_layers=undone, fp_sinks=len(s_fp))
+        info.update(structure_recall=recall, extra_sinks=extra, undone_layers=undone, fp_sinks=len(s_fp),
+                    recall_with_search=first[0], extra_with_search=first[1])
         report.structure_recall = recall
-        note += (f"; structure R = {recall if recall is None else round(recall, 4)} over {len(s_fp)} FP sinks"
-                 f" ({extra} extra)" + (f", search undone in layers {_ranges(undone)}" if undone else ""))
+        structure = (f"structure R = {recall if recall is None else round(recall, 4)} over {len(s_fp)} FP sinks"
+                     f" ({extra} extra)")
+        if undone:
+            structure += (f" after undoing the search in layers {_ranges(undone)} (with it: R = {round(first[0], 4)}, "
+                          f"{first[1]} extra)")
+            if recall < 1.0 or extra > 0:
+                structure += "; the difference persists with MinMax scales there: it comes from quantization itself"
+    act = [v["act"] for v in ratios.values() if "act" in v]
+    kvr = [v["kv"] for v in ratios.values() if "kv" in v]
+    info.update(act_mean_clip=round(sum(act) / len(act), 4) if act else None,
+                kv_mean_clip=round(sum(kvr) / len(kvr), 4) if kvr else None,
+                ratios={name: v for name, v in sorted(ratios.items())})
+    note += f": mean clip {info['act_mean_clip']}"
+    if kvr:
+        note += f", cache mean clip {info['kv_mean_clip']}"
+    if state is not None and s_fp is not None:
+        note += "; " + structure
     report.notes.append(note)
     plan["act_clip_search"] = info
 
