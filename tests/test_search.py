@@ -154,6 +154,11 @@ def test_structure_difference_not_from_the_search_is_reported(sink_model, monkey
     q, report = _quantize(sink_model, "insertquant", SEARCH, w_bits=8, a_bits=4)
     assert report.structure_recall == 0.75
     assert "comes from quantization itself" in report.summary()
+    info = q.vtquant.plan["act_clip_search"]
+    assert info["undone_layers"] == []  # the searched scales were restored
+    for m in _linears(q):
+        assert m.act.clip_ratio == info["ratios"][m.name]["act"]
+    assert min(info["ratios"][m.name]["act"] for m in _linears(q) if int(m.name.split(".")[1]) <= 2) < 1.0
 
 
 def test_weight_clip_search_reports_and_helps_at_3_bits(sink_model):

@@ -570,8 +570,8 @@ def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, stat
     The sink set is decided by the detectors at the stage layers, from inputs that only the layers up
     to the last stage layer shape; so if the sets differ after the search, the search is undone in
     exactly those layers (deeper layers cannot change detection) and the check is repeated once.  If
-    the sets still differ, the difference comes from quantization itself, not from the search, and
-    is reported as such.
+    the sets differ exactly as before, the difference comes from quantization itself, not from the
+    search: the searched scales are restored and that is reported.
     """
     ratios = search.search_activation_clips(wrapped, leaders, samples)
     info: dict = {"structure_recall": None, "undone_layers": []}
@@ -585,13 +585,28 @@ def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, stat
         undone: list = []
         if recall is not None and (recall < 1.0 or extra > 0):
             undone = sorted({li for li, _ in wrapped if li <= last_stage})
-            search.reset_activation_clips(wrapped, [k for k in wrapped if k[0] in undone])
-            for name in list(ratios):
-                if int(name.split(".")[1]) in undone:
-                    ratios[name] = {**ratios[name], **({"act": 1.0} if "act" in ratios[name] else {}),
-                                    **({"kv": 1.0} if "kv" in ratios[name] else {})}
+            keys = [k for k in wrapped if k[0] in undone]
+            searched = {k: (wrapped[k].act.clip_ratio if wrapped[k].act is not None else None,
+                            wrapped[k].out_act.clip_ratio if wrapped[k].out_act is not None else None) for k in keys}
+            search.reset_activation_clips(wrapped, keys)
             s_q = record_positions("sink set (quantized, search undone)")
             recall, extra = search.structure_recall(s_q, s_fp)
+            if (recall, extra) == first:  # not the search's doing: keep the searched ratios
+                for k, (ra, rk) in searched.items():
+                    for quantizer, ratio in ((wrapped[k].act, ra), (wrapped[k].out_act, rk)):
+                        if quantizer is not None and ratio is not None and quantizer.static:
+                            quantizer.clip_ratio = ratio
+                            quantizer.finalize()
+                kept = undone
+                undone = []
+            else:
+                kept = []
+                for name in list(ratios):
+                    if int(name.split(".")[1]) in undone:
+                        ratios[name] = {**ratios[name], **({"act": 1.0} if "act" in ratios[name] else {}),
+                                        **({"kv": 1.0} if "kv" in ratios[name] else {})}
+        else:
+            kept = []
         info.update(structure_recall=recall, extra_sinks=extra, undone_layers=undone, fp_sinks=len(s_fp),
                     recall_with_search=first[0], extra_with_search=first[1])
         report.structure_recall = recall
@@ -600,8 +615,9 @@ def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, stat
         if undone:
             structure += (f" after undoing the search in layers {_ranges(undone)} (with it: R = {round(first[0], 4)}, "
                           f"{first[1]} extra)")
-            if recall < 1.0 or extra > 0:
-                structure += "; the difference persists with MinMax scales there: it comes from quantization itself"
+        if kept:
+            structure += (f"; the same with MinMax scales in layers {_ranges(kept)}: the difference comes from "
+                          "quantization itself, not from the search, so the searched scales are kept")
     act = [v["act"] for v in ratios.values() if "act" in v]
     kvr = [v["kv"] for v in ratios.values() if "kv" in v]
     info.update(act_mean_clip=round(sum(act) / len(act), 4) if act else None,
