@@ -89,3 +89,87 @@ def test_layer_bench_runs_on_cpu():
     assert methods == ["fp", "dynamic-token", "insertquant"]
     for r in rows[1:]:
         assert r["rel_error"] < 0.1, r
+
+
+# -- cpu-int8: fused fbgemm kernel vs the torch._int_mm fallback --------------------------------
+from vtquant.kernels import linear as kl  # noqa: E402
+
+
+def _close(got, ref, rel=1e-5):
+    return (got - ref).abs().max().item() <= rel * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("arch,method,group_max_n", [("LlamaForCausalLM", "insertquant", None),
+                                                     ("LlamaForCausalLM", "insertquant+rotate", None),
+                                                     ("LlamaForCausalLM", "insertquant", 64),  # runs
+                                                     ("Qwen2ForCausalLM", "insertquant", 64)])  # biases
+def test_cpu_fbgemm_kernel_matches_int_mm_fallback(fp_model, monkeypatch, arch, method, group_max_n):
+    monkeypatch.delenv(kl.CPU_KERNEL_ENV, raising=False)
+    if group_max_n is not None:  # q/k/v -> [q], [k, v]; gate / up one GEMM each
+        monkeypatch.setattr(kl, "FBGEMM_GROUP_MAX_N", group_max_n)
+    model = fp_model if arch == "LlamaForCausalLM" else implanted_decoder(arch)
+    # two quantizations (deterministic), not a deepcopy: a copied model's sink state is not its own
+    fused = convert_(_quantized(model, method), "cpu-int8", cpu_kernel="auto")
+    fallback = convert_(_quantized(model, method), "cpu-int8", cpu_kernel="int_mm")
+    expected_kernel = "fbgemm" if kl.fbgemm_mode() is not None else "int_mm"
+    for name, m in fused.named_modules():
+        if isinstance(m, RealQuantLinear):
+            assert m.cpu_kernel == expected_kernel, name
+    assert all(m.cpu_kernel == "int_mm" for m in fallback.modules() if isinstance(m, RealQuantLinear))
+    group = fused.model.layers[0].self_attn.q_proj.group
+    assert group is not None
+    if expected_kernel == "fbgemm":
+        runs = [sizes for sizes, _ in group.fbgemm_chunks()]
+        assert runs == ([group.sizes] if group_max_n is None else [group.sizes[:1], group.sizes[1:]])
+    batch = token_batches(n=1, seed=7, sink_positions=((0,), (0, 9)))[0]  # sink rows, 2 x 32 rows
+    with torch.no_grad():
+        got, ref = fused(input_ids=batch).logits, fallback(input_ids=batch).logits
+        assert _close(got, ref), (got - ref).abs().max().item()
+        # one-row inputs (decode) take torch._int_mm in both
+        one, one_ref = fused(input_ids=batch[:1, :1]).logits, fallback(input_ids=batch[:1, :1]).logits
+        assert torch.equal(one, one_ref)
+
+
+def test_cpu_fbgemm_layer_exact_on_saturating_rows(fp_model):
+    if kl.fbgemm_mode() is None:
+        pytest.skip("fused fbgemm kernel unavailable here (the fallback is covered elsewhere)")
+    real = convert_(_quantized(fp_model, "insertquant"), "cpu-int8", group_shared_inputs=False)
+    layer = real.model.layers[1].mlp.down_proj
+    layer.guard = None  # plain layer: no sink rows
+    s = float(layer.a_scale)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 41, layer.in_features, generator=g) * 60 * s
+    x[0, 0, :7] = 500 * s  # saturates at +127
+    x[1, 2, 3:9] = -500 * s  # saturates at -127 (fbgemm's own quantizer would give -128)
+    x[2, :5] = (torch.randint(-130, 130, (5, layer.in_features), generator=g) + 0.5) * layer.a_scale  # ties
+    codes = torch.round(x / layer.a_scale).clamp(-127, 127)
+    exact = (codes.double() @ layer.qweight.double().t()) * layer.out_scale.double()
+    with torch.no_grad():
+        got = layer(x)
+        layer.cpu_kernel = "int_mm"
+        ref = layer(x)
+    assert _close(got, ref)
+    assert _close(ref, exact.float()) and _close(got, exact.float())
+
+
+def test_cpu_kernel_forced_fallback(fp_model, monkeypatch):
+    fake = _quantized(fp_model, "insertquant")  # copies below only for conversion checks
+
+    def boom(*args, **kwargs):
+        raise AssertionError("fbgemm used although int_mm was forced")
+
+    monkeypatch.setattr(kl, "fbgemm_linear", boom)
+    monkeypatch.setenv(kl.CPU_KERNEL_ENV, "int_mm")
+    real = convert_(copy.deepcopy(fake), "cpu-int8")
+    assert real.vtquant.plan["cpu_kernel"] == "int_mm"
+    assert "cpu_kernel=int_mm" in repr(real.model.layers[0].mlp.down_proj)
+    with torch.no_grad():
+        real(input_ids=token_batches(n=1)[0])
+    with pytest.raises(UnsupportedConversionError, match="cpu kernel"):
+        convert_(copy.deepcopy(fake), "cpu-int8", cpu_kernel="onednn")
+    # an unusable fused kernel falls back automatically under auto, and is an error when insisted on
+    monkeypatch.delenv(kl.CPU_KERNEL_ENV)
+    monkeypatch.setattr(kl, "_fbgemm_probe", (None, "probe says no"))
+    assert convert_(copy.deepcopy(fake), "cpu-int8", cpu_kernel="auto").vtquant.plan["cpu_kernel"] == "int_mm"
+    with pytest.raises(UnsupportedConversionError, match="probe says no"):
+        convert_(copy.deepcopy(fake), "cpu-int8", cpu_kernel="fbgemm")

@@ -5,7 +5,9 @@
 runs a real low-precision matmul with the per-tensor static activation scale and the
 per-channel weight scales folded into one rescale:
 
-* ``cpu-int8``: int8 x int8 -> int32 through ``torch._int_mm``;
+* ``cpu-int8``: int8 x int8 -> int32 through ``torch._int_mm`` and one rescale pass (or, with
+  ``convert_(..., cpu_kernel="auto")``, fbgemm's fused GEMM + rescale kernel where an exactness
+  probe passes: the same codes and sums);
 * ``cuda-int8``: the same on the GPU;
 * ``cuda-fp8``: FP8 E4M3 through ``torch._scaled_mm`` (scales fused into the matmul).
 

@@ -1,6 +1,10 @@
 """Real int8 / FP8 Linear modules and ``convert_`` (see the package docstring)."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -12,6 +16,12 @@ from ..core.rotation import kron_apply
 
 BACKENDS = ("cpu-int8", "cuda-int8", "cuda-fp8")
 FP8_MAX = 448.0
+CPU_KERNELS = ("auto", "fbgemm", "int_mm")
+CPU_KERNEL_ENV = "VTQUANT_CPU_INT8_KERNEL"
+FBGEMM_MIN_ROWS = 2  # one row (decode): torch._int_mm's GEMV is faster than fbgemm's fixed cost
+FBGEMM_GROUP_MAX_N = 2048  # fbgemm slows down past ~2048 output columns: wider groups run per member
+
+log = logging.getLogger(__name__)
 
 
 class UnsupportedConversionError(ValueError):
@@ -26,6 +36,129 @@ def int_mm(q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
         padded[:m] = q
         return torch._int_mm(padded, w_t)[:m]
     return torch._int_mm(q, w_t)
+
+
+# -- cpu-int8: fused fbgemm kernel -----------------------------------------------------------
+#
+# ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` (fbgemm) quantizes its float
+# input to uint8 while packing it for the GEMM, multiplies uint8 x int8 with exact int32
+# accumulation and writes ``acc * x_scale * w_scale[n] + bias`` as float32 in the GEMM's
+# epilogue, so no int8 / int32 tensors are materialized.  Its own quantizer multiplies by 1/scale
+# and clamps to [-128, 127] (uint8, zero point 128), which is not our fake quantizer's
+# round(x / s).clamp(-127, 127) (ties and negative saturation differ).  So we hand it
+# ``clamp(x / s, -127, 127)`` (two elementwise passes) with input scale 1 and zero point 128: it
+# then only rounds (half to even) and adds 128, both exact, and the static scale is folded into
+# the per-channel weight scales (``out_scale``).  Whether this build's kernel rounds before
+# adding the zero point (else x / s is rounded here first) and accumulates without int16
+# saturation (CPUs without VNNI) is probed once, exactly, on adversarial data; any mismatch or
+# error selects ``torch._int_mm``.  The packed weights cost ~1.5x the int8 weight bytes more.
+
+_fbgemm_probe: Optional[tuple[Optional[str], str]] = None  # (None | "div-clamp" | "div-round-clamp", why)
+
+
+@contextlib.contextmanager
+def _fbgemm_engine():
+    engines = torch.backends.quantized.supported_engines
+    previous = torch.backends.quantized.engine
+    target = "fbgemm" if "fbgemm" in engines else previous
+    try:
+        if target != previous:
+            torch.backends.quantized.engine = target
+        with warnings.catch_warnings():  # quantized-tensor creation is deprecated; we only pack
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if torch.backends.quantized.engine != previous:
+            torch.backends.quantized.engine = previous
+
+
+def fbgemm_pack(qweight: torch.Tensor, out_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> Any:
+    """Prepack int8 weights [N, K] with ``out_scale`` (activation scale folded in) and bias for fbgemm."""
+    n = qweight.shape[0]
+    with _fbgemm_engine():
+        wq = torch._make_per_channel_quantized_tensor(
+            qweight.detach().cpu().contiguous(), out_scale.detach().cpu().double(),
+            torch.zeros(n, dtype=torch.long), 0)
+        b = None if bias is None else bias.detach().cpu().float().contiguous()
+        return torch.ops.quantized.linear_prepack(wq, b)
+
+
+def fbgemm_codes(x2: torch.Tensor, a_scale: torch.Tensor, mode: str) -> torch.Tensor:
+    """The int8 codes as float32, ``clamp(x / s, -127, 127)``, rounded here in ``div-round-clamp`` mode."""
+    codes = torch.div(x2, a_scale)  # the same division (and dtype) as the fake quantizer
+    if mode == "div-round-clamp":
+        codes.round_()
+    if codes.dtype != torch.float32:
+        codes = codes.float()
+    return codes.clamp_(-127, 127)
+
+
+def fbgemm_linear(codes: torch.Tensor, packed: Any) -> torch.Tensor:
+    """float32 ``codes @ W^T * out_scale + bias`` through fbgemm (codes rounded inside, exactly)."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, 128, packed)
+
+
+def _probe_fbgemm() -> tuple[Optional[str], str]:
+    op = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
+    if op is None:
+        return None, "torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32 is missing"
+    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+        return None, f"no fbgemm engine (quantized engines: {torch.backends.quantized.supported_engines})"
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 37, 72, 40
+    s = torch.tensor(0.0123456789)
+    x = torch.randn(m, k, generator=g) * 40 * s
+    halves = (torch.randint(-140, 140, (m, k), generator=g) + 0.5) * s  # ties, just off, saturated
+    nudge = torch.randint(-2, 3, (m, k), generator=g)
+    halves = torch.where(nudge > 0, torch.nextafter(halves, halves + 1), halves)
+    halves = torch.where(nudge < 0, torch.nextafter(halves, halves - 1), halves)
+    x[: m // 2] = halves[: m // 2]
+    x[-3] = 300 * s  # codes 127 (uint8 255) against weights 127: int16 pair sums would saturate
+    x[-2:] = -300 * s  # codes -127 (fbgemm's own clamp would give -128)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    w[: n // 2] = 127
+    w[n // 2: n // 2 + 2] = -128
+    codes = torch.round(x / s).clamp(-127, 127)
+    expected = codes.double() @ w.double().t()  # exact (|acc| < 2^24), as float32 below
+    try:
+        packed = fbgemm_pack(w, torch.ones(n), None)
+        for mode in ("div-clamp", "div-round-clamp"):
+            got = fbgemm_linear(fbgemm_codes(x, s, mode), packed)
+            if torch.equal(got.double(), expected):
+                return mode, "exact on the probe"
+        return None, "fbgemm's result differs from exact int8 codes x int32 accumulation on this CPU"
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the portable path
+        return None, f"fbgemm failed: {type(exc).__name__}: {exc}"
+
+
+def fbgemm_mode() -> Optional[str]:
+    """The exact fbgemm input mode on this machine (probed once), or ``None`` where it is unusable."""
+    global _fbgemm_probe
+    if _fbgemm_probe is None:
+        _fbgemm_probe = _probe_fbgemm()
+        mode, why = _fbgemm_probe
+        if mode is None:
+            log.info("cpu-int8: the fused fbgemm kernel is unavailable (%s); using torch._int_mm", why)
+        else:
+            log.debug("cpu-int8: fused fbgemm kernel selected (input %s, %s)", mode, why)
+    return _fbgemm_probe[0]
+
+
+def resolve_cpu_kernel(kernel: Optional[str] = None) -> str:
+    """``fbgemm`` or ``int_mm`` for the cpu-int8 backend: ``kernel`` (or ``$VTQUANT_CPU_INT8_KERNEL``,
+    default ``int_mm``); ``auto`` takes fbgemm where its probe passes."""
+    # default int_mm: measured end to end on SmolLM2 (1 thread, idle core) the fused fbgemm kernel was
+    # 3 % slower (709 vs 732 tok/s) and holds +173 MB of packed weights; it wins only on busy cores
+    kernel = kernel or os.environ.get(CPU_KERNEL_ENV) or "int_mm"
+    if kernel not in CPU_KERNELS:
+        raise UnsupportedConversionError(f"cpu kernel {kernel!r}; choose one of {CPU_KERNELS}")
+    if kernel == "int_mm":
+        return "int_mm"
+    if fbgemm_mode() is None:
+        if kernel == "fbgemm":
+            raise UnsupportedConversionError(f"cpu kernel fbgemm is unusable here: {_fbgemm_probe[1]}")
+        return "int_mm"
+    return "fbgemm"
 
 
 class SharedInput:
@@ -48,6 +181,26 @@ class SharedInput:
         self.out_scale = torch.cat([m.out_scale for m in members], 0)
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features, device=device) for m in members]
         self.bias = torch.cat(biases) if any(m.bias is not None for m in members) else None
+        self._fbgemm: Optional[list[tuple[list[int], Any]]] = None
+
+    def fbgemm_chunks(self) -> list[tuple[list[int], Any]]:
+        """The members in runs of at most ``FBGEMM_GROUP_MAX_N`` columns (a wider member alone), each
+        run as (its members' sizes, its fbgemm-packed weights); packed once."""
+        if self._fbgemm is None:
+            runs: list[list[int]] = []
+            for size in self.sizes:
+                if runs and sum(runs[-1]) + size <= FBGEMM_GROUP_MAX_N:
+                    runs[-1].append(size)
+                else:
+                    runs.append([size])
+            chunks, start = [], 0
+            for sizes in runs:
+                stop = start + sum(sizes)
+                bias = None if self.bias is None else self.bias[start:stop]
+                chunks.append((sizes, fbgemm_pack(self.qweight[start:stop], self.out_scale[start:stop], bias)))
+                start = stop
+            self._fbgemm = chunks
+        return self._fbgemm
 
     @staticmethod
     def key(x: torch.Tensor) -> tuple:
@@ -115,10 +268,13 @@ class RealQuantLinear(nn.Module):
             self.w_fp = dequantize_weight(fake.qweight, fake.w_scale)  # only for full-precision sink rows
         self.group: Optional[SharedInput] = None
         self.group_index = 0
+        self.cpu_kernel = "int_mm"  # set by convert_ (resolve_cpu_kernel) for the cpu-int8 backend
+        self._packed_cache: tuple = (None, None)
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         self._scale_a_cache = {}
+        self._packed_cache = (None, None)
         if self.rot_signs is not None:
             self.rot_signs = fn(self.rot_signs)
             self.rot_factors = [fn(f) for f in self.rot_factors]
@@ -127,12 +283,31 @@ class RealQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, "
                 f"a_scale={float(self.a_scale):.4g}")
+        if self.backend == "cpu-int8":
+            text += f", cpu_kernel={self.cpu_kernel}"
         if self.group is not None:
             text += f", shares input with {len(self.group.members) - 1} more"
         return text
 
     # -- quantize / matmul ---------------------------------------------------------------
-    def _quantize(self, x2: torch.Tensor) -> torch.Tensor:
+    def _fused_cpu(self, x2: torch.Tensor) -> bool:
+        """Whether this call runs the fused fbgemm kernel (cpu-int8, a CPU input of >= 2 rows)."""
+        return (self.cpu_kernel == "fbgemm" and self.backend == "cpu-int8" and not x2.is_cuda
+                and x2.shape[0] >= FBGEMM_MIN_ROWS)
+
+    def fbgemm_packed(self) -> Any:
+        """This Linear's weights, rescale and bias packed for fbgemm (once; again after ``.to()``)."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.out_scale.data_ptr(),
+               self.out_scale._version, None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
+        cached_key, packed = self._packed_cache
+        if cached_key != key:
+            packed = fbgemm_pack(self.qweight, self.out_scale, self.bias)
+            self._packed_cache = (key, packed)
+        return packed
+
+    def _quantize(self, x2: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:  # float32 codes; fbgemm turns them into uint8 while packing them
+            return fbgemm_codes(x2, self.a_scale, fbgemm_mode() or "div-round-clamp")
         if x2.is_cuda:  # one fused pass (Triton); int8 rounds half away from zero there
             from .triton_quant import quant_static
 
@@ -142,6 +317,8 @@ class RealQuantLinear(nn.Module):
 
     def _matmul(self, q: torch.Tensor, qweight: torch.Tensor, out_scale: torch.Tensor,
                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        if q.dtype == torch.float32:  # float codes from _quantize(fused=True): this Linear's own weights
+            return fbgemm_linear(q, self.fbgemm_packed()).to(out_dtype)
         if self.backend == "cuda-fp8":
             m = q.shape[0]
             scale_a = self._scale_a_cache.get(m)
@@ -156,7 +333,7 @@ class RealQuantLinear(nn.Module):
 
             return int8_matmul_scaled(q, qweight, out_scale, None, bias, out_dtype)
         acc = int_mm(q, qweight.t())
-        y = acc * out_scale
+        y = acc.float().mul_(out_scale)  # = acc * out_scale, without its int32 -> float temporary
         if bias is not None:
             y += bias
         return y.to(out_dtype)
@@ -177,13 +354,19 @@ class RealQuantLinear(nn.Module):
         x2 = state.rows(x) if state is not None else x.reshape(-1, x.shape[-1])
         if self.rot_signs is not None:
             x2 = kron_apply(x2, self.rot_signs, self.rot_factors)
-        q = self._quantize(x2)
+        q = self._quantize(x2, fused=self._fused_cpu(x2))
         if index is not None:
             self._zero_rows(q, index)
         group = self.group if (self.group is not None and self.group_index == 0) else None
         if group is not None:
-            y_all = self._matmul(q, group.qweight, group.out_scale, group.bias, x.dtype)
-            parts = list(torch.split(y_all, group.sizes, dim=-1))
+            if q.dtype == torch.float32:  # fused fbgemm: one GEMM per run of members, codes shared
+                parts = []
+                for sizes, packed in group.fbgemm_chunks():
+                    y_run = fbgemm_linear(q, packed).to(x.dtype)
+                    parts.extend(torch.split(y_run, sizes, dim=-1) if len(sizes) > 1 else [y_run])
+            else:
+                y_all = self._matmul(q, group.qweight, group.out_scale, group.bias, x.dtype)
+                parts = list(torch.split(y_all, group.sizes, dim=-1))
             outs = []
             for member, part in zip(group.members, parts):
                 if index is not None:
@@ -220,25 +403,33 @@ class RealQuantLinear(nn.Module):
         y.index_copy_(0, index, out)
 
 
-def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs: bool = True) -> nn.Module:
+def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs: bool = True,
+             cpu_kernel: Optional[str] = None) -> nn.Module:
     """Replace every calibrated ``QuantLinear`` of ``model`` by a :class:`RealQuantLinear` (in place).
 
     Args:
         model: a model quantized by :func:`vtquant.quantize_` (W8 per-channel, A8 per-tensor static).
         backend: ``cpu-int8``, ``cuda-int8`` or ``cuda-fp8``.
         group_shared_inputs: fuse Linears that read the same input (q/k/v, gate/up) into one matmul.
+        cpu_kernel: for ``cpu-int8`` (default ``$VTQUANT_CPU_INT8_KERNEL``, else ``int_mm``):
+            ``int_mm`` runs ``torch._int_mm`` with a separate rescale; ``auto`` runs inputs of two or
+            more rows through fbgemm's fused GEMM + rescale kernel where a one-time exactness probe
+            passes (else ``int_mm``); ``fbgemm`` insists on it.  Both give the same int8 codes and
+            int32 sums.
     """
     handle = getattr(model, "vtquant", None)
     if handle is None:
         raise UnsupportedConversionError("model is not quantized by vtquant; call vtquant.quantize_ first")
     if backend.startswith("cuda") and not torch.cuda.is_available():
         raise UnsupportedConversionError(f"backend {backend} needs a CUDA GPU; use cpu-int8 here")
+    kernel = resolve_cpu_kernel(cpu_kernel) if backend == "cpu-int8" else "int_mm"
     adapter = handle.adapter
     for block in adapter.blocks():
         converted: dict[str, RealQuantLinear] = {}
         for name, module in list(block.named_modules()):
             if isinstance(module, QuantLinear):
                 real = RealQuantLinear(module, backend)
+                real.cpu_kernel = kernel
                 parent_name, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, real)
                 converted[name] = real
@@ -253,4 +444,13 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
                 if same_scale and same_rot and same_guard:
                     SharedInput(members)
     handle.plan["backend"] = backend
+    if backend == "cpu-int8":
+        handle.plan["cpu_kernel"] = kernel
+        if kernel == "fbgemm":  # pack now, not inside the first forward
+            for module in model.modules():
+                if isinstance(module, RealQuantLinear):
+                    if module.group is None:
+                        module.fbgemm_packed()
+                    elif module.group_index == 0:
+                        module.group.fbgemm_chunks()
     return model
