@@ -3,6 +3,7 @@ implanted-sink decoders (values known by construction: the spike is SPIKE_VALUE 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -241,3 +242,14 @@ def test_layer_error_breakdown_attributes_the_error(sink_model):
     assert parts["all"]["errors"][-1] >= 0.5 * parts["weights only"]["errors"][-1]
     assert parts["all"]["errors"][-1] > parts["all"]["errors"][0]
     assert "| weights only |" in format_breakdown(res, every=2)
+
+
+def test_layer_error_breakdown_rotated_model_in_its_own_basis(sink_model):
+    """insertquant+rotate with 8-bit weights only: the residual error is small once rotated back (a
+    comparison in different bases would give ~sqrt(2))."""
+    from vtquant.eval.layer_errors import layer_error_breakdown
+
+    recipe = dataclasses.replace(method_recipe("insertquant+rotate", Recipe(), w_bits=8), activations=None)
+    chunks = torch.cat(token_batches(n=1, seed=9))
+    res = layer_error_breakdown(sink_model, recipe, token_batches(), chunks, log=lambda m: None)
+    assert max(res["parts"]["all"]["errors"]) < 0.1

@@ -4,7 +4,8 @@ For a recipe, :func:`layer_error_breakdown` quantizes copies of the full-precisi
 only one part of the recipe switched on at a time (weights only, activations only, the key /
 value cache only) and with all of it, runs the same evaluation chunks through each, and
 measures after every block the relative error of the residual stream against the
-full-precision model, ``||h_q - h_fp|| / ||h_fp||`` over the semantic tokens (the sink tokens'
+full-precision model, ``||h_q - h_fp|| / ||h_fp||`` over the semantic tokens (a rotated model's
+residual stream ``h Q`` is rotated back first) (the sink tokens'
 residual is orders of magnitude larger and would hide everything else), plus the perplexity.
 This is the analysis ``vtquant compare`` points to when a target is missed: it says whether
 the weights, the activations or the cache carry the error, and where in depth it grows.
@@ -76,6 +77,7 @@ def layer_error_breakdown(fp_model: torch.nn.Module, recipe: Recipe, calib_batch
     """
     from .. import api
     from ..adapters import get_adapter
+    from ..analyze import residual_rotation
     from .perplexity import perplexity
 
     if keep is None:
@@ -86,7 +88,11 @@ def layer_error_breakdown(fp_model: torch.nn.Module, recipe: Recipe, calib_batch
     for label, part in recipe_parts(recipe):
         model = copy.deepcopy(fp_model)
         api.quantize_(model, part, calib_batches, quiet=quiet)
-        errs = relative_errors(block_outputs(model, get_adapter(model), chunks), h_fp, keep)
+        h_q = block_outputs(model, get_adapter(model), chunks)
+        rot = residual_rotation(part, h_q[0].shape[-1])
+        if rot is not None:  # a rotated model's residual stream is h @ Q: compare in the model's own basis
+            h_q = [h @ rot.T for h in h_q]
+        errs = relative_errors(h_q, h_fp, keep)
         ppl = perplexity(model, chunks, quiet=True)
         result["parts"][label] = {"errors": errs, "perplexity": ppl}
         log(f"{label:<18} perplexity {ppl:9.3f}; relative residual error, last layer {errs[-1]:.4f}")
