@@ -151,9 +151,15 @@ def test_structure_violation_undoes_the_search(sink_model, monkeypatch):
 
 def test_structure_difference_not_from_the_search_is_reported(sink_model, monkeypatch):
     real = search.structure_recall
-    monkeypatch.setattr(search, "structure_recall", lambda s_q, s_fp: (0.75, real(s_q, s_fp)[1]))
+    calls = []
+
+    def fake(s_q, s_fp):  # with the search: R 0.75; MinMax in the detection layers: worse (0.5)
+        calls.append(1)
+        return (0.75 if len(calls) == 1 else 0.5), real(s_q, s_fp)[1]
+
+    monkeypatch.setattr(search, "structure_recall", fake)
     q, report = _quantize(sink_model, "insertquant", SEARCH, w_bits=8, a_bits=4)
-    assert report.structure_recall == 0.75
+    assert report.structure_recall == 0.75 and "R = 0.5" in report.summary()
     assert "comes from quantization itself" in report.summary()
     info = q.vtquant.plan["act_clip_search"]
     assert info["undone_layers"] == []  # the searched scales were restored

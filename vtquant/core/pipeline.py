@@ -570,8 +570,8 @@ def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, stat
     The sink set is decided by the detectors at the stage layers, from inputs that only the layers up
     to the last stage layer shape; so if the sets differ after the search, the search is undone in
     exactly those layers (deeper layers cannot change detection) and the check is repeated once.  If
-    the sets differ exactly as before, the difference comes from quantization itself, not from the
-    search: the searched scales are restored and that is reported.
+    that does not improve the structure (higher R, then fewer extra sinks), the difference comes
+    from quantization itself, not from the search: the searched scales are restored and reported.
     """
     ratios = search.search_activation_clips(wrapped, leaders, samples)
     info: dict = {"structure_recall": None, "undone_layers": []}
@@ -591,7 +591,7 @@ def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, stat
             search.reset_activation_clips(wrapped, keys)
             s_q = record_positions("sink set (quantized, search undone)")
             recall, extra = search.structure_recall(s_q, s_fp)
-            if (recall, extra) == first:  # not the search's doing: keep the searched ratios
+            if (recall, -extra) <= (first[0], -first[1]):  # undoing did not improve the structure: keep the search
                 for k, (ra, rk) in searched.items():
                     for quantizer, ratio in ((wrapped[k].act, ra), (wrapped[k].out_act, rk)):
                         if quantizer is not None and ratio is not None and quantizer.static:
@@ -599,6 +599,8 @@ def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, stat
                             quantizer.finalize()
                 kept = undone
                 undone = []
+                minmax = (recall, extra)
+                recall, extra = first
             else:
                 kept = []
                 for name in list(ratios):
@@ -616,8 +618,9 @@ def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, stat
             structure += (f" after undoing the search in layers {_ranges(undone)} (with it: R = {round(first[0], 4)}, "
                           f"{first[1]} extra)")
         if kept:
-            structure += (f"; the same with MinMax scales in layers {_ranges(kept)}: the difference comes from "
-                          "quantization itself, not from the search, so the searched scales are kept")
+            structure += (f"; MinMax scales in layers {_ranges(kept)} do not do better (R = {round(minmax[0], 4)}, "
+                          f"{minmax[1]} extra): the difference comes from quantization itself, not from the search, so "
+                          "the searched scales are kept")
     act = [v["act"] for v in ratios.values() if "act" in v]
     kvr = [v["kv"] for v in ratios.values() if "kv" in v]
     info.update(act_mean_clip=round(sum(act) / len(act), 4) if act else None,
