@@ -31,26 +31,9 @@ from typing import Any, Optional
 
 import torch
 
+from ..llm import peak_rss_mb as _peak_rss_mb, reset_peak_rss as _reset_peak_rss
+
 CPU_METHODS = ("fp", "bf16", "dynamic-token", "insertquant", "insertquant+rotate")
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> Optional[float]:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
 
 
 @torch.no_grad()
