@@ -82,7 +82,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, compact_embeddings:
             "format_version": FORMAT_VERSION,
             "adapter": type(handle.adapter).__name__,
             "model": handle.adapter.config_dict(),
-            "plan": handle.plan,
+            "plan": handle.plan.to_dict(),
             "recipe_yaml": recipe_to_yaml(handle.recipe) if getattr(handle, "recipe", None) else None,
             "report": handle.report.to_dict() if handle.report else None,
         }

@@ -85,9 +85,3 @@ class TimmViTAdapter(VisionAdapter):
             out.append(("registers", f"register{r}", pos))
             pos += 1
         return out
-
-    def describe(self) -> dict:
-        info = super().describe()
-        info.update(num_prefix_tokens=int(getattr(self.model, "num_prefix_tokens", 0)),
-                    global_pool=str(getattr(self.model, "global_pool", "")))
-        return info
