@@ -500,11 +500,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .assets import AssetError
+    from .checkpoint import CheckpointError
     from .config import ConfigError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, AssetError, FileNotFoundError) as err:
+    except (ConfigError, AssetError, CheckpointError, FileNotFoundError) as err:
         print(f"vtquant {args.command}: error: {err}", file=sys.stderr)
         return 2
 
