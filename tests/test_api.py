@@ -43,7 +43,8 @@ def _quantized(model, recipe, batches=None):
 def test_save_load_round_trip(fp_model, tmp_path, method):
     q = _quantized(fp_model, method_recipe(method, Recipe()))
     path = vtquant.save(q, tmp_path / "ckpt")
-    assert sorted(os.listdir(path)) == ["model.safetensors", "recipe.yaml", "vtquant.json"]
+    # transformers models are saved in the hf layout by default (tests/test_hf_checkpoint.py)
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "recipe.yaml", "vtquant.json"]
     loaded = vtquant.load(path)
     assert not loaded.training
 
@@ -100,6 +101,7 @@ def test_save_is_atomic_and_overwrites(fp_model, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)  # the hf layout writes its own tensor dict
     with pytest.raises(OSError, match="disk full"):
         vtquant.save(q, target)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]

@@ -268,7 +268,7 @@ def test_interrupt_between_the_renames_rolls_back(quantized, other_quantized, tm
 def test_checksums_are_recorded_and_verified(quantized, tmp_path):
     target = vtquant.save(quantized, tmp_path / "ckpt")
     files = json.loads((target / "vtquant.json").read_text())["files"]
-    assert sorted(files) == ["model.safetensors", "recipe.yaml"]
+    assert sorted(files) == ["config.json", "model.safetensors", "recipe.yaml"]  # the hf layout (default)
     for name, record in files.items():
         data = (target / name).read_bytes()
         assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

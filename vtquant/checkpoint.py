@@ -4,8 +4,14 @@ A checkpoint is a folder of three files::
 
     model.safetensors   every tensor (int8 codes, scales, templates, rotations, ...)
     vtquant.json        format version, adapter, model config, plan, recipe, report, and the
-                        size and sha256 of the other two files (verified by :func:`load`)
+                        size and sha256 of the other files (verified by :func:`load`)
     recipe.yaml         the recipe, for people to read
+
+Two layouts (``vtquant.json``'s ``format``): ``hf``, the default for transformers models, adds
+``config.json`` with a ``quantization_config`` (``quant_method: vtquant``) and the tokenizer files, packs
+W4 codes two per byte, and loads with ``AutoModelForCausalLM.from_pretrained`` in a process that has
+imported vtquant (:mod:`vtquant.hf_integration`); ``vtquant``, the only one for timm / open_clip towers,
+is the three files above.  :func:`load` reads both.
 
 How a save protects what is on disk (torchao / safetensors keep the write itself; this module
 adds the folder swap around it):
@@ -47,7 +53,7 @@ from .core.plan import QuantPlan
 from .errors import VtquantError
 from .recipe import recipe_from_dict, recipe_to_yaml
 
-__all__ = ["CheckpointError", "FORMAT_VERSION", "load", "save"]
+__all__ = ["CheckpointError", "FORMAT_VERSION", "load", "load_tokenizer", "save"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +61,9 @@ FORMAT_VERSION = 1
 META_FILE = "vtquant.json"
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
-CHECKPOINT_FILES = (WEIGHTS_FILE, META_FILE, RECIPE_FILE)  # everything save writes into the folder
+CHECKPOINT_FILES = (WEIGHTS_FILE, META_FILE, RECIPE_FILE)  # what save writes into every checkpoint folder
+# (an hf-format checkpoint also holds config.json and tokenizer files: listed in vtquant.json's "files")
+FORMATS = ("auto", "hf", "vtquant")
 _REQUIRED_KEYS = ("format_version", "adapter", "model", "plan")
 _CHUNK = 1 << 20
 _LOAD_ATTEMPTS = 3  # a load that overlaps a concurrent save's swap is read again
@@ -71,8 +79,10 @@ PathLike = Union[str, os.PathLike]
 # ------------------------------------------------------------------------------------------
 # save
 # ------------------------------------------------------------------------------------------
-def save(model: nn.Module, path: PathLike, *, compact_embeddings: Optional[str] = None) -> Path:
-    """Save a quantized model: ``model.safetensors`` + ``vtquant.json`` (+ ``recipe.yaml``).
+def save(model: nn.Module, path: PathLike, *, compact_embeddings: Optional[str] = None, format: str = "auto",
+         tokenizer: Any = None) -> Path:
+    """Save a quantized model: ``model.safetensors`` + ``vtquant.json`` (+ ``recipe.yaml``, + ``config.json``
+    and the tokenizer in the ``hf`` layout).
 
     The folder is written to a temporary sibling and moved into place, so an interrupted save
     never leaves a half-written checkpoint.  ``path`` may be missing, an empty folder or an
@@ -84,6 +94,13 @@ def save(model: nn.Module, path: PathLike, *, compact_embeddings: Optional[str] 
         compact_embeddings: ``None`` (default) stores every tensor as it is; ``"int8"`` (per-row
             codes + scales) or ``"bf16"`` stores the full-precision embedding table and output head
             compactly on disk (see :mod:`vtquant.storage`); :func:`load` restores float tables.
+        format: ``"hf"`` (transformers-native: ``config.json`` with ``quantization_config``, tokenizer,
+            W4 packed; see :mod:`vtquant.hf_integration`), ``"vtquant"`` (the three files only) or
+            ``"auto"`` (default): ``hf`` for transformers models (decoders, HF vision towers) saved without
+            ``compact_embeddings`` (the ``vtquant`` layout holds every compact form, the ``hf`` one only
+            ``"bf16"`` tables and no derived head), else ``vtquant``.
+        tokenizer: written beside the model in the ``hf`` layout (default: ``model.vtquant.tokenizer``
+            if one is attached, e.g. by :func:`load`).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -96,12 +113,15 @@ def save(model: nn.Module, path: PathLike, *, compact_embeddings: Optional[str] 
     handle = getattr(model, "vtquant", None)
     if handle is None:
         raise ValueError("model is not quantized by vtquant; call vtquant.quantize_(model, recipe, calib) first")
+    fmt = _resolve_format(model, format, compact_embeddings)
+    if tokenizer is None:
+        tokenizer = getattr(handle, "tokenizer", None)
     given = Path(path)
     target = Path(os.path.abspath(given))
     _check_target(target)  # before minutes of writing
     tmp = _make_tmp(target)
     try:
-        _write_checkpoint(model, handle, tmp, compact_embeddings)
+        _write_checkpoint(model, handle, tmp, compact_embeddings, fmt, tokenizer)
         with _locked(target):
             _recover(target)
             _check_target(target)  # again: another process may have put something there meanwhile
@@ -112,37 +132,72 @@ def save(model: nn.Module, path: PathLike, *, compact_embeddings: Optional[str] 
     return given
 
 
+def _resolve_format(model: nn.Module, fmt: str, compact_embeddings: Optional[str]) -> str:
+    from .hf_integration import supports_hf_format
+
+    if fmt not in FORMATS:
+        raise CheckpointError(f"format={fmt!r}: use one of {list(FORMATS)} (nothing was written)")
+    if fmt == "auto":
+        return "hf" if supports_hf_format(model) and compact_embeddings is None else "vtquant"
+    if fmt == "hf":
+        if not supports_hf_format(model):
+            raise CheckpointError(f"format='hf' needs a transformers model (an HF decoder or vision tower); "
+                                  f"{type(model).__name__} is saved with format='vtquant' (nothing was written)")
+        if compact_embeddings not in (None, "bf16"):
+            raise CheckpointError(f"format='hf' stores embeddings in full precision or bfloat16; "
+                                  f"compact_embeddings={compact_embeddings!r} needs format='vtquant' (nothing was "
+                                  "written)")
+    return fmt
+
+
 def _plan_dict(plan: QuantPlan) -> dict:
     """The plan as JSON data."""
     return plan.to_dict()
 
 
-def _write_checkpoint(model: nn.Module, handle: Any, folder: Path, compact_embeddings: Optional[str]) -> None:
+def _write_checkpoint(model: nn.Module, handle: Any, folder: Path, compact_embeddings: Optional[str],
+                      fmt: str = "vtquant", tokenizer: Any = None) -> None:
     """Write the checkpoint files into ``folder``; ``vtquant.json`` last, with the others' checksums."""
     from safetensors.torch import save_model
 
     import vtquant
 
     storage = None
-    if compact_embeddings is not None:
+    extra_files: list = []
+    recipe = getattr(handle, "recipe", None)
+    recipe_yaml = recipe_to_yaml(recipe) if recipe else None
+    if fmt == "hf":
+        import safetensors.torch
+
+        from . import hf_integration as hf
+
+        safetensors.torch.save_file(hf.hf_state_dict(model, compact_embeddings), str(folder / WEIGHTS_FILE),
+                                    metadata={"format": "pt"})
+        qconfig = hf.quantization_config_dict(model, recipe_yaml)
+        (folder / hf.CONFIG_FILE).write_text(json.dumps(hf.model_config_dict(model, qconfig), indent=1) + "\n",
+                                             encoding="utf-8")
+        extra_files.append(hf.CONFIG_FILE)
+        if tokenizer is not None:
+            extra_files += [n for n in hf.save_tokenizer(tokenizer, folder) if n not in CHECKPOINT_FILES]
+    elif compact_embeddings is not None:
         from .storage import save_compact
 
         storage = save_compact(model, str(folder / WEIGHTS_FILE), compact_embeddings)
     else:
         save_model(model, str(folder / WEIGHTS_FILE))
-    recipe = getattr(handle, "recipe", None)
-    recipe_yaml = recipe_to_yaml(recipe) if recipe else None
     if recipe_yaml is not None:
         (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
-    written = [name for name in (WEIGHTS_FILE, RECIPE_FILE) if (folder / name).exists()]
+    written = [name for name in (WEIGHTS_FILE, RECIPE_FILE) if (folder / name).exists()] + extra_files
     meta = {
         "format_version": FORMAT_VERSION,
+        "format": fmt,
         "written_by": f"vtquant {vtquant.__version__}",
         "adapter": type(handle.adapter).__name__,
         "model": handle.adapter.config_dict(),
         "plan": _plan_dict(handle.plan),
         "recipe_yaml": recipe_yaml,
         "report": handle.report.to_dict() if handle.report else None,
+        "fp_reference": getattr(handle, "fp_reference", None),
         "files": {name: _file_record(folder / name) for name in written},
     }
     if storage is not None:
@@ -229,16 +284,34 @@ def _not_a_checkpoint(folder: Path, entries: list[str]) -> Optional[str]:
     """Why the non-empty ``folder`` is not a checkpoint written by vtquant (``None`` if it is one)."""
     if META_FILE not in entries:
         return f"no {META_FILE}; it holds {_listing(entries)}"
-    foreign = [name for name in entries if name not in CHECKPOINT_FILES]
-    if foreign:
-        return f"it holds files vtquant did not write: {_listing(foreign)}"
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        return f"its {META_FILE} cannot be read: {err}"
+        meta = None
+        problem = f"its {META_FILE} cannot be read: {err}"
+    foreign = [name for name in entries if name not in _own_files(meta)]
+    if foreign:
+        return f"it holds files vtquant did not write: {_listing(foreign)}"
+    if meta is None:
+        return problem
     if not isinstance(meta, dict) or "format_version" not in meta or "adapter" not in meta:
         return f"its {META_FILE} was not written by vtquant"
     return None
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name without a folder part (what vtquant.json may list)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name \
+        and "/" not in name and "\\" not in name
+
+
+def _own_files(meta: Any) -> set:
+    """Names of the files vtquant wrote into a checkpoint: the fixed ones and those its vtquant.json lists."""
+    own = set(CHECKPOINT_FILES)
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if isinstance(files, dict):
+        own.update(name for name in files if _plain_name(name))
+    return own
 
 
 def _check_target(target: Path) -> None:
@@ -266,7 +339,11 @@ def _check_target(target: Path) -> None:
 
 def _remove_checkpoint(folder: Path) -> None:
     """Delete the files vtquant writes in ``folder``, then the folder if that left it empty."""
-    for name in CHECKPOINT_FILES:
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    for name in sorted(_own_files(meta) - {META_FILE}) + [META_FILE]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / name)
     try:
@@ -474,7 +551,7 @@ def _verify_files(target: Path, meta: dict) -> None:
     if not isinstance(files, dict) or WEIGHTS_FILE not in files:
         raise CheckpointError(f"{meta_file} is damaged: its 'files' entry does not list {WEIGHTS_FILE}")
     for name, record in files.items():
-        if name not in CHECKPOINT_FILES or not isinstance(record, dict) \
+        if not _plain_name(name) or name == META_FILE or not isinstance(record, dict) \
                 or not isinstance(record.get("size"), int) or not isinstance(record.get("sha256"), str):
             raise CheckpointError(f"{meta_file} is damaged: bad 'files' entry {name!r}")
         file = target / name
@@ -501,6 +578,11 @@ def _load_once(target: Path, device: Optional[str]) -> nn.Module:
     meta = _read_meta(target)
     _verify_files(target, meta)
     meta_file = target / META_FILE
+    if meta.get("format", "vtquant") == "hf":
+        return _load_hf(target, meta, device)
+    if meta.get("format", "vtquant") != "vtquant":
+        raise CheckpointError(f"{meta_file}: checkpoint layout {meta.get('format')!r} is not known to this vtquant "
+                              "(reads 'hf' and 'vtquant'); update vtquant")
     _import_builtin_adapters()
     adapter_cls = next((c for c in _REGISTRY.values() if c.__name__ == meta["adapter"]), None)
     if adapter_cls is None:
@@ -522,6 +604,7 @@ def _load_once(target: Path, device: Optional[str]) -> nn.Module:
         except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{meta_file}: its recipe cannot be read ({err}); the checkpoint is "
                                   "damaged") from err
+    model.vtquant.fp_reference = meta.get("fp_reference")
     if device is not None:
         model.to(device)
     weights = target / WEIGHTS_FILE
@@ -540,6 +623,57 @@ def _load_once(target: Path, device: Optional[str]) -> nn.Module:
         raise CheckpointError(f"{weights} cannot be loaded ({type(err).__name__}: {_first_line(err)}); the "
                               "checkpoint is corrupt or does not match its vtquant.json") from err
     return model.eval()
+
+
+def _load_hf(target: Path, meta: dict, device: Optional[str]) -> nn.Module:
+    """An hf-layout checkpoint: through transformers' ``from_pretrained`` with vtquant's quantizer."""
+    from safetensors import SafetensorError
+
+    from .hf_integration import CONFIG_FILE, load_hf_folder
+
+    meta_file, config_file = target / META_FILE, target / CONFIG_FILE
+    if CONFIG_FILE not in (meta.get("files") or {CONFIG_FILE: None}):
+        raise CheckpointError(f"{meta_file} is damaged: an hf-layout checkpoint must list {CONFIG_FILE}")
+    try:
+        QuantPlan.from_dict(meta["plan"])
+    except (KeyError, TypeError, IndexError, ValueError) as err:
+        raise CheckpointError(f"{meta_file}: its model config or plan cannot be applied ({type(err).__name__}: "
+                              f"{err}); the checkpoint is damaged or was written by an incompatible vtquant") from err
+    try:
+        qconfig = json.loads(config_file.read_text(encoding="utf-8"))["quantization_config"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_file} is missing: the checkpoint is incomplete") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{config_file} is damaged: no readable quantization_config ({err})") from err
+    if not isinstance(qconfig, dict) or qconfig.get("plan") != meta["plan"]:
+        raise CheckpointError(f"{config_file} and {meta_file} disagree on the quantization plan: the checkpoint was "
+                              "changed after saving; restore it from a copy or save it again")
+    try:
+        model = load_hf_folder(target, device)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except SafetensorError as err:
+        raise CheckpointError(f"{target / WEIGHTS_FILE} cannot be loaded ({type(err).__name__}: {_first_line(err)}); "
+                              "the checkpoint is corrupt") from err
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, OSError) as err:
+        raise CheckpointError(f"{target} cannot be loaded ({type(err).__name__}: {_first_line(err)}); the checkpoint "
+                              f"is corrupt or its {WEIGHTS_FILE} does not match its {CONFIG_FILE}") from err
+    model.vtquant.fp_reference = meta.get("fp_reference")
+    try:
+        model.vtquant.tokenizer = load_tokenizer(target)
+    except (OSError, ValueError) as err:
+        log.warning("%s: its tokenizer files cannot be read (%s); loaded the model without a tokenizer", target, err)
+    return model
+
+
+def load_tokenizer(path: PathLike) -> Any:
+    """The tokenizer saved in a checkpoint folder (``AutoTokenizer``), or ``None`` if it holds none."""
+    folder = Path(path)
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _first_line(err: BaseException) -> str:

@@ -69,7 +69,30 @@ def _load(args: argparse.Namespace, log, **kwargs):
     log(f"loading {args.model_file or args.model} ({threads} threads) ...")
     model, tok, name = load_causal_lm(args.model, args.model_file, quiet=args.quiet, **kwargs)
     log(f"loaded {type(model).__name__} in {model.vtquant_load_seconds:.1f} s")
+    model.vtquant_fp_reference = fp_reference(args.model, args.model_file, name)
     return model, tok, name
+
+
+def fp_reference(spec: str, model_file: Optional[str], name: str) -> str:
+    """What the full-precision reference of the result rows is (``fp_reference`` of every row).
+
+    SmolLM2's asset is a GGUF file: its Q4_1 weights dequantized to float32 by transformers, not the
+    original bf16 release; a local transformers folder is loaded in float32 as stored.
+    """
+    import re
+
+    path = model_file or (spec if not spec.startswith("asset:") else None)
+    if path is None:
+        from .assets import asset_path
+
+        path = str(asset_path(spec.split(":", 1)[1]))
+    file = Path(path).name
+    if file.endswith(".gguf"):
+        kind = re.search(r"[.-](I?Q\d[_A-Z0-9]*|F16|BF16|F32)\.gguf$", file, flags=re.IGNORECASE)
+        qtype = kind.group(1).upper() if kind else "of unknown type"
+        return (f"{name}: GGUF {qtype} weights ({file}) dequantized to float32 by transformers"
+                + ("" if qtype in ("F32",) else ", not the original full-precision release"))
+    return f"{name}: {path} loaded in float32"
 
 
 COMPARE_METHODS = "fp,naive-static,dynamic-token,smoothquant,prefix,rotate,insertquant,insertquant+rotate"
@@ -150,6 +173,8 @@ def _compare(args: argparse.Namespace, settings, title: str, compare: bool = Fal
     log(f"calibration: {setup.calib_desc}")
     log(f"evaluation: {setup.protocol}")
     rows, results = run_methods(model, setup, base, settings, name, quiet=args.quiet, log=log)
+    for row in rows:
+        row.extra.setdefault("fp_reference", getattr(model, "vtquant_fp_reference", None))
     fp = next((r.value for r in rows if r.method == "fp"), None)
     print(f"\n{title}: {name}; {setup.protocol}; calibration: {setup.calib_desc}")
     print(format_compare_table(rows, reference=fp) if compare else format_table(rows, reference=fp))
@@ -250,6 +275,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .vision import run_vision_eval
 
         return run_vision_eval(args)
+    if args.task == "lm-eval":
+        return _eval_lm_eval(args)
     if args.checkpoint:
         return _eval_checkpoint(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -269,18 +296,94 @@ def _eval_checkpoint(args: argparse.Namespace) -> int:
     import torch
 
     log = _log(args)
-    _, tok, name = _load(args, log)
-    model = api.load(args.checkpoint)
+    model, tok, name = _checkpoint_and_tokenizer(args, log)
     ids = torch.tensor(tok(load_text(args.eval_text, quiet=args.quiet))["input_ids"])
     chunks = make_chunks(ids, args.seq_len, None if args.full else args.eval_chunks, args.bos, tok.bos_token_id)
     t0 = time.time()
     ppl = perplexity(model, chunks, quiet=args.quiet)
     rows = [row_for(getattr(model.vtquant, "recipe", None), name, "perplexity", ppl, time.time() - t0,
-                    checkpoint=str(args.checkpoint))]
+                    checkpoint=str(args.checkpoint), fp_reference=getattr(model.vtquant, "fp_reference", None))]
     print(f"{protocol(args.seq_len, chunks.shape[0], args.bos)}; checkpoint {args.checkpoint}")
     print(format_table(rows))
     if args.results_file:
         write_results(args.results_file, rows)
+    return 0
+
+
+def _checkpoint_and_tokenizer(args: argparse.Namespace, log):
+    """The checkpoint of ``--checkpoint`` and its tokenizer: the one saved in it, else the ``--model``'s
+    (which then has to be loaded, only for its tokenizer)."""
+    from . import api
+    from .checkpoint import load_tokenizer
+
+    model = api.load(args.checkpoint)
+    tok = load_tokenizer(args.checkpoint)
+    name = Path(args.checkpoint).name
+    if tok is None:
+        log(f"{args.checkpoint} holds no tokenizer: loading --model {args.model_file or args.model} for its tokenizer")
+        _, tok, name = _load(args, log)
+    return model, tok, name
+
+
+def _eval_lm_eval(args: argparse.Namespace) -> int:
+    """``vtquant eval lm-eval``: lm-evaluation-harness tasks (default: the local Austen tasks) on a
+    checkpoint, or on full precision and the --methods / --recipe quantized in memory."""
+    import copy
+
+    from . import api
+    from .config import method_recipe
+    from .eval.lm_eval_bridge import VtquantLM, result_rows, run_lm_eval
+    from .eval.results import format_table, write_results
+    from .llm import prepare_text
+
+    log = _log(args)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    start = time.time()
+    if args.checkpoint:
+        model, tok, name = _checkpoint_and_tokenizer(args, log)
+        entries = [(getattr(model.vtquant, "recipe", None), lambda: model)]
+        reference = getattr(model.vtquant, "fp_reference", None)
+    else:
+        fp_model, tok, name = _load(args, log)
+        reference = fp_model.vtquant_fp_reference
+        base = _base_recipe(args)
+        if args.recipe:
+            recipes = [None, base]
+        else:
+            recipes = [None if m == "fp" else method_recipe(m, base, w_bits=args.w_bits, a_bits=args.a_bits)
+                       for m in (m.strip() for m in args.methods.split(",")) if m]
+        setup = prepare_text(tok, base, args.eval_text, args.seq_len, 1, quiet=args.quiet) \
+            if any(r is not None for r in recipes) else None
+
+        def quantized(recipe):
+            def build():
+                if recipe is None:
+                    return fp_model
+                model = copy.deepcopy(fp_model)
+                report = api.quantize_(model, recipe, setup.calib_batches, quiet=args.quiet)
+                log(f"quantized {recipe.display_method} in {report.seconds:.1f} s")
+                return model
+            return build
+
+        entries = [(r, quantized(r)) for r in recipes]
+    rows = []
+    for recipe, build in entries:
+        model = build()
+        label = "fp" if recipe is None else recipe.display_method
+        lm = VtquantLM(model=model, tokenizer=tok, batch_size=args.lm_batch_size, max_length=args.seq_len,
+                       quiet=args.quiet)
+        t0 = time.time()
+        results = run_lm_eval(lm, tasks, include_path=args.include_path, limit=args.limit, quiet=args.quiet)
+        rows += result_rows(results, recipe, name, time.time() - t0, fp_reference=reference,
+                            **({"checkpoint": str(args.checkpoint)} if args.checkpoint else {}))
+        log(f"{label}: lm-eval {','.join(tasks)} in {time.time() - t0:.1f} s")
+    print(f"\nvtquant eval lm-eval: {name}; tasks {', '.join(tasks)}; right-padded batches of {args.lm_batch_size}, "
+          f"max length {args.seq_len}; FP reference: {reference}")
+    print(format_table(rows))
+    print(f"total {time.time() - start:.0f} s")
+    if args.results_file:
+        write_results(args.results_file, rows, tasks=tasks, fp_reference=reference)
+        log(f"wrote {args.results_file}")
     return 0
 
 
@@ -297,12 +400,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     batches = list(torch.split(sample_windows(ids, cal.seq_len, cal.num_samples, cal.seed), cal.batch_size))
     report = api.quantize_(model, recipe, batches, quiet=args.quiet)
     print(report.summary())
-    api.save(model, args.out)
-    print(f"saved {args.out}")
+    model.vtquant.fp_reference = model.vtquant_fp_reference
+    export = None
+    if args.format == "compressed-tensors":
+        from .export_ct import export_compressed_tensors
+
+        export = export_compressed_tensors(model, args.out, tokenizer=tok, quiet=args.quiet)
+        print(f"wrote a compressed-tensors folder ({export.quantization_format}) to {args.out}")
+        for note in export.notes:
+            print(f"note: {note}")
+    else:
+        api.save(model, args.out, format=args.format, tokenizer=tok)
+        print(f"saved {args.out}")
     if args.results_file:
         from .eval.results import write_results
 
-        write_results(args.results_file, [], report=report.to_dict())
+        write_results(args.results_file, [], report=report.to_dict(),
+                      **({"export": export.to_dict()} if export is not None else {}))
     return 0
 
 
@@ -455,10 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="YAML recipe (e.g. recipes/hf/smollm2-135m.yaml)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-text", default=None)
+    p.add_argument("--format", choices=("auto", "hf", "vtquant", "compressed-tensors"), default="auto",
+                   help="hf: a transformers folder (config.json with quantization_config, tokenizer, W4 packed) that "
+                   "AutoModelForCausalLM.from_pretrained loads once vtquant is imported; vtquant: model.safetensors + "
+                   "vtquant.json only; compressed-tensors: llm-compressor's format, loaded without vtquant "
+                   "(naive-static, dynamic-token, smoothquant, rotate with rotation.online: false; not insertquant); "
+                   "auto: hf for transformers models (default: %(default)s)")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("eval", help="evaluate: perplexity (LLMs), imagenet (top-1/5), retrieval (Flickr30k R@k)")
-    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval"))
+    p = sub.add_parser("eval", help="evaluate: perplexity (LLMs), imagenet (top-1/5), retrieval (Flickr30k R@k), "
+                       "lm-eval (lm-evaluation-harness tasks)")
+    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval", "lm-eval"))
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
     p.add_argument("--recipe", default=None, help="quantize with this recipe and compare with fp")
     p.add_argument("--checkpoint", default=None, help="evaluate a checkpoint saved by `vtquant quantize`")
@@ -471,7 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", default=None, help="imagenet: calibration images (default: a seeded sample of --data)")
     p.add_argument("--split", default="test", help="retrieval: Karpathy split (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="imagenet / retrieval: images per batch (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="imagenet: evaluate the first N images only")
+    p.add_argument("--limit", type=int, default=None, help="imagenet: evaluate the first N images only; "
+                   "lm-eval: the first N documents of each task")
+    p.add_argument("--tasks", default="austen_rolling,austen_next_sentence",
+                   help="lm-eval: comma-separated tasks (default: %(default)s, local tasks made from the bundled "
+                   "Lady Susan text)")
+    p.add_argument("--include-path", default=None, help="lm-eval: a folder of task YAMLs to add")
+    p.add_argument("--lm-batch-size", type=int, default=4,
+                   help="lm-eval: requests per forward pass, right-padded (default: %(default)s)")
     p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
     p.set_defaults(func=cmd_eval)
 

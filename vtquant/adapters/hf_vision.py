@@ -124,6 +124,21 @@ class HFVisionAdapter(VisionAdapter):
             return self.model(input_ids=x.to(device))
         return self.model(pixel_values=x.to(device))
 
+    # --- io ---------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        """The model class and its transformers config (what :meth:`from_config_dict` rebuilds)."""
+        return {"model_class": type(self.model).__name__, "config": self.model.config.to_dict()}
+
+    @classmethod
+    def from_config_dict(cls, data: dict) -> nn.Module:
+        import transformers
+
+        name = data["model_class"]
+        if name not in TOWERS or not hasattr(transformers, name):
+            raise ValueError(f"model class {name!r} is not a transformers tower vtquant knows ({sorted(TOWERS)})")
+        model_cls = getattr(transformers, name)
+        return model_cls(model_cls.config_class.from_dict(data["config"])).eval()
+
 
 @register_adapter("CLIPModel", "SiglipModel")
 class _HFTwoTowers(HFVisionAdapter):
@@ -132,3 +147,4 @@ class _HFTwoTowers(HFVisionAdapter):
             f"{type(model).__name__} has two towers with separate sinks: quantize it with "
             "vtquant.vision.quantize_clip_(model, recipe, images=..., texts=...), or one tower with "
             "vtquant.quantize_(model.vision_model, recipe, calib=pixel_values)")
+

@@ -12,11 +12,13 @@ nobody here: the adapter reads the module tree only.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
 from .base import register_adapter
-from .vision_common import VisionAdapter
+from .vision_common import VisionAdapter, structure_fingerprint
 
 TIMM_CLASSES = (
     "timm.models.vision_transformer.VisionTransformer",
@@ -85,3 +87,84 @@ class TimmViTAdapter(VisionAdapter):
             out.append(("registers", f"register{r}", pos))
             pos += 1
         return out
+
+    # --- io ---------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        """How to rebuild the (unquantized) model: the timm architecture name and/or constructor kwargs.
+
+        A model made by ``timm.create_model(NAME, ...)`` is rebuilt with ``timm.create_model(NAME,
+        pretrained=False, **kwargs)``; a ``VisionTransformer`` built directly, from its class with the
+        kwargs read off its modules.  Either way the loader checks the rebuilt model's norm layers and
+        activations against a fingerprint taken here, and every tensor shape when it loads the weights.
+        """
+        import timm
+
+        model = self.model
+        cls = type(model)
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if cls.__name__ == "VisionTransformer":
+            kwargs = _vit_kwargs(model)
+        elif arch is not None:
+            kwargs = {"num_classes": int(model.num_classes)}
+        else:
+            raise NotImplementedError(
+                f"saving a {cls.__name__} built without timm.create_model: its architecture has no name to "
+                "rebuild it from; build it with timm.create_model(NAME, ...) and quantize that")
+        return {"library": "timm", "timm_version": timm.__version__, "class": f"{cls.__module__}.{cls.__name__}",
+                "architecture": arch, "kwargs": kwargs, "fingerprint": structure_fingerprint(model)}
+
+    @classmethod
+    def from_config_dict(cls, data: dict) -> nn.Module:
+        import timm
+
+        kwargs = dict(data.get("kwargs") or {})
+        for key in ("img_size", "patch_size"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
+        if data.get("architecture"):
+            model = timm.create_model(data["architecture"], pretrained=False, **kwargs)
+        elif data.get("class") == "timm.models.vision_transformer.VisionTransformer":
+            from timm.models.vision_transformer import VisionTransformer
+
+            model = VisionTransformer(**kwargs)
+        else:
+            raise ValueError(f"cannot rebuild timm model {data.get('class')!r}: no architecture name recorded")
+        expected = data.get("fingerprint")
+        if expected is not None and structure_fingerprint(model) != expected:
+            raise ValueError(f"the rebuilt timm model ({data.get('architecture') or data.get('class')}, timm "
+                             f"{timm.__version__}; saved with timm {data.get('timm_version')}) differs from the saved "
+                             "one in its norm layers or activations; load it with the timm version that saved it")
+        return model.eval()
+
+
+def _vit_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Constructor kwargs of a timm ``VisionTransformer`` read off its modules (sizes and switches)."""
+    block = model.blocks[0]
+    pe = model.patch_embed
+    mlp_in = getattr(block.mlp, "fc1", None)
+    kwargs: dict[str, Any] = {
+        "img_size": list(pe.img_size) if pe.img_size is not None else None,
+        "patch_size": list(pe.patch_size),
+        "in_chans": int(pe.proj.in_channels),
+        "num_classes": int(model.num_classes),
+        "global_pool": model.global_pool,
+        "embed_dim": int(model.embed_dim),
+        "depth": len(model.blocks),
+        "num_heads": int(block.attn.num_heads),
+        "qkv_bias": getattr(getattr(block.attn, "qkv", None), "bias", None) is not None,
+        "proj_bias": getattr(block.attn.proj, "bias", None) is not None,
+        "class_token": bool(model.has_class_token),
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0) or 0),
+        "no_embed_class": bool(model.no_embed_class),
+        "pos_embed": "learn" if getattr(model, "pos_embed", None) is not None else "none",
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+        "final_norm": not (isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.Identity)),
+        "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+        "pool_include_prefix": bool(getattr(model, "pool_include_prefix", False)),
+    }
+    if mlp_in is not None:
+        kwargs["mlp_ratio"] = mlp_in.out_features / model.embed_dim
+    if not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity):
+        kwargs["init_values"] = 1e-5  # layer scale present (its gamma is loaded from the checkpoint)
+    return kwargs

@@ -157,8 +157,28 @@ class VisionAdapter(ModelAdapter):
 
     def config_dict(self) -> dict:
         raise NotImplementedError(
-            f"saving a quantized {type(self.model).__name__} is not supported yet: re-run vtquant.quantize_ "
-            "(calibration takes seconds) or save the fake-quantized model with torch.save")
+            f"saving a quantized {type(self.model).__name__} is not supported yet (timm ViTs and transformers "
+            "towers are): re-run vtquant.quantize_ (calibration takes seconds) or save the fake-quantized model "
+            "with torch.save")
+
+
+_ACTIVATIONS = ("GELU", "QuickGELU", "SiLU", "ReLU", "GELUTanh", "Tanh", "Sigmoid")
+
+
+def structure_fingerprint(model: nn.Module) -> list:
+    """``[[name, class, eps], ...]`` of the norm layers and activation modules of ``model``.
+
+    What a rebuilt skeleton must share with the saved model beyond tensor shapes (which loading
+    checks): quantization wraps Linears and attention, never these, so the fingerprint of a
+    quantized model equals that of its full-precision original.
+    """
+    out = []
+    for name, mod in model.named_modules():
+        kind = type(mod).__name__
+        if "Norm" in kind or kind in _ACTIVATIONS:
+            eps = getattr(mod, "eps", None)
+            out.append([name, kind, None if eps is None else float(eps)])
+    return out
 
 
 class ExplicitMultiheadAttention(nn.Module):
