@@ -2,7 +2,7 @@
 compressed-tensors package in a process that never imports vtquant, against vtquant's own model.
 
 Every exported model computes exactly what vtquant's model computes on compressed-tensors' int grid
-(checked against vtquant run on that grid).  Where the grids agree (weights; asymmetric activations)
+(checked against vtquant run inside ``compressed_tensors_numerics()``).  Where the grids agree (weights; asymmetric activations)
 that is vtquant's own model; where they differ (symmetric scales: [-128, 127] there, [-127, 127] in
 vtquant; symmetric per-token dynamic scales: absmax / 127.5 there, / 127 in vtquant) the measured gap
 is bounded and stated in the export report.
@@ -26,8 +26,7 @@ pytest.importorskip("compressed_tensors")
 import vtquant
 from vtquant.adapters.hf_decoder import tiny_config
 from vtquant.config import ActArgs, Recipe, RotationConfig, WeightArgs, method_recipe
-from vtquant.core.quant import ActQuantizer
-from vtquant.export_ct import CompressedTensorsExportError, export_compressed_tensors
+from vtquant.export_ct import CompressedTensorsExportError, compressed_tensors_numerics, export_compressed_tensors
 
 from sinkmodels import implanted_decoder, token_batches
 
@@ -69,30 +68,6 @@ CASES = {
 }
 
 
-class _CompressedTensorsGrid:
-    """Runs vtquant's activation quantizers on compressed-tensors' int grid: [-2^(b-1), 2^(b-1) - 1] for
-    symmetric scales, and absmax / ((2^b - 1) / 2) for symmetric per-token dynamic ones."""
-
-    def __enter__(self):
-        self.saved = ActQuantizer.qrange, ActQuantizer.fake_quant
-        original = ActQuantizer.fake_quant
-
-        def qrange(q):
-            return (-(2 ** (q.bits - 1)), 2 ** (q.bits - 1) - 1) if q.symmetric else (0, 2 ** q.bits - 1)
-
-        def fake_quant(q, x):
-            if q.static or not q.symmetric:
-                return original(q, x)
-            scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / ((2 ** q.bits - 1) / 2)
-            return torch.clamp(torch.round(x / scale), *qrange(q)) * scale
-
-        ActQuantizer.qrange, ActQuantizer.fake_quant = property(qrange), fake_quant
-        return self
-
-    def __exit__(self, *exc):
-        ActQuantizer.qrange, ActQuantizer.fake_quant = self.saved
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -107,7 +82,7 @@ def test_exported_folders_load_without_vtquant(fp_model, tmp_path):
         report = export_compressed_tensors(q, tmp_path / case, quiet=True)
         with torch.no_grad():
             own = [q(input_ids=x).logits for x in held_out]
-            with _CompressedTensorsGrid():
+            with compressed_tensors_numerics():
                 grid = [q(input_ids=x).logits for x in held_out]
         expected[case] = (held_out, own, grid, tol, report)
     torch.save({case: v[0] for case, v in expected.items()}, tmp_path / "inputs.pt")

@@ -17,13 +17,17 @@ its scale parameters filled, and is compressed on save):
   format holds exactly; the *online* Hadamard of the MLP down-projection input is not (transformers'
   compressed-tensors loader does not apply ``transform_config``), so such models are refused.
 
-Where the grids differ (measured in BENCHMARKS.md, stated in ``vtquant_export.json``):
+Where the numerics differ (measured in BENCHMARKS.md, stated in ``vtquant_export.json``;
+:func:`compressed_tensors_numerics` runs vtquant's model the compressed-tensors way, to check an export):
 
 * symmetric int8 in compressed-tensors is ``[-128, 127]``, vtquant's ``[-127, 127]``: static scales
   give identical results for every input inside the calibrated range; an input below it is clamped
   one step further down;
 * symmetric per-token dynamic scales are ``absmax / 127.5`` there, ``absmax / 127`` in vtquant (a
-  slightly different grid of the same quantizer); asymmetric ones are identical.
+  slightly different grid of the same quantizer); asymmetric grids are the same;
+* compressed-tensors rounds ``x / scale + zero_point``, vtquant ``x / scale`` (then adds the integer
+  zero point): at exact ties the float32 sum can round the other way, one step on a handful of values.
+  A model whose per-tensor scales hold massive activations (naive-static SmolLM2) amplifies those steps.
 
 ``insertquant`` and ``prefix`` are refused: the format has no place for sink detection (ratio tests
 at the probe Linears), the templates inserted in place of sink rows, the full-precision sink rows or
@@ -31,6 +35,7 @@ the residual restore.  Use :func:`vtquant.save` (``format="hf"``) for those.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -38,7 +43,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -189,6 +194,51 @@ def _notes(plan: Any) -> list[str]:
     if plan.smoothquant is not None:
         notes.append("smoothquant: the smoothing factors are folded into the norms and weights (exact)")
     return notes
+
+
+@contextlib.contextmanager
+def compressed_tensors_numerics() -> Iterator[None]:
+    """Run vtquant's activation quantizers exactly as compressed-tensors computes them (inside the block).
+
+    compressed-tensors quantizes ``round(x / scale + zero_point)`` on ``[-2^(b-1), 2^(b-1) - 1]`` (zero
+    point shifted by ``-2^(b-1)`` for asymmetric grids) with symmetric per-token scales ``absmax /
+    ((2^b - 1) / 2)``; vtquant computes ``round(x / scale) + zero_point`` on ``[-(2^(b-1) - 1), 2^(b-1) - 1]``
+    (``[0, 2^b - 1]`` asymmetric) with ``absmax / (2^(b-1) - 1)``.  The order matters at exact ties: adding
+    the zero point before rounding can move ``x / scale`` onto a ``.5`` in float32.  A model exported by
+    :func:`export_compressed_tensors` and loaded by transformers computes what vtquant's model computes
+    inside this block; outside it the two differ by those grid and rounding-order effects (which a model
+    with massive activations and per-tensor scales can amplify: BENCHMARKS.md).
+    """
+    from .core.quant import ActQuantizer
+
+    saved = ActQuantizer.fake_quant
+
+    def fake_quant(self: Any, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        if self.static:
+            scale = self.scale.to(x.dtype)
+            zero = None if self.symmetric else (self.zero_point + qmin).to(x.dtype)
+        else:
+            lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+            hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+            if self.symmetric:
+                scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
+                zero = None
+            else:
+                scale = (hi - lo) / (qmax - qmin)
+                zero = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+            scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(x.dtype).eps), scale)
+        scaled = x / scale
+        if zero is not None:
+            scaled = scaled + zero
+        quantized = torch.round(torch.clamp(scaled, qmin, qmax))
+        return (quantized - zero if zero is not None else quantized) * scale
+
+    ActQuantizer.fake_quant = fake_quant
+    try:
+        yield
+    finally:
+        ActQuantizer.fake_quant = saved
 
 
 def _check_out(target: Path) -> None:

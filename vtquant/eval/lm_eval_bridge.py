@@ -11,8 +11,9 @@ Protocol (what the numbers mean):
 * requests are scored in batches of ``batch_size``, longest first, **right-padded** with an
   ``attention_mask``: the first token of every row stays at position 0, so the first-token sink
   of causal LMs is where calibration saw it, and a row's scores do not depend on its batch;
-* ``loglikelihood``: ``[BOS] + context + continuation`` (BOS when ``add_bos_token``, default: the
-  tokenizer has one); context / continuation split as lm-eval's HF model does (trailing spaces of
+* ``loglikelihood``: ``context + continuation``, with ``[BOS]`` in front only when ``add_bos_token``
+  (default off, as lm-eval's HF model for causal LMs) or when the context is empty (then the
+  ``prefix_token_id``); context / continuation split as lm-eval's HF model does (trailing spaces of
   the context move to the continuation; the pair is encoded together);
 * ``loglikelihood_rolling``: lm-eval's rolling windows of ``max_length`` tokens, each text starting
   from ``prefix_token_id`` (the BOS, else the EOS).  A text of ``L - 1`` tokens is one window whose
@@ -59,7 +60,7 @@ class VtquantLM(LM):
         batch_size: requests per forward pass (right-padded).
         max_length: longest input in tokens (default: the config's ``max_position_embeddings``,
             at most 2048).
-        add_bos_token: prepend the BOS to loglikelihood contexts (default: if the tokenizer has a BOS).
+        add_bos_token: prepend the BOS to loglikelihood contexts (default: no, as lm-eval's HF model).
         max_gen_toks: the default generation length of ``generate_until``.
         device: where the model runs (``cpu`` default).
     """
@@ -91,7 +92,7 @@ class VtquantLM(LM):
         self.batch_size_per_gpu = max(1, int(batch_size)) if str(batch_size).isdigit() else 1
         positions = getattr(model.config, "max_position_embeddings", None) or 2048
         self._max_length = int(max_length) if max_length else min(int(positions), 2048)
-        self.add_bos_token = (tokenizer.bos_token_id is not None) if add_bos_token is None else bool(add_bos_token)
+        self.add_bos_token = False if add_bos_token is None else str(add_bos_token).lower() in ("1", "true", "yes")
         self.max_gen_toks = int(max_gen_toks)
         self.quiet = quiet
         self.pad_token_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -134,9 +135,7 @@ class VtquantLM(LM):
         whole = self.tok_encode(context + continuation)
         context_enc = self.tok_encode(context)
         continuation_enc = whole[len(context_enc):]
-        if not context_enc:
-            context_enc = []
-        if self.add_bos_token or not context_enc:
+        if (self.add_bos_token and self.tokenizer.bos_token_id is not None) or not context_enc:
             context_enc = [self.prefix_token_id] + context_enc
         return context_enc, continuation_enc
 
