@@ -94,7 +94,10 @@ def load_recipe(path: Union[str, os.PathLike]) -> Recipe:
         else:
             raise FileNotFoundError(f"recipe {str(path)!r} not found; shipped recipes (under {recipes_dir()}): {shipped}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                          "save the recipe as UTF-8 YAML") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return recipe_from_dict(data, source=str(path))

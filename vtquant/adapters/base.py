@@ -147,3 +147,61 @@ class ModelAdapter:
 
     def token_text(self, tokenizer: Any, ids: torch.Tensor) -> list[str]:
         return [str(int(i)) for i in ids]
+
+    # --- what applications read (vtquant.analyze, vtquant.vision); defaults: one tower --------------
+    def input_kind(self) -> str:
+        """What a batch holds: ``tokens`` (ids ``[B, T]``) or ``images`` (``[B, 3, H, W]``)."""
+        return "tokens"
+
+    def output_kind(self) -> str:
+        """What the model returns: ``next-token-logits`` (a causal LM), ``class-logits`` (a classifier
+        head) or ``features`` (an embedding, pooled features or hidden states)."""
+        return "features"
+
+    def prefix_kinds(self) -> list[tuple[str, str, int]]:
+        """``[(kind, type name, position), ...]`` of prefix tokens at fixed positions (CLS, registers)."""
+        return []
+
+    def attention_spec(self) -> Any:
+        """The :class:`~vtquant.adapters.spec.AttentionSpec` of the blocks (q / k / v modules, heads,
+        RoPE), or ``None`` when this adapter cannot describe its attention."""
+        return None
+
+    def analysis_forward(self, batch: Any, attentions: bool = False) -> tuple[Optional[torch.Tensor], Optional[list]]:
+        """One forward of a one-sequence ``batch`` for ``vtquant analyze``.
+
+        Returns:
+            ``(next-token logits [T, V] or None, per-block attention probabilities [H, T, T] or None)``;
+            the default runs :meth:`forward` and returns neither.
+        """
+        self.forward(batch)
+        return None, None
+
+    @classmethod
+    def adapter_class(cls, model: nn.Module) -> type["ModelAdapter"]:
+        """The registered adapter class of ``model`` (without building it: a two-tower model's class
+        refuses to be built but still lists its :meth:`towers`).
+
+        Raises:
+            UnsupportedModelError: as :func:`get_adapter`.
+        """
+        _import_builtin_adapters()
+        found = _REGISTRY.get(f"{type(model).__module__}.{type(model).__name__}") or _REGISTRY.get(type(model).__name__)
+        if found is None:
+            get_adapter(model)  # raises the error that lists the supported classes
+        return found
+
+    @classmethod
+    def towers(cls, model: nn.Module) -> list:
+        """The towers the core quantizes one at a time (:class:`~vtquant.adapters.spec.Tower`); by
+        default the model itself, one tower named by what it reads (``visual`` or ``text``)."""
+        from .spec import Tower
+
+        adapter = cls(model)
+        kind = adapter.input_kind()
+        return [Tower("visual" if kind == "images" else "text", model, adapter, kind)]
+
+    @classmethod
+    def encoders(cls, model: nn.Module) -> Optional[tuple[Callable, Callable]]:
+        """``(encode_image, encode_text)`` of an image-text model (features ``[N, D]``), else ``None``."""
+        return None

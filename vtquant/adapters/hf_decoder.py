@@ -154,6 +154,34 @@ class HFDecoderAdapter(ModelAdapter):
             return super().token_text(tokenizer, ids)
         return [tokenizer.decode([int(i)]) for i in ids]
 
+    # --- what applications read (vtquant.analyze) -----------------------------------------------
+    def output_kind(self) -> str:
+        return "next-token-logits"
+
+    def attention_spec(self) -> Any:
+        """q / k / v / gate projections of each decoder layer, grouped-query shape and the rotary
+        embedding's inverse frequencies (LLaMA's "rotate half" convention)."""
+        from .spec import AttentionSpec
+
+        cfg = self.model.config
+        heads = int(cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        blocks = self.blocks()
+        rotary = getattr(self.decoder, "rotary_emb", None)
+        inv_freq = getattr(rotary, "inv_freq", None) if rotary is not None else None
+        return AttentionSpec(
+            q=[b.self_attn.q_proj for b in blocks], k=[b.self_attn.k_proj for b in blocks],
+            v=[b.self_attn.v_proj for b in blocks], mlp_in=[b.mlp.gate_proj for b in blocks],
+            num_heads=heads, num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+            head_dim=head_dim, inv_freq=None if inv_freq is None else inv_freq.detach().float().cpu(),
+            rope_scaling=float(getattr(rotary, "attention_scaling", 1.0) or 1.0), causal=True)
+
+    def analysis_forward(self, batch: Any, attentions: bool = False) -> tuple:
+        """Logits ``[T, V]`` and, with ``attentions`` (eager attention), the maps ``[H, T, T]`` per layer."""
+        out = self.model(input_ids=batch, use_cache=False, output_attentions=attentions)
+        att = [a[0].float() for a in out.attentions] if attentions and getattr(out, "attentions", None) else None
+        return out.logits[0].float(), att
+
 
 def tiny_config(arch: str = "LlamaForCausalLM", **overrides: Any) -> Any:
     """A tiny random config of a supported architecture (tests and examples)."""

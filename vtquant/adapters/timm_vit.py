@@ -91,3 +91,6 @@ class TimmViTAdapter(VisionAdapter):
         info.update(num_prefix_tokens=int(getattr(self.model, "num_prefix_tokens", 0)),
                     global_pool=str(getattr(self.model, "global_pool", "")))
         return info
+
+    def output_kind(self) -> str:
+        return "class-logits" if int(getattr(self.model, "num_classes", 0) or 0) > 0 else "features"
