@@ -53,7 +53,7 @@ def test_insertquant_w8a8_on_each_architecture(arch):
     # nothing else silently left float, except the head (ignored by default)
     float_linears = [n for n, m in q.named_modules() if isinstance(m, nn.Linear)]
     assert float_linears == ["lm_head"]
-    assert len(q.vtquant.plan["targets"]) == 7 * len(q.model.layers)
+    assert len(q.vtquant.plan.targets) == 7 * len(q.model.layers)
 
     # and quantization helps where it should: insertquant beats naive per-tensor static
     naive = copy.deepcopy(model)
@@ -112,5 +112,5 @@ def test_ignoring_the_probe_gives_a_clear_error():
     except ValueError as err:  # either a clear error naming the probe ...
         assert "down_proj" in str(err)
     else:  # ... or quantization without sink handling, said in the report
-        assert model.vtquant.plan["sinks"] is None
+        assert model.vtquant.plan.sinks is None
         assert any("down_proj" in note for note in report.notes)

@@ -54,7 +54,7 @@ def test_save_load_round_trip(fp_model, tmp_path, method):
             torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
             assert loaded.vtquant.sink_positions() == q.vtquant.sink_positions()
     assert loaded.vtquant.recipe == q.vtquant.recipe
-    assert loaded.vtquant.plan == json.loads(json.dumps(q.vtquant.plan))
+    assert loaded.vtquant.plan.to_dict() == json.loads(json.dumps(q.vtquant.plan.to_dict()))
     meta = json.loads((path / "vtquant.json").read_text())
     assert meta["report"]["method"] == method
 

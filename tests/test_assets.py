@@ -121,8 +121,8 @@ def test_asset_path_and_list(home: Path) -> None:
     rows = assets.list_assets()
     assert {r["name"] for r in rows} == set(assets.ASSETS)
     for r in rows:
-        assert set(r) == {"name", "package", "version", "kind", "description", "cached", "path"}
-        assert r["cached"] is False
+        assert set(r) == {"name", "package", "version", "kind", "description", "cached", "path", "status", "problem"}
+        assert r["cached"] is False and r["status"] == "missing"
     assert not home.exists()  # listing must not create anything
 
 

@@ -161,7 +161,7 @@ def test_cpu_kernel_forced_fallback(fp_model, monkeypatch):
     monkeypatch.setattr(kl, "fbgemm_linear", boom)
     monkeypatch.setenv(kl.CPU_KERNEL_ENV, "int_mm")
     real = convert_(copy.deepcopy(fake), "cpu-int8")
-    assert real.vtquant.plan["cpu_kernel"] == "int_mm"
+    assert real.vtquant.cpu_kernel == "int_mm"
     assert "cpu_kernel=int_mm" in repr(real.model.layers[0].mlp.down_proj)
     with torch.no_grad():
         real(input_ids=token_batches(n=1)[0])
@@ -170,6 +170,6 @@ def test_cpu_kernel_forced_fallback(fp_model, monkeypatch):
     # an unusable fused kernel falls back automatically under auto, and is an error when insisted on
     monkeypatch.delenv(kl.CPU_KERNEL_ENV)
     monkeypatch.setattr(kl, "_fbgemm_probe", (None, "probe says no"))
-    assert convert_(copy.deepcopy(fake), "cpu-int8", cpu_kernel="auto").vtquant.plan["cpu_kernel"] == "int_mm"
+    assert convert_(copy.deepcopy(fake), "cpu-int8", cpu_kernel="auto").vtquant.cpu_kernel == "int_mm"
     with pytest.raises(UnsupportedConversionError, match="probe says no"):
         convert_(copy.deepcopy(fake), "cpu-int8", cpu_kernel="fbgemm")

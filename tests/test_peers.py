@@ -140,7 +140,7 @@ def test_prefix_keeps_sink_rows_exact(sink_model, capsys):
     q = _quantized(sink_model, "prefix")
     lins = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert all(m.guard is not None and m.guard.mode == "fp-row" for m in lins)
-    assert q.vtquant.plan["sinks"]["restore_layer"] is None and not q.vtquant.plan["sinks"]["det_templates"]
+    assert q.vtquant.plan.sinks.restore_layer is None and not q.vtquant.plan.sinks.det_templates
     records = []
     handles = [m.register_forward_hook(lambda m, i, o: records.append((m, i[0].detach(), o.detach())))
                for m in lins]

@@ -251,5 +251,5 @@ def test_sinks_disabled_is_plain_per_tensor(sink_model):
     q = copy.deepcopy(sink_model)
     recipe = method_recipe("insertquant", Recipe(sinks=SinkConfig(enabled=False)))
     vtquant.quantize_(q, recipe, token_batches(), quiet=True)
-    assert q.vtquant.plan["sinks"] is None
+    assert q.vtquant.plan.sinks is None
     assert not any(m.guard is not None for m in q.modules() if isinstance(m, QuantLinear))

@@ -141,7 +141,7 @@ def test_rotation_preserves_function(arch):
     assert err < 1e-4, f"{arch}: rotation changed the logits by {err:.3e}"
 
     # and it really rotated: embeddings changed, norms folded to the identity, online Hadamard installed
-    assert rotated.vtquant.plan["rotation"]["enabled"] is True
+    assert rotated.vtquant.plan.rotation.enabled is True
     assert not torch.allclose(rotated.model.embed_tokens.weight, model.model.embed_tokens.weight)
     identity = 0.0 if arch == "GemmaForCausalLM" else 1.0  # Gemma stores 1 + w
     for block in rotated.model.layers:

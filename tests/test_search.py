@@ -111,7 +111,7 @@ def test_gptq_hessian_excludes_templated_sink_rows_only(sink_model):
 def test_activation_clip_search_semantic_only_and_structure(sink_model, capsys):
     q, report = _quantize(sink_model, "insertquant", SEARCH, w_bits=8, a_bits=4)
     plain, _ = _quantize(sink_model, "insertquant", GPTQ, w_bits=8, a_bits=4)
-    info = q.vtquant.plan["act_clip_search"]
+    info = q.vtquant.plan.act_clip_search
     ratios = [v["act"] for v in info["ratios"].values()]
     assert min(ratios) < 1.0 and max(ratios) <= 1.0
     assert all(v["act_gain"] >= 1.0 for v in info["ratios"].values())  # never worse than MinMax on its sample
@@ -136,8 +136,8 @@ def test_structure_violation_undoes_the_search(sink_model, monkeypatch):
 
     monkeypatch.setattr(search, "structure_recall", fake)
     q, report = _quantize(sink_model, "insertquant", SEARCH, w_bits=8, a_bits=4)
-    info = q.vtquant.plan["act_clip_search"]
-    stage = max(q.vtquant.plan["sinks"]["stages"].values())
+    info = q.vtquant.plan.act_clip_search
+    stage = q.vtquant.plan.sinks.last_stage_layer
     # only the layers that feed detection are undone (deeper layers cannot change the sink set)
     assert info["undone_layers"] == list(range(stage + 1))
     assert info["structure_recall"] == 1.0 and info["recall_with_search"] == 0.5 and len(calls) == 2
@@ -161,7 +161,7 @@ def test_structure_difference_not_from_the_search_is_reported(sink_model, monkey
     q, report = _quantize(sink_model, "insertquant", SEARCH, w_bits=8, a_bits=4)
     assert report.structure_recall == 0.75 and "R = 0.5" in report.summary()
     assert "comes from quantization itself" in report.summary()
-    info = q.vtquant.plan["act_clip_search"]
+    info = q.vtquant.plan.act_clip_search
     assert info["undone_layers"] == []  # the searched scales were restored
     for m in _linears(q):
         assert m.act.clip_ratio == info["ratios"][m.name]["act"]
@@ -171,7 +171,7 @@ def test_structure_difference_not_from_the_search_is_reported(sink_model, monkey
 def test_weight_clip_search_reports_and_helps_at_3_bits(sink_model):
     q, report = _quantize(sink_model, "insertquant", Recipe(weights=WeightArgs(clip_search=True)), w_bits=3)
     plain, _ = _quantize(sink_model, "insertquant", Recipe(), w_bits=3)
-    info = q.vtquant.plan["weight_search"]
+    info = q.vtquant.plan.weight_search
     assert 0.3 <= info["mean_clip"] < 1.0 and info["clipped_share"] > 0
     assert rel_logit_error(sink_model, q, EVAL) < rel_logit_error(sink_model, plain, EVAL)
 

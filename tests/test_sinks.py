@@ -105,7 +105,7 @@ def test_no_massive_activation_disables_sinks():
     model = transformers.LlamaForCausalLM(tiny_config()).eval()
     q, report = _quantized(model, _no_quant(known_sinks=[]), token_batches())
     assert report.emergence_layer is None
-    assert q.vtquant.plan["sinks"] is None
+    assert q.vtquant.plan.sinks is None
     assert any("alpha" in note for note in report.notes)
 
 

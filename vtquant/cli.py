@@ -613,12 +613,10 @@ def user_errors() -> tuple[type, ...]:
     """What the command reports as one line ``vtquant CMD: error: ...`` (exit status 2) instead of a
     traceback: problems the user can fix, whose messages name the problem and the fix."""
     from .adapters import UnsupportedModelError
-    from .assets import AssetError
-    from .config import ConfigError
-    from .errors import VtquantError
+    from .errors import VtquantError  # ConfigError, AssetError, CheckpointError, DataError...
 
-    return (VtquantError, ConfigError, AssetError, UnsupportedModelError, FileNotFoundError, IsADirectoryError,
-            NotADirectoryError, PermissionError)
+    return (VtquantError, UnsupportedModelError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -13,16 +13,33 @@ from typing import Any, Optional
 
 RECIPE_VERSION = 1
 
-METHODS = ("fp", "naive-static", "dynamic-token", "insertquant", "smoothquant", "prefix")
-"""Method names stored in recipes (``insertquant`` + ``rotation.enabled`` is reported as
-``insertquant+rotate``; ``naive-static`` + ``rotation.enabled`` is reported as ``rotate``)."""
-
 METHOD_NAMES = ("fp", "naive-static", "dynamic-token", "smoothquant", "prefix", "rotate", "insertquant",
                 "insertquant+rotate")
 """Names accepted by :func:`method_recipe` (the peers of METHOD.md side by side)."""
 
 
-class ConfigError(ValueError):
+def __getattr__(name: str) -> Any:
+    # ``METHODS``: the method names a recipe may use, from the handler registry (vtquant.core.methods)
+    if name == "METHODS":
+        from .core.methods import registered_methods
+
+        return registered_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def method_label(method: str, rotated: bool) -> str:
+    """The name a method is reported under: ``insertquant+rotate``, ``rotate`` (naive-static rotated) ..."""
+    if rotated and method == "naive-static":
+        return "rotate"
+    if rotated and method != "fp":
+        return f"{method}+rotate"
+    return method
+
+
+from .errors import VtquantError
+
+
+class ConfigError(VtquantError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
@@ -256,40 +273,39 @@ class Recipe:
                 f"recipe version {self.version!r} is not supported by this vtquant (expects {RECIPE_VERSION}); "
                 "update vtquant or rewrite the recipe for this version"
             )
-        _check_choice("recipe", "method", self.method, METHODS)
+        from .core.methods import get_method, registered_methods
+
+        _check_choice("recipe", "method", self.method, registered_methods())
+        handler = get_method(self.method)
         if not isinstance(self.ignore, list) or not all(isinstance(x, str) for x in self.ignore):
             raise ConfigError(f"recipe.ignore = {self.ignore!r}: give a list of module names, e.g. [lm_head]")
         if not isinstance(self.name, str) or not isinstance(self.model, str):
             raise ConfigError("recipe.name and recipe.model must be strings")
-        if self.method == "dynamic-token" and self.activations is not None:
-            if self.activations.granularity != "per-token" or self.activations.static:
-                raise ConfigError("method dynamic-token needs activations.granularity: per-token and static: false")
+        if self.activations is not None:
+            act = self.activations
+            if handler.activations == "dynamic" and (act.granularity != "per-token" or act.static):
+                raise ConfigError(f"method {self.method} needs activations.granularity: per-token and static: false")
+            if handler.activations == "static" and (act.granularity != "per-tensor" or not act.static):
+                raise ConfigError(f"method {self.method} needs per-tensor static activations")
         if (isinstance(self.smoothquant_alpha, bool) or not isinstance(self.smoothquant_alpha, (int, float))
                 or not (0.0 <= float(self.smoothquant_alpha) <= 1.0)):
             raise ConfigError(f"recipe.smoothquant_alpha = {self.smoothquant_alpha!r}: use a number in [0, 1] "
                               "(SmoothQuant's default: 0.5)")
-        if self.method in ("naive-static", "insertquant", "smoothquant", "prefix") and self.activations is not None:
-            if self.activations.granularity != "per-tensor" or not self.activations.static:
-                raise ConfigError(f"method {self.method} needs per-tensor static activations")
         if self.kv_cache is not None:
             if not isinstance(self.kv_cache, ActArgs):
                 raise ConfigError("recipe.kv_cache: give a mapping with bits (and granularity / static), or null")
-            if self.method == "fp":
-                raise ConfigError("method fp keeps everything in full precision; set kv_cache: null")
-            if self.method == "dynamic-token" and (self.kv_cache.granularity != "per-token" or self.kv_cache.static):
-                raise ConfigError("method dynamic-token needs kv_cache.granularity: per-token and static: false")
-            if self.method != "dynamic-token" and (self.kv_cache.granularity != "per-tensor"
-                                                   or not self.kv_cache.static):
+            if not handler.quantizes:
+                raise ConfigError(f"method {self.method} keeps everything in full precision; set kv_cache: null")
+            kv = self.kv_cache
+            if handler.activations == "dynamic" and (kv.granularity != "per-token" or kv.static):
+                raise ConfigError(f"method {self.method} needs kv_cache.granularity: per-token and static: false")
+            if handler.activations == "static" and (kv.granularity != "per-tensor" or not kv.static):
                 raise ConfigError(f"method {self.method} needs a per-tensor static kv_cache")
 
     @property
     def display_method(self) -> str:
         """Method name as reported in results (``insertquant+rotate`` / ``rotate`` when rotated)."""
-        if self.rotation.enabled and self.method == "naive-static":
-            return "rotate"
-        if self.rotation.enabled and self.method != "fp":
-            return f"{self.method}+rotate"
-        return self.method
+        return method_label(self.method, self.rotation.enabled)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -324,7 +340,9 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
         method, rotate = "naive-static", True
     if method.endswith("+rotate"):
         method, rotate = method[: -len("+rotate")], True
-    if method not in METHODS:
+    from .core.methods import registered_methods
+
+    if method not in registered_methods():
         raise ConfigError(f"unknown method {method!r}; choose one of {list(METHOD_NAMES)}")
     weights = None if method == "fp" else dataclasses.replace(base.weights or WeightArgs(), bits=w_bits).resolved()
     base_act = base.activations or ActArgs()
@@ -342,8 +360,7 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
     rotation = copy.deepcopy(base.rotation)
     rotation.enabled = rotate and method != "fp"
     sinks = copy.deepcopy(base.sinks)
-    label = "rotate" if (method == "naive-static" and rotation.enabled) else (
-        f"{method}{'+rotate' if rotation.enabled else ''}")
+    label = method_label(method, rotation.enabled)
     return Recipe(
         name=f"{label}-w{w_bits}a{a_bits}" + (f"kv{kv_bits}" if kv is not None else ""),
         model=base.model,

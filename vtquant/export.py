@@ -61,7 +61,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core.quant import ActQuantizer, QuantLinear
+from .core.quant import ActQuantizer, QuantLinear, dequantize_weight
+from .core.rotation import kron_apply
 from .core.sinks import SinkState
 from .core.templates import ResidualRestore
 
@@ -122,25 +123,8 @@ def _qdq(act: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
 def _dequantized_weight(q: QuantLinear) -> torch.Tensor:
     if q.weight is not None:
         return q.weight
-    out_f, in_f = q.qweight.shape
-    groups = q.w_scale.shape[1]
-    codes = q.qweight.reshape(out_f * groups, in_f // groups)
-    scale = q.w_scale.reshape(-1).float()
-    zero = torch.zeros(scale.shape[0], dtype=torch.int8)
-    return _DequantizeWeight.apply(codes, scale, zero).reshape(out_f, in_f)
-
-
-def _kron_apply(x: torch.Tensor, signs: torch.Tensor, factors: list) -> torch.Tensor:
-    """:func:`~vtquant.core.rotation.kron_apply` with non-negative axes (the exporter mis-handles ``-1``)."""
-    shape = x.shape
-    y = (x * signs.to(x.dtype)).reshape(-1, *[f.shape[0] for f in factors])
-    last = y.dim() - 1
-    for axis, f in enumerate(factors, start=1):
-        if axis == last:
-            y = y @ f.to(x.dtype)
-        else:
-            y = torch.movedim(torch.movedim(y, axis, last) @ f.to(x.dtype), last, axis)
-    return y.reshape(shape)
+    return dequantize_weight(q.qweight, q.w_scale, rowwise=lambda codes, scale: _DequantizeWeight.apply(
+        codes, scale, torch.zeros(scale.shape[0], dtype=torch.int8)))
 
 
 def _known_rows(state: Optional[SinkState], x: Optional[torch.Tensor] = None) -> list[tuple[int, int]]:
@@ -215,9 +199,9 @@ def _constant_rows(table: torch.Tensor, types: list[int], like: torch.Tensor) ->
 def _quant_linear_export_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """QuantLinear.forward with the sink set fixed to the known positions (see the module docstring)."""
     guard = self.guard
-    known = _known_rows(guard.state, x) if guard is not None and guard.mode != "off" else []
+    known = _known_rows(guard.state, x) if guard is not None and guard.zeroes_inputs else []
     if self.rot_signs is not None:
-        x = _kron_apply(x, self.rot_signs, self.rot_factors)
+        x = kron_apply(x, self.rot_signs, self.rot_factors)
     weight = _dequantized_weight(self).to(x.dtype)
     bias = None if self.bias is None else self.bias.to(x.dtype)
     xq = x
@@ -227,9 +211,9 @@ def _quant_linear_export_forward(self: QuantLinear, x: torch.Tensor) -> torch.Te
     if act is not None and act.mode == "quant":
         xq = _qdq(act, xq)
     y = F.linear(xq, weight, bias)
-    if known and guard.mode != "clamp":
-        use_template = guard.mode == "template"
-        keys = [(p, t if use_template and bool(guard.template_ok[t]) else "fp") for p, t in known]
+    if known and guard.writes_rows:  # the sink-row policy of SinkGuard, at fixed positions
+        template = guard.template_types()
+        keys = [(p, t if bool(template[t]) else "fp") for p, t in known]
         pieces = []
         for a, b, ks in _runs(keys):
             if ks[0] == "fp":  # fp-row, or a type whose template is not stable here (or a protected CLS)
@@ -256,14 +240,14 @@ def _check_exportable(model: nn.Module) -> None:
     handle = getattr(model, "vtquant", None)
     if handle is None:
         raise ValueError("model is not quantized by vtquant; call vtquant.quantize_ first")
-    sinks = handle.plan.get("sinks")
-    if sinks:
-        fixed = sinks.get("num_known_types") is not None  # vision: one fixed type per known token
-        if not sinks.get("known_sinks") or (not fixed and sinks.get("num_types") != 1):
+    sinks = handle.plan.sinks
+    if sinks is not None:
+        fixed = sinks.num_known_types is not None  # vision: one fixed type per known token
+        if not sinks.known_sinks or (not fixed and sinks.num_types != 1):
             raise NotImplementedError(
                 "the static ONNX graph handles sinks at positions known in advance: quantize with "
                 "sinks.known_sinks: [first_token] (LLM; calibration with one sink per sequence) or [cls, registers] "
-                f"(vision); this plan has known_sinks={sinks.get('known_sinks')}, num_types={sinks.get('num_types')}")
+                f"(vision); this plan has known_sinks={list(sinks.known_sinks)}, num_types={sinks.num_types}")
         if handle.state is not None and handle.state.layout != "bsd":
             raise NotImplementedError("ONNX export supports batch-first ([B, T, C]) models")
     for m in model.modules():
@@ -335,7 +319,7 @@ class _FirstOutput(nn.Module):
 
 def _is_causal_lm(model: nn.Module) -> bool:
     return getattr(getattr(model, "vtquant", None), "adapter", None) is not None and \
-        model.vtquant.adapter.family == "hf-decoder"
+        model.vtquant.adapter.output_kind == "logits"
 
 
 def _wrap(model: nn.Module) -> nn.Module:

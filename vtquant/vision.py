@@ -271,7 +271,7 @@ def evaluate_imagenet(vmodel: VisionModel, recipe: Recipe, data: str, *, calib_d
                       log: Callable[[str], None] = lambda s: None) -> VisionEvalResult:
     """ImageNet top-1 / top-5 of the FP model and of its ``recipe``-quantized copy.
 
-    Classifiers (``output_kind() == "class-logits"``) are scored on their logits, image-text
+    Classifiers (adapter ``output_kind == "class-logits"``) are scored on their logits, image-text
     models zero-shot (OpenAI prompt templates, class names from timm).
 
     Args:
@@ -292,7 +292,7 @@ def evaluate_imagenet(vmodel: VisionModel, recipe: Recipe, data: str, *, calib_d
 
     start = time.time()
     if not vmodel.is_clip:
-        kind = get_adapter(vmodel.model).output_kind()
+        kind = get_adapter(vmodel.model).output_kind
         if kind != "class-logits":
             raise ConfigError(f"{vmodel.name} returns {kind}, not class logits: ImageNet evaluation needs a "
                               "classifier with its head (e.g. timm:NAME) or an image-text model (zero-shot)")

@@ -9,10 +9,14 @@ the class names they support; :func:`get_adapter` picks one or says how to add o
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
+
+from ..core.hooks import HookManager
+from ..core.sinks import SinkState
 
 _REGISTRY: dict[str, type["ModelAdapter"]] = {}
 
@@ -62,27 +66,51 @@ def get_adapter(model: nn.Module) -> "ModelAdapter":
     return cls(model)
 
 
-class ModelAdapter:
+KnownSinks = tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool]
+"""``(known bool [B, T] or None, fixed types long [B, T] or None, is_prefill)`` of one forward call."""
+
+
+class _KnownSinkHook:
+    """Pre-forward hook that starts each forward pass of the sink state with the known sinks.
+
+    An object (not a closure) holding only the adapter and the kinds; the state is read from the
+    hooked module (``vtquant_sink_state``), so ``copy.deepcopy`` of a quantized model gives the
+    copy hooks that reset the copy's own state.
+    """
+
+    def __init__(self, adapter: "ModelAdapter", kinds: list[str]) -> None:
+        self.adapter = adapter
+        self.kinds = list(kinds)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        known, types, is_prefill = self.adapter.known_sinks_of_call(self.kinds, args, kwargs)
+        module.vtquant_sink_state.reset(known, is_prefill=is_prefill, known_types=types)
+
+
+class ModelAdapter(abc.ABC):
     """Describes one model to the core.  Subclasses implement the abstract pieces."""
 
     supported: tuple = ()
     token_layout: str = "bsd"
     family: str = "generic"
+    output_kind: str = "features"
+    """What the model returns: ``logits`` (a causal LM on token ids) or ``features`` (an encoder)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     # --- structure -------------------------------------------------------------------
+    @abc.abstractmethod
     def blocks(self) -> list[nn.Module]:
-        raise NotImplementedError
+        """The transformer blocks in forward order."""
 
-    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+    @abc.abstractmethod
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
         """Quantizable Linears of a block, ``{relative name: module}`` in forward order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def probe_name(self) -> str:
         """Relative name (within a block) of the MLP second Linear whose input is probed."""
-        raise NotImplementedError
 
     def block_output(self, output: Any) -> torch.Tensor:
         """The residual-stream tensor in a block's output."""
@@ -95,8 +123,9 @@ class ModelAdapter:
             return [hidden] + list(output[1:])
         return hidden
 
+    @abc.abstractmethod
     def hidden_size(self) -> int:
-        raise NotImplementedError
+        """Width of the residual stream."""
 
     def input_groups(self, block: nn.Module) -> list[list[str]]:
         """Groups of Linears (relative names) that always read the same input tensor, in call order."""
@@ -115,9 +144,29 @@ class ModelAdapter:
         """Kinds of known sinks this model offers (e.g. ``first_token``, ``cls``)."""
         return ()
 
-    def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
-        """Register hooks that reset ``state`` with the known sink mask at each forward."""
-        raise NotImplementedError
+    def known_sink_site(self) -> nn.Module:
+        """The module whose pre-forward call sees the inputs that say where the known sinks are."""
+        raise NotImplementedError(f"{type(self).__name__} offers no known sinks; use sinks.known_sinks: []")
+
+    def known_sinks_of_call(self, kinds: list[str], args: tuple, kwargs: dict) -> KnownSinks:
+        """Known sinks of one call of :meth:`known_sink_site` (its positional and keyword arguments)."""
+        raise NotImplementedError(f"{type(self).__name__} offers no known sinks; use sinks.known_sinks: []")
+
+    def check_known_sink_kinds(self, kinds: list[str]) -> None:
+        unknown = [k for k in kinds if k not in self.known_sink_kinds()]
+        if unknown:
+            raise ValueError(f"sinks.known_sinks {unknown} not offered by {type(self.model).__name__}; "
+                             f"available: {list(self.known_sink_kinds())} (or [] for content-based only)")
+
+    def install_known_sinks(self, state: SinkState, kinds: list[str], hooks: HookManager) -> None:
+        """Hook :meth:`known_sink_site` so every forward pass starts ``state`` with the known sinks.
+
+        The state is handed to the site module (``vtquant_sink_state``); the hook is owned by ``hooks``.
+        """
+        self.check_known_sink_kinds(kinds)
+        site = self.known_sink_site()
+        site.vtquant_sink_state = state
+        hooks.pre_forward(site, _KnownSinkHook(self, kinds), with_kwargs=True)
 
     def known_sink_types(self, kinds: list[str]) -> Optional[list[str]]:
         """Names of fixed template types of the known sinks (vision: ``cls``, ``register0``...).
@@ -134,9 +183,6 @@ class ModelAdapter:
     def rotation_spec(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not support rotation yet")
 
-    def describe(self) -> dict:
-        return {"adapter": type(self).__name__, "model_class": type(self.model).__name__}
-
     def config_dict(self) -> dict:
         """What :meth:`from_config_dict` needs to rebuild the (unquantized) skeleton."""
         raise NotImplementedError
@@ -145,18 +191,10 @@ class ModelAdapter:
     def from_config_dict(cls, data: dict) -> nn.Module:
         raise NotImplementedError
 
-    def token_text(self, tokenizer: Any, ids: torch.Tensor) -> list[str]:
-        return [str(int(i)) for i in ids]
-
     # --- what applications read (vtquant.analyze, vtquant.vision); defaults: one tower --------------
     def input_kind(self) -> str:
         """What a batch holds: ``tokens`` (ids ``[B, T]``) or ``images`` (``[B, 3, H, W]``)."""
         return "tokens"
-
-    def output_kind(self) -> str:
-        """What the model returns: ``next-token-logits`` (a causal LM), ``class-logits`` (a classifier
-        head) or ``features`` (an embedding, pooled features or hidden states)."""
-        return "features"
 
     def prefix_kinds(self) -> list[tuple[str, str, int]]:
         """``[(kind, type name, position), ...]`` of prefix tokens at fixed positions (CLS, registers)."""

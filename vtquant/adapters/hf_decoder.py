@@ -10,13 +10,15 @@ step.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError
 from ..core.rotation import LayerRotation, RotationSpec
-from .base import ModelAdapter, register_adapter
+from .base import KnownSinks, ModelAdapter, register_adapter
 
 ARCHITECTURES = {
     "LlamaForCausalLM": {"norm": "rms", "config": "LlamaConfig"},
@@ -35,6 +37,7 @@ class HFDecoderAdapter(ModelAdapter):
 
     token_layout = "bsd"
     family = "hf-decoder"
+    output_kind = "logits"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -63,37 +66,45 @@ class HFDecoderAdapter(ModelAdapter):
         return int(self.model.config.hidden_size)
 
     def forward(self, batch: Any) -> Any:
+        """One batch: token ids ``[B, T]``, or a mapping (dict, ``BatchEncoding``) with ``input_ids`` and
+        optionally ``attention_mask`` (padding; left padding moves the first-token sink, which the
+        known-sink hook reads from the mask)."""
         device = next(self.model.parameters()).device
-        return self.model(input_ids=batch.to(device), use_cache=False)
+        if isinstance(batch, torch.Tensor):
+            return self.model(input_ids=batch.to(device), use_cache=False)
+        if isinstance(batch, Mapping) or hasattr(batch, "keys"):
+            if "input_ids" not in batch:
+                raise ConfigError(f"a calibration batch mapping needs 'input_ids' (got keys {sorted(batch.keys())})")
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
+            return self.model(**inputs, use_cache=False)
+        raise ConfigError(f"a calibration batch for {type(self.model).__name__} must be a token id tensor [B, T] "
+                          f"or a mapping with input_ids (and attention_mask); got {type(batch).__name__}")
 
     def known_sink_kinds(self) -> tuple[str, ...]:
         return ("first_token",)
 
-    def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
-        unknown = [k for k in kinds if k not in self.known_sink_kinds()]
-        if unknown:
-            raise ValueError(f"sinks.known_sinks {unknown} not offered by {type(self.model).__name__}; "
-                             f"available: {list(self.known_sink_kinds())} (or [] for content-based only)")
-        use_first = "first_token" in kinds
+    def known_sink_site(self) -> nn.Module:
+        return self.decoder
 
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            embeds = kwargs.get("inputs_embeds")
-            ref = ids if ids is not None else embeds
-            batch, tokens = ref.shape[0], ref.shape[1]
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            past = int(cache.get_seq_length()) if cache is not None else 0
-            known = torch.zeros(batch, tokens, dtype=torch.bool, device=ref.device)
-            if use_first and past == 0:
-                attn = kwargs.get("attention_mask")
-                if attn is not None and attn.dim() == 2 and attn.shape[1] == tokens:
-                    first = attn.long().argmax(dim=1)  # first non-padding token (left padding)
-                else:
-                    first = torch.zeros(batch, dtype=torch.long, device=ref.device)
-                known[torch.arange(batch, device=ref.device), first] = True
-            state.reset(known if use_first else None, is_prefill=past == 0)
-
-        hooks.pre_forward(self.decoder, pre_hook, with_kwargs=True)
+    def known_sinks_of_call(self, kinds: list[str], args: tuple, kwargs: dict) -> KnownSinks:
+        """The first non-padding token of a prompt (left padding read from ``attention_mask``); no
+        token of a cached decoding step (its sinks are already in the cache)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        batch, tokens = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        if "first_token" not in kinds:
+            return None, None, past == 0
+        known = torch.zeros(batch, tokens, dtype=torch.bool, device=ref.device)
+        if past == 0:
+            attn = kwargs.get("attention_mask")
+            if attn is not None and attn.dim() == 2 and attn.shape[1] == tokens:
+                first = attn.long().argmax(dim=1)  # first non-padding token (left padding)
+            else:
+                first = torch.zeros(batch, dtype=torch.long, device=ref.device)
+            known[torch.arange(batch, device=ref.device), first] = True
+        return known, None, past == 0
 
     # --- rotation ---------------------------------------------------------------------
     def _norm_scale(self, norm: nn.Module) -> torch.Tensor:
@@ -149,15 +160,7 @@ class HFDecoderAdapter(ModelAdapter):
         model_cls = getattr(transformers, data["model_class"])
         return model_cls(config).eval()
 
-    def token_text(self, tokenizer: Any, ids: torch.Tensor) -> list[str]:
-        if tokenizer is None:
-            return super().token_text(tokenizer, ids)
-        return [tokenizer.decode([int(i)]) for i in ids]
-
     # --- what applications read (vtquant.analyze) -----------------------------------------------
-    def output_kind(self) -> str:
-        return "next-token-logits"
-
     def attention_spec(self) -> Any:
         """q / k / v / gate projections of each decoder layer, grouped-query shape and the rotary
         embedding's inverse frequencies (LLaMA's "rotate half" convention)."""

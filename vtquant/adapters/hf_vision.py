@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .base import UnsupportedModelError, register_adapter
+from .base import KnownSinks, UnsupportedModelError, register_adapter
 from .vision_common import VisionAdapter, text_known_sinks
 
 TOWERS = {
@@ -104,21 +104,18 @@ class HFVisionAdapter(VisionAdapter):
             return ids.to(torch.int).argmax(dim=-1)
         return (ids == eos).int().argmax(dim=-1)
 
-    def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
+    def known_sink_site(self) -> nn.Module:
+        return self.tower.embeddings if self.spec["kind"] == "text" else super().known_sink_site()
+
+    def known_sinks_of_call(self, kinds: list[str], args: tuple, kwargs: dict) -> KnownSinks:
         if self.spec["kind"] != "text":
-            return super().install_known_sinks(state, kinds, hooks)
-        self._check_kinds(kinds)
+            return super().known_sinks_of_call(kinds, args, kwargs)
         names = self.known_sink_types(kinds)
-
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if not names or ids is None:
-                state.reset(None)
-                return
-            known, types = text_known_sinks(ids, names, self.eot_positions)
-            state.reset(known, known_types=types)
-
-        hooks.pre_forward(self.tower.embeddings, pre_hook, with_kwargs=True)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not names or ids is None:
+            return None, None, True
+        known, types = text_known_sinks(ids, names, self.eot_positions)
+        return known, types, True
 
     def forward(self, batch: Any) -> Any:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .base import UnsupportedModelError, register_adapter
+from .base import KnownSinks, UnsupportedModelError, register_adapter
 from .vision_common import VisionAdapter, make_attention_explicit_, text_known_sinks
 
 
@@ -112,20 +112,17 @@ class OpenCLIPTextAdapter(_OpenCLIPTower):
         names = self.known_sink_types(kinds)
         return [names.index("eot")] if "eot" in names else []
 
-    def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
-        self._check_kinds(kinds)
+    def known_sink_site(self) -> nn.Module:
+        return self.model.token_embedding
+
+    def known_sinks_of_call(self, kinds: list[str], args: tuple, kwargs: dict) -> KnownSinks:
         names = self.known_sink_types(kinds)
+        if not names:
+            return None, None, True
         pool, eos_id = self._pool()
-
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            ids = args[0]
-            if not names:
-                state.reset(None)
-                return
-            known, types = text_known_sinks(ids, names, lambda x: text_pool_positions(x, pool, eos_id))
-            state.reset(known, known_types=types)
-
-        hooks.pre_forward(self.model.token_embedding, pre_hook)
+        ids = args[0]
+        known, types = text_known_sinks(ids, names, lambda x: text_pool_positions(x, pool, eos_id))
+        return known, types, True
 
     def forward(self, batch: Any) -> Any:
         ids = batch[0] if isinstance(batch, (tuple, list)) else batch

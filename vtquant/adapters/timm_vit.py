@@ -86,11 +86,7 @@ class TimmViTAdapter(VisionAdapter):
             pos += 1
         return out
 
-    def describe(self) -> dict:
-        info = super().describe()
-        info.update(num_prefix_tokens=int(getattr(self.model, "num_prefix_tokens", 0)),
-                    global_pool=str(getattr(self.model, "global_pool", "")))
-        return info
-
-    def output_kind(self) -> str:
+    @property
+    def output_kind(self) -> str:  # type: ignore[override]
+        """``class-logits`` with a classifier head (``num_classes > 0``), else ``features``."""
         return "class-logits" if int(getattr(self.model, "num_classes", 0) or 0) > 0 else "features"

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.quant import QuantLinear
-from .base import ModelAdapter
+from .base import KnownSinks, ModelAdapter
 
 _QKV = ("q_proj", "k_proj", "v_proj", "query", "key", "value")
 _GLU = ("fc1_g", "fc1_x", "weights_in")
@@ -118,12 +118,6 @@ class VisionAdapter(ModelAdapter):
                 kinds.append(kind)
         return tuple(kinds)
 
-    def _check_kinds(self, kinds: list[str]) -> None:
-        unknown = [k for k in kinds if k not in self.known_sink_kinds()]
-        if unknown:
-            raise ValueError(f"sinks.known_sinks {unknown} not offered by {type(self.model).__name__}; "
-                             f"available: {list(self.known_sink_kinds())} (or [] for content-based only)")
-
     def _known(self, kinds: list[str]) -> list[tuple[str, int]]:
         return [(name, pos) for kind, name, pos in self.prefix_kinds() if kind in kinds]
 
@@ -147,16 +141,14 @@ class VisionAdapter(ModelAdapter):
                 types[:, pos] = type_id
         return known, types
 
-    def install_known_sinks(self, state: Any, kinds: list[str], hooks: Any) -> None:
-        self._check_kinds(kinds)
+    def known_sink_site(self) -> nn.Module:
+        return self.blocks()[0]
 
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
-            b, t = state.batch_tokens(x)
-            known, types = self.known_masks(b, t, kinds, x.device)
-            state.reset(known, known_types=types)
-
-        hooks.pre_forward(self.blocks()[0], pre_hook, with_kwargs=True)
+    def known_sinks_of_call(self, kinds: list[str], args: tuple, kwargs: dict) -> KnownSinks:
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+        b, t = (x.shape[0], x.shape[1]) if self.token_layout == "bsd" else (x.shape[1], x.shape[0])
+        known, types = self.known_masks(b, t, kinds, x.device)
+        return known, types, True
 
     def forward(self, batch: Any) -> Any:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch

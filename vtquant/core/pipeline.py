@@ -1,41 +1,48 @@
 """prepare -> calibrate -> convert, model-family free (torchao's static flow, METHOD.md steps 1-6).
 
-:func:`quantize_model_` runs the whole INSERTQUANT pipeline on a model described
-by an adapter:
+:func:`quantize_model_` runs one pipeline for every method; the method's handler
+(:mod:`vtquant.core.methods`) adds its steps at fixed hooks:
 
-1. optional rotation of the full-precision model (:mod:`vtquant.core.rotation`);
+1. optional rotation of the full-precision model (:mod:`vtquant.core.rotation`), then the
+   handler's ``on_transform`` (SmoothQuant's smoothing);
 2. every target Linear becomes a :class:`QuantLinear` (still full precision);
-3. pass 1 - probe statistics: per layer, the per-token peak at the MLP second-linear
-   input and the sinks' residual norm -> reference scales, emergence layer,
-   cancellation layer, an optional earlier stage-1 layer, number of template types;
-4. pass 2 - templates: detectors run as at inference; each guarded Linear records
-   its sink inputs -> template outputs and their stability -> per-layer mode
-   (``template`` where stable, ``fp-row`` elsewhere) and the residual template;
-5. weights are quantized (RTN), pass 3 calibrates static activation scales with
-   sink rows excluded; activations then quantize.
+3. the handler's ``on_sinks``: the sink calibrator (:mod:`vtquant.core.calibrate`) returns a
+   :class:`~vtquant.core.plan.SinkPlan` and installs detectors, guards and the residual restore;
+4. weights: RTN, or GPTQ / weight clip search from Hessians of the inputs the Linears really see;
+5. activation (and KV-cache) quantizers; one pass calibrates static scales with sink rows
+   excluded; the optional clip search and its structure check follow.
 
-The resulting structure is a json-able *plan*; :func:`apply_plan_` rebuilds it on
-a fresh model (for loading checkpoints).
+All forward passes go through one :class:`PassRunner`.  The result is a frozen
+:class:`~vtquant.core.plan.QuantPlan` on ``model.vtquant``; :func:`apply_plan_` rebuilds that
+structure on a fresh model (for loading checkpoints).  On any failure the model is given back
+as it was (wrappers and hooks removed, transformed weights restored).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import ActArgs, ConfigError, Recipe, WeightArgs
-from .hooks import HookManager
 from . import search
-from .quant import QuantLinear
+from .calibrate import install_sink_modules
+from .hooks import HookManager
+from .methods import QuantMethod, get_method
+from .modules import replace_module
+from .plan import QuantPlan, SinkPlan
+from .quant import ActQuantizer, QuantLinear
 from .rotation import random_hadamard_factors, rotate_model_
-from .sinks import (SinkDetector, SinkState, choose_stage1, find_cancellation_layer,
-                    find_emergence_layer, token_peaks)
-from .templates import ResidualRestore, SinkGuard, template_statistics
+from .sinks import SinkState
+
+if TYPE_CHECKING:
+    from ..adapters.base import ModelAdapter
 
 log = logging.getLogger(__name__)
 
@@ -99,43 +106,116 @@ def _ranges(values: list[int]) -> str:
 
 
 class QuantHandle:
-    """Lives on a quantized model as ``model.vtquant``: its plan, sink state and hooks."""
+    """Lives on a quantized model as ``model.vtquant``: its plan, sink state, hooks and report.
 
-    def __init__(self, plan: dict, state: Optional[SinkState], hooks: HookManager, adapter: Any) -> None:
+    The handle is the one owner of the sink state: it hands the same :class:`SinkState` to every
+    detector, guard and restore of the model (``copy.deepcopy`` of the model copies them together).
+    """
+
+    def __init__(self, plan: QuantPlan, state: Optional[SinkState], hooks: HookManager,
+                 adapter: "ModelAdapter") -> None:
         self.plan = plan
         self.state = state
         self.hooks = hooks
         self.adapter = adapter
         self.report: Optional[QuantReport] = None
+        self.recipe: Optional[Recipe] = None
+        self.backend: Optional[str] = None  # set by vtquant.kernels.convert_
+        self.cpu_kernel: Optional[str] = None
 
     def sink_positions(self) -> list[list[int]]:
         """Sink positions per batch row of the last forward pass."""
         return self.state.positions() if self.state is not None else []
 
 
+class PassRunner:
+    """Owns the forward passes over the calibration batches (llm-compressor's basic pipeline).
+
+    Args:
+        adapter: runs one batch (``adapter.forward``).
+        batches: the calibration batches.
+        quiet: no progress bars.
+    """
+
+    def __init__(self, adapter: "ModelAdapter", batches: list, quiet: bool = False) -> None:
+        self.adapter = adapter
+        self.batches = batches
+        self.quiet = quiet
+        self.passes = 0
+
+    def run(self, desc: str, after: Optional[Callable[[], None]] = None) -> None:
+        """One pass over every batch without gradients; ``after()`` runs after each batch."""
+        self.passes += 1
+        with torch.no_grad():
+            for batch in tqdm(self.batches, desc=desc, disable=self.quiet, leave=False):
+                self.adapter.forward(batch)
+                if after is not None:
+                    after()
+
+
+@dataclass
+class QuantContext:
+    """What the pipeline and the method hooks share while one model is quantized."""
+
+    model: nn.Module
+    adapter: "ModelAdapter"
+    recipe: Recipe
+    runner: PassRunner
+    hooks: HookManager
+    report: "QuantReport"
+    wrapped: dict = field(default_factory=dict)
+    smoothquant: Optional[dict] = None
+    fp_sinks: Optional[set] = None  # sink set the deployed detectors find on the full-precision model
+
+
 # ------------------------------------------------------------------------------------------
-def _target_linears(adapter: Any, ignore: list) -> list[tuple[int, str, nn.Module, nn.Module]]:
+def _ignore_match(pattern: str, names: tuple[str, ...]) -> bool:
+    """``re:REGEX`` (full match, llm-compressor style) or a dotted suffix of any of ``names``."""
+    if pattern.startswith("re:"):
+        return any(re.fullmatch(pattern[3:], n) for n in names)
+    return any(n == pattern or n.endswith("." + pattern) for n in names)
+
+
+def _target_linears(adapter: "ModelAdapter", ignore: Iterable[str],
+                    notes: Optional[list] = None) -> list[tuple[int, str, nn.Module, nn.Module]]:
+    """``[(layer, relative name, block, Linear)]`` of the quantization targets, ``ignore`` applied.
+
+    An ignore entry is matched against each Linear's relative name (``mlp.down_proj``), its layer
+    name (``layers.3.mlp.down_proj``) and its module name in the model; entries that match no Linear
+    of the model at all are reported (a typo would otherwise quantize what the user meant to keep).
+    """
+    ignore = list(ignore)
+    full_names = {id(m): n for n, m in adapter.model.named_modules()}
+    used: set = set()
     out = []
     for li, block in enumerate(adapter.blocks()):
         for name, lin in adapter.block_linears(block).items():
-            full = f"layers.{li}.{name}"
-            if any(name.endswith(pat) or full == pat or full.endswith("." + pat) for pat in ignore):
-                continue
-            out.append((li, name, block, lin))
+            names = (name, f"layers.{li}.{name}", full_names.get(id(lin), ""))
+            hits = [pat for pat in ignore if _ignore_match(pat, names)]
+            used.update(hits)
+            if not hits:
+                out.append((li, name, block, lin))
+    unused = [p for p in ignore if p not in used]
+    if unused:
+        linear_names = tuple(n for n, m in adapter.model.named_modules()
+                             if isinstance(m, (nn.Linear, QuantLinear)))
+        unused = [p for p in unused if not _ignore_match(p, linear_names)]
+    if unused:
+        msg = (f"recipe.ignore entries {unused} match no Linear of {type(adapter.model).__name__}; they have no "
+               "effect (entries are dotted name suffixes such as mlp.down_proj or layers.0.mlp.down_proj, or "
+               "re:REGEX)")
+        log.warning(msg)
+        if notes is not None:
+            notes.append(msg)
     return out
 
 
-def _set_child(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    setattr(parent, child, module)
-
-
-def _wrap_linears(adapter: Any, ignore: list, skeleton_weights: Optional[WeightArgs] = None,
-                  online: Optional[dict] = None) -> dict[tuple[int, str], QuantLinear]:
+def _wrap_linears(adapter: "ModelAdapter", ignore: Iterable[str], skeleton_weights: Optional[WeightArgs] = None,
+                  online: Optional[dict] = None, undo: Optional["_Undo"] = None,
+                  notes: Optional[list] = None) -> dict[tuple[int, str], QuantLinear]:
     online = online or {}
     wrapped = {}
-    for li, name, block, lin in _target_linears(adapter, ignore):
+    for li, name, block, lin in _target_linears(adapter, ignore, notes):
         if isinstance(lin, QuantLinear):
             wrapped[(li, name)] = lin
             continue
@@ -143,32 +223,73 @@ def _wrap_linears(adapter: Any, ignore: list, skeleton_weights: Optional[WeightA
                         skeleton=skeleton_weights is not None)
         if lin in online:
             q.set_input_rotation(*online[lin])
-        _set_child(block, name, q)
+        old = replace_module(block, name, q)
+        if undo is not None:
+            undo.replaced.append((block, name, old))
         wrapped[(li, name)] = q
     return wrapped
 
 
-def _run(adapter: Any, batches: list, desc: str, quiet: bool, after: Optional[Any] = None) -> None:
-    with torch.no_grad():
-        for batch in tqdm(batches, desc=desc, disable=quiet, leave=False):
-            adapter.forward(batch)
-            if after is not None:
-                after()
+class _Undo:
+    """Gives a model back as it was when quantization fails half way.
+
+    Wrapped Linears are put back (the originals are untouched by wrapping), hooks removed and
+    ``model.vtquant`` dropped.  With a weight transform (rotation, smoothing) every parameter and
+    buffer is also copied to the CPU first and restored, parameter objects included.
+    """
+
+    def __init__(self, model: nn.Module, hooks: HookManager, transforms: bool) -> None:
+        self.model = model
+        self.hooks = hooks
+        self.replaced: list = []
+        self.tensors: list = []
+        self.config: Optional[dict] = None
+        if transforms:
+            for module in model.modules():
+                for pname, p in list(module._parameters.items()) + list(module._buffers.items()):
+                    if p is not None:
+                        self.tensors.append((module, pname, p, p.detach().to("cpu", copy=True)))
+            config = getattr(model, "config", None)
+            self.config = dict(vars(config)) if config is not None and hasattr(config, "__dict__") else None
+            self.tied = getattr(model, "_tied_weights_keys", None)
+
+    def restore(self) -> None:
+        self.hooks.remove()
+        for block, name, old in reversed(self.replaced):
+            replace_module(block, name, old)
+        for module, pname, p, saved in self.tensors:
+            with torch.no_grad():
+                p.data = saved.to(p.device)
+            store = module._parameters if pname in module._parameters else module._buffers
+            store[pname] = p
+        if self.config is not None:
+            vars(self.model.config).clear()
+            vars(self.model.config).update(self.config)
+            if hasattr(self.model, "_tied_weights_keys"):
+                self.model._tied_weights_keys = self.tied
+        for module in self.model.modules():
+            if "vtquant_restore" in module._modules:
+                del module._modules["vtquant_restore"]
+        if "vtquant" in vars(self.model):
+            del self.model.vtquant
 
 
-def _attach_restore(adapter: Any, hooks: HookManager, block: nn.Module, restore: ResidualRestore) -> None:
-    block.vtquant_restore = restore
-
-    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-        return adapter.replace_block_output(output, module.vtquant_restore(adapter.block_output(output)))
-
-    hooks.forward(block, hook)
+def _check_batches(batches: Iterable) -> list:
+    if batches is None:
+        raise ConfigError("calibration data is None: pass a list of batches (e.g. token id tensors [B, T])")
+    batches = list(batches)
+    if not batches:
+        raise ConfigError("calibration data is empty: pass at least one batch (token id tensors [B, T], "
+                          "dicts with input_ids / attention_mask, or image tensors [B, 3, H, W])")
+    return batches
 
 
 # ------------------------------------------------------------------------------------------
-def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Iterable,
+def quantize_model_(model: nn.Module, adapter: "ModelAdapter", recipe: Recipe, batches: Iterable,
                     quiet: bool = False) -> QuantReport:
     """Quantize ``model`` in place following ``recipe``, calibrating on ``batches``.
+
+    On any error the model is left as it was (see :class:`_Undo`) and the error is raised.
 
     Args:
         model: the full-precision model (modified in place).
@@ -178,60 +299,66 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
         quiet: no progress bars.
     """
     start = time.time()
-    batches = list(batches)
+    handler = get_method(recipe.method)
     report = QuantReport(method=recipe.display_method)
-    plan: dict = {"method": recipe.method, "display_method": recipe.display_method,
-                  "weights": asdict(recipe.weights) if recipe.weights else None,
-                  "activations": asdict(recipe.activations) if recipe.activations else None,
-                  "ignore": list(recipe.ignore), "rotation": None, "sinks": None,
-                  "kv_cache": asdict(recipe.kv_cache) if recipe.kv_cache else None}
     hooks = HookManager()
-    if recipe.method == "fp":
-        model.vtquant = QuantHandle(plan, None, hooks, adapter)
+    if not handler.quantizes:
+        model.vtquant = QuantHandle(_base_plan(recipe), None, hooks, adapter)
         report.seconds = time.time() - start
+        model.vtquant.report = report
         return report
+    batches = _check_batches(batches)
+    ctx = QuantContext(model, adapter, recipe, PassRunner(adapter, batches, quiet), hooks, report)
+    transforms = recipe.rotation.enabled or type(handler).on_transform is not QuantMethod.on_transform
+    undo = _Undo(model, hooks, transforms=transforms)
+    try:
+        plan, state = _quantize(ctx, handler, undo)
+    except BaseException:
+        undo.restore()
+        raise
+    model.vtquant = QuantHandle(plan, state, hooks, adapter)
+    report.seconds = time.time() - start
+    model.vtquant.report = report
+    return report
 
-    # 1. rotation of the full-precision model
+
+def _base_plan(recipe: Recipe) -> QuantPlan:
+    return QuantPlan(method=recipe.method, display_method=recipe.display_method, weights=recipe.weights,
+                     activations=recipe.activations, kv_cache=recipe.kv_cache, ignore=tuple(recipe.ignore))
+
+
+def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, Optional[SinkState]]:
+    recipe, adapter, report, runner = ctx.recipe, ctx.adapter, ctx.report, ctx.runner
+
+    # 1. function-preserving transforms of the full-precision model: rotation, then the method's own
     online: dict = {}
+    rotation = None
     if recipe.rotation.enabled:
         rot = recipe.rotation
         online = rotate_model_(adapter.rotation_spec(), seed=rot.seed, residual=rot.residual,
                                online=rot.online, heads=rot.heads)["online"]
-        plan["rotation"] = asdict(rot)
-
-    # 1b. smoothquant: migrate per-channel activation scale into the readers' weights (exact in float)
-    if recipe.method == "smoothquant":
-        from .smooth import smooth_model_
-
-        info = smooth_model_(adapter.rotation_spec(), lambda: _run(adapter, batches, "smoothquant statistics", quiet),
-                             alpha=float(recipe.smoothquant_alpha))
-        plan["smoothquant"] = info
-        report.notes.append(f"smoothquant: alpha={info['alpha']:g}, {info['groups']} norm->readers groups smoothed, "
-                            f"largest factor {info['max_factor']:g} (largest input |x| {info['max_act_absmax']:g})")
+        rotation = rot
+    handler.on_transform(ctx)
 
     # 2. wrap every target Linear (full precision for now)
-    wrapped = _wrap_linears(adapter, recipe.ignore, online=online)
-    plan["targets"] = sorted(q.name for q in wrapped.values())
-    plan["online_rotation"] = {q.name: [f.shape[0] for f in q.rot_factors]
-                               for q in wrapped.values() if q.has_input_rotation}
+    ignore_notes: list = []
+    wrapped = _wrap_linears(adapter, recipe.ignore, online=online, undo=undo, notes=ignore_notes)
+    ctx.wrapped = wrapped
 
-    state = None
-    fp_sinks: list = []
-    if recipe.method in ("insertquant", "prefix") and recipe.sinks.enabled:
-        state = _calibrate_sinks(adapter, recipe, batches, wrapped, hooks, report, plan, quiet,
-                                 templates=recipe.method == "insertquant", fp_sinks=fp_sinks)
+    # 3. sinks (the method's calibrator installs detectors, guards and the residual restore)
+    sink_plan, state = handler.on_sinks(ctx)
 
     leaders = search.input_group_leaders(adapter, wrapped)
     acts, kv = recipe.activations, recipe.kv_cache
     wargs = recipe.weights.resolved() if recipe.weights is not None else None
     clip_search = bool(acts is not None and acts.static and acts.clip_search)
-    s_fp: Optional[set] = fp_sinks[0] if fp_sinks else None  # recorded by the templates pass
+    s_fp: Optional[set] = ctx.fp_sinks  # recorded by the templates pass
 
     def record_positions(desc: str) -> set:
-        return search.detected_sinks(lambda: state.positions(),
-                                     lambda after: _run(adapter, batches, desc, quiet, after=after))
+        return search.detected_sinks(lambda: state.positions(), lambda after: runner.run(desc, after=after))
 
-    # 3. weights: RTN, or GPTQ / clip search from the Hessians of the inputs the Linears really see
+    # 4. weights: RTN, or GPTQ / clip search from the Hessians of the inputs the Linears really see
+    weight_info = None
     if wargs is not None:
         hessians = None
         if wargs.algorithm == "gptq" or wargs.clip_search:
@@ -241,7 +368,7 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
                 if state is not None and clip_search and s_fp is None:
                     positions.append(record_positions("Hessians (GPTQ)"))
                 else:
-                    _run(adapter, batches, "Hessians (GPTQ)", quiet)
+                    runner.run("Hessians (GPTQ)")
 
             hessians = search.collect_hessians(wrapped, leaders, run_hessian_pass)
             if positions:
@@ -249,305 +376,53 @@ def quantize_model_(model: nn.Module, adapter: Any, recipe: Recipe, batches: Ite
     if state is not None and clip_search and s_fp is None:  # prefix with RTN weights: one more pass
         s_fp = record_positions("sink set (full precision)")
     if wargs is not None:
-        info = search.quantize_weights(wrapped, wargs, hessians, leaders, quiet=quiet)
+        weight_info = search.quantize_weights(wrapped, wargs, hessians, leaders, quiet=runner.quiet)
         del hessians
-        plan["weight_search"] = info
         if wargs.algorithm == "gptq":
             report.notes.append(f"weights: GPTQ W{wargs.bits} {wargs.granularity} (damp {wargs.gptq_damp:g}, "
-                                f"act_order {wargs.act_order}), Hessians from one calibration pass over the rows that meet the quantized weight")
-        if "mean_clip" in info:
-            report.notes.append(f"weight clip search: mean clip {info['mean_clip']:.3f}, "
-                                f"{100 * info['clipped_share']:.0f} % of rows / groups clipped")
-        if info.get("rtn_fallback"):
-            report.notes.append(f"GPTQ: no calibration row reached {info['rtn_fallback']}: RTN there")
+                                f"act_order {wargs.act_order}), Hessians from one calibration pass over the rows that "
+                                "meet the quantized weight")
+        if "mean_clip" in weight_info:
+            report.notes.append(f"weight clip search: mean clip {weight_info['mean_clip']:.3f}, "
+                                f"{100 * weight_info['clipped_share']:.0f} % of rows / groups clipped")
+        if weight_info.get("rtn_fallback"):
+            report.notes.append(f"GPTQ: no calibration row reached {weight_info['rtn_fallback']}: RTN there")
 
-    # 4. activations (and the key / value cache)
+    # 5. activations (and the key / value cache)
     if acts is not None:
-        from .quant import ActQuantizer
-
         for qlin in wrapped.values():
             qlin.act = ActQuantizer(acts).to(qlin.dequantized_weight().device)
     if kv is not None:
         _install_kv_quantizers(adapter, wrapped, kv)
+    clip_info = None
     needs_observe = (acts is not None and acts.static) or (kv is not None and kv.static)
     if needs_observe:
         if clip_search:
-            samples = search.sample_rows(wrapped, leaders, lambda: _run(adapter, batches, "calibrate activation "
-                                                                         "scales", quiet),
-                                         rows_per_batch=max(1, 512 // max(1, len(batches))))
+            samples = search.sample_rows(wrapped, leaders, lambda: runner.run("calibrate activation scales"),
+                                         rows_per_batch=max(1, 512 // max(1, len(runner.batches))))
         else:
-            _run(adapter, batches, "calibrate activation scales", quiet)
+            runner.run("calibrate activation scales")
         for qlin in wrapped.values():
             for quantizer in (qlin.act, qlin.out_act):
                 if quantizer is not None and quantizer.static:
                     quantizer.finalize()
         if clip_search:
-            _clip_search(adapter, wrapped, leaders, samples, state, s_fp, record_positions, report, plan)
+            clip_info = _clip_search(wrapped, leaders, samples, state, s_fp, record_positions, report, sink_plan)
 
-    model.vtquant = QuantHandle(plan, state, hooks, adapter)
-    report.seconds = time.time() - start
-    model.vtquant.report = report
-    return report
-
-
-def _calibrate_sinks(adapter: Any, recipe: Recipe, batches: list, wrapped: dict, hooks: HookManager,
-                     report: QuantReport, plan: dict, quiet: bool, templates: bool = True,
-                     fp_sinks: Optional[list] = None) -> Optional[SinkState]:
-    """Detection (pass 1) and, with ``templates``, templates and residual restore (pass 2).
-
-    ``templates=False`` is the ``prefix`` method: the same detection, then every Linear computes
-    the sink rows in full precision (``fp-row``) and keeps them out of the static scales; no
-    templates, no residual restore.
-    """
-    cfg = recipe.sinks
-    blocks = adapter.blocks()
-    n_layers = len(blocks)
-    probe = adapter.probe_name()
-    probes = {li: q for (li, name), q in wrapped.items() if name == probe}
-    if len(probes) != n_layers:
-        missing = sorted(set(range(n_layers)) - set(probes))
-        raise ConfigError(
-            f"insertquant detects sinks at the input of {probe!r}, but it is in `ignore` for layers {missing}; "
-            f"remove it from ignore (recipe.ignore = {recipe.ignore}) or use method naive-static")
-
-    # ---- pass 1: probe statistics on the full-precision model --------------------------
-    peaks: dict[int, list] = {li: [] for li in probes}
-    res_norms: dict[int, list] = {li: [] for li in range(n_layers)}
-    state = SinkState(layout=adapter.token_layout)
-    with HookManager() as tmp:
-        for li, q in probes.items():
-            tmp.pre_forward(q, lambda m, inp, li=li: peaks[li].append(
-                token_peaks(state.rows(inp[0])).view(*state.batch_tokens(inp[0])).float().cpu()))
-        for li, block in enumerate(blocks):
-            tmp.forward(block, lambda m, inp, out, li=li: res_norms[li].append(
-                state.rows(adapter.block_output(out)).float().norm(dim=-1).view(
-                    *state.batch_tokens(adapter.block_output(out))).cpu()))
-        known_kinds = [k for k in cfg.known_sinks]
-        adapter.install_known_sinks(state, known_kinds, tmp)
-        known_masks: list = []
-        tmp.pre_forward(blocks[0], lambda m, inp: known_masks.append(
-            None if state.mask is None else state.mask.cpu()))
-        _run(adapter, batches, "sink statistics", quiet)
-
-    layers = sorted(probes)
-    peak_t = torch.stack([torch.cat([p.flatten() for p in peaks[li]]) for li in layers])  # [L, N]
-    references = peak_t.median(dim=1).values.clamp_min(1e-12)
-    ratios = peak_t / references.unsqueeze(1)
-    report.probe_max_ratio = [round(float(r), 2) for r in ratios.max(dim=1).values]
-    emergence_idx = find_emergence_layer(ratios.max(dim=1).values, cfg.alpha)
-    if emergence_idx is None:
-        report.notes.append(f"no token exceeds alpha={cfg.alpha:g} x the median token peak at any probe: "
-                            "no massive activations, sink handling disabled (plain per-tensor quantization)")
-        plan["sinks"] = None
-        return None
-    emergence = layers[emergence_idx]
-    shape_bt = [p.shape for p in peaks[emergence]]
-    sink_flat = ratios[emergence_idx] > cfg.alpha
-    known_flat = torch.cat([(m if m is not None else torch.zeros(s, dtype=torch.bool)).flatten()
-                            for m, s in zip(known_masks, shape_bt)]) if known_kinds else None
-    fixed_types = adapter.known_sink_types(known_kinds)  # None: LLM-style types by order
-    if known_flat is not None and bool(known_flat.any()):
-        report.known_confirmed = float((sink_flat & known_flat).sum() / known_flat.sum())
-        if fixed_types is not None:  # vision: known tokens (CLS, registers) stay guarded; harmless if calm
-            if report.known_confirmed < 0.5:
-                report.notes.append(f"known sinks {known_kinds} carry the spike in only "
-                                    f"{100 * report.known_confirmed:.0f} % of their tokens: kept (full-precision "
-                                    "rows unless their inputs are constant)")
-        elif report.known_confirmed < 0.5:
-            report.notes.append(f"known sinks {known_kinds} carry the spike in only "
-                                f"{100 * report.known_confirmed:.0f} % of inputs: not used")
-            known_kinds = []
-    content_sinks = sink_flat.clone()
-    all_sinks = sink_flat | known_flat if (known_kinds and known_flat is not None) else sink_flat
-
-    # per-sequence sink counts -> number of template types K (the most common count)
-    seq_masks = torch.split(all_sinks, [s.numel() for s in shape_bt])
-    per_seq = []
-    for m, s in zip(seq_masks, shape_bt):
-        per_seq += [row.nonzero().flatten().tolist() for row in m.view(s)]
-    counts = torch.tensor([len(p) for p in per_seq])
-    k = int(torch.mode(counts[counts > 0]).values) if bool((counts > 0).any()) else 1
-    protected: list = []
-    if fixed_types is not None:  # one type per known token kind + one shared by content-detected sinks
-        k = len(fixed_types) + 1
-        state.num_known_types = len(fixed_types)
-        report.type_names = list(fixed_types) + ["content"]
-        protected = list(adapter.head_sink_types(known_kinds))
-        report.protected_types = protected
-    report.num_types = k
-    report.calib_sink_positions = per_seq
-    state.num_types = k
-
-    norms = torch.stack([torch.cat([r.flatten() for r in res_norms[li]]) for li in range(n_layers)])
-    sink_norm = norms[:, all_sinks].mean(dim=1)
-    report.sink_residual_norm = [round(float(v), 2) for v in sink_norm]
-    cancellation = find_cancellation_layer(sink_norm, emergence)
-    stages = {"stage2": emergence}
-    alphas = {"stage2": float(cfg.alpha)}
-    refs = {"stage2": float(references[emergence_idx])}
-    if cfg.stage1 == "auto":
-        found = choose_stage1(ratios, content_sinks, emergence_idx, cfg.stage1_margin, cfg.stage1_min_recall)
-        if found is not None:
-            idx, alpha0, recall = found
-            stages["stage1"] = layers[idx]
-            alphas["stage1"] = alpha0
-            refs["stage1"] = float(references[idx])
-            report.stage1_recall = recall
-    report.emergence_layer, report.cancellation_layer = emergence, cancellation
-    report.stages, report.alphas, report.known_sinks = stages, alphas, known_kinds
-
-    # ---- pass 2: templates ----------------------------------------------------------
-    first_guard = 0 if (known_kinds or not templates) else min(stages.values())
-    sink_plan = {"stages": stages, "alphas": alphas, "references": refs, "num_types": k,
-                 "known_sinks": known_kinds, "first_guard_layer": first_guard,
-                 "emergence_layer": emergence, "cancellation_layer": cancellation,
-                 "exclude_from_calibration": cfg.exclude_from_calibration,
-                 "restore_layer": cancellation if (templates and cfg.restore_residual and cancellation is not None)
-                 else None,
-                 "num_known_types": state.num_known_types, "protected_types": protected,
-                 "guard_modes": {}}
-    for (li, name), q in wrapped.items():
-        if li >= first_guard:
-            sink_plan["guard_modes"][q.name] = "fp-row"
-    _install_sink_modules(adapter, wrapped, sink_plan, state, hooks, num_types=k)
-    if not templates:  # prefix: full-precision sink rows everywhere, nothing more to calibrate
-        report.layer_modes = {li: "fp-row" for (li, _name) in wrapped}
-        sink_plan["det_templates"] = {}
-        plan["sinks"] = sink_plan
-        return state
-    recorders = {}
-    for q in wrapped.values():
-        if q.guard is not None:
-            q.guard.recorder = recorders.setdefault(q.name, [])
-    det_records: dict[str, list] = {s: [] for s in stages}
-    res_records: list = []
-    restore_layer = sink_plan["restore_layer"]
-    with HookManager() as tmp:
-        for (li, name), q in wrapped.items():
-            if q.detector is not None:
-                stage = q.detector.stage
-                tmp.forward(q, lambda m, inp, out, stage=stage: det_records[stage].append(
-                    (state.rows(inp[0]).float().cpu(), None if state.mask is None else state.mask.reshape(-1).cpu(),
-                     None if state.types is None else state.types.reshape(-1).cpu())))
-        if restore_layer is not None:
-            blocks[restore_layer].vtquant_restore.enabled = False
-            tmp.forward(blocks[restore_layer], lambda m, inp, out: res_records.append(
-                (state.rows(adapter.block_output(out)).float().cpu(), state.mask.reshape(-1).cpu(),
-                 state.types.reshape(-1).cpu()) if state.mask is not None else None))
-        found = search.detected_sinks(lambda: state.positions(),
-                                      lambda after: _run(adapter, batches, "sink templates", quiet, after=after))
-        if fp_sinks is not None:  # pass 2 runs the deployed detectors on the full-precision model
-            fp_sinks.append(found)
-    if restore_layer is not None:
-        blocks[restore_layer].vtquant_restore.enabled = True
-
-    type_cos: dict[tuple[int, int], float] = {}  # (layer, type) -> min cosine over the layer's Linears
-    layer_spread: dict[int, float] = {}
-    for (li, name), q in wrapped.items():
-        if q.guard is None:
-            continue
-        rec = recorders.get(q.name, [])
-        q.guard.recorder = None
-        if not rec:
-            continue
-        inputs = torch.cat([r[0] for r in rec])
-        types = torch.cat([r[1] for r in rec]).clamp_min(0)
-        weight = q.weight.detach().float()
-        bias = None if q.bias is None else q.bias.detach().float()
-        for t in range(k):
-            sel = inputs[types == t]
-            if len(sel) == 0:
-                continue
-            mean, cos, spread = template_statistics(sel)
-            out = mean.to(weight.device) @ weight.T + (0 if bias is None else bias)
-            q.guard.template_out[t] = out.to(q.guard.template_out.dtype)
-            q.guard.template_cosine[t] = cos
-            type_cos[(li, t)] = min(type_cos.get((li, t), 1.0), cos)
-            layer_spread[li] = max(layer_spread.get(li, 0.0), spread)
-    for (li, name), q in wrapped.items():
-        if q.guard is None:
-            continue
-        stable = torch.tensor([type_cos.get((li, t), -1.0) >= cfg.template_min_cosine and t not in protected
-                               for t in range(k)])  # a token the head reads is never replaced
-        if not cfg.insert:
-            mode = "clamp"
-        elif bool(stable.any()):
-            mode = "template"
-            q.guard.template_ok.copy_(stable)
-        else:
-            mode = "fp-row"
-        q.guard.mode = mode
-        sink_plan["guard_modes"][q.name] = mode
-        report.layer_modes[li] = mode
-    report.layer_template_cosine = {li: round(min(c for (l2, _), c in type_cos.items() if l2 == li), 4)
-                                    for li in sorted({l for l, _ in type_cos})}
-    report.layer_template_spread = {li: round(s, 4) for li, s in sorted(layer_spread.items())}
-
-    # detection templates for least-squares assignment
-    for stage, recs in det_records.items():
-        feats, tys = [], []
-        for rows, mask, types in recs:
-            if mask is not None and bool(mask.any()):
-                feats.append(rows[mask])
-                tys.append(types[mask])
-        if feats:
-            f, t = torch.cat(feats), torch.cat(tys).clamp_min(0)
-            det = torch.stack([f[t == i].mean(0) if bool((t == i).any()) else torch.zeros(f.shape[1])
-                               for i in range(k)])
-            state.det_templates[stage] = det
-    if restore_layer is not None:
-        rows = [r for r in res_records if r is not None]
-        if rows:
-            h = torch.cat([r[0][r[1]] for r in rows])
-            t = torch.cat([r[2][r[1]] for r in rows]).clamp_min(0)
-            restore = blocks[restore_layer].vtquant_restore
-            for i in range(k):
-                if bool((t == i).any()):
-                    mean, cos, _ = template_statistics(h[t == i])
-                    restore.template[i] = mean.to(restore.template)
-                    # restore only residual states that are (nearly) constant across inputs
-                    restore.restore_type[i] = cos >= cfg.template_min_cosine and i not in protected
-                else:
-                    restore.restore_type[i] = False
-            if not bool(restore.restore_type.any()):
-                report.notes.append(f"sink residual after layer {restore_layer} is not constant across inputs: "
-                                    "not restored")
-        report.restore_layer = restore_layer
-    sink_plan["det_templates"] = {s: v.tolist() for s, v in state.det_templates.items()}
-    plan["sinks"] = sink_plan
-    return state
+    report.notes.extend(ignore_notes)
+    plan = QuantPlan(
+        method=recipe.method, display_method=recipe.display_method, weights=recipe.weights,
+        activations=recipe.activations, kv_cache=recipe.kv_cache, ignore=tuple(recipe.ignore), rotation=rotation,
+        targets=tuple(sorted(q.name for q in wrapped.values())),
+        online_rotation={q.name: [f.shape[0] for f in q.rot_factors] for q in wrapped.values()
+                         if q.has_input_rotation},
+        sinks=sink_plan, smoothquant=ctx.smoothquant, weight_search=weight_info, act_clip_search=clip_info)
+    return plan, state
 
 
-def _install_sink_modules(adapter: Any, wrapped: dict, sink_plan: dict, state: SinkState,
-                          hooks: HookManager, num_types: int) -> None:
-    """Create detectors, guards and the residual restore of ``sink_plan``, sharing ``state``."""
-    state.num_types = num_types
-    state.num_known_types = sink_plan.get("num_known_types")
-    probe = adapter.probe_name()
-    stage_of_layer = {layer: stage for stage, layer in sink_plan["stages"].items()}
-    for (li, name), q in wrapped.items():
-        if name == probe and li in stage_of_layer:
-            stage = stage_of_layer[li]
-            q.detector = SinkDetector(stage, sink_plan["alphas"][stage], sink_plan["references"][stage])
-            q.detector.state = state
-        mode = sink_plan["guard_modes"].get(q.name)
-        if mode is not None:
-            q.guard = SinkGuard(q.out_features, num_types, mode,
-                                exclude_from_calibration=sink_plan.get("exclude_from_calibration", True))
-            q.guard.state = state
-    adapter.install_known_sinks(state, sink_plan["known_sinks"], hooks)
-    if sink_plan.get("restore_layer") is not None:
-        restore = ResidualRestore(adapter.hidden_size(), num_types)
-        restore.state = state
-        _attach_restore(adapter, hooks, adapter.blocks()[sink_plan["restore_layer"]], restore)
-    for stage, det in sink_plan.get("det_templates", {}).items():
-        state.det_templates[stage] = torch.tensor(det)
 
-
-def _install_kv_quantizers(adapter: Any, wrapped: dict, kv: ActArgs) -> None:
+def _install_kv_quantizers(adapter: "ModelAdapter", wrapped: dict, kv: ActArgs) -> None:
     """Key / value cache quantizers on the outputs of the adapter's key and value projections."""
-    from .quant import ActQuantizer
-
     names = tuple(adapter.kv_linears())
     if not names:
         raise ConfigError(f"recipe.kv_cache: {type(adapter).__name__} has no key / value cache "
@@ -563,8 +438,9 @@ def _install_kv_quantizers(adapter: Any, wrapped: dict, kv: ActArgs) -> None:
         q.out_act = ActQuantizer(kv).to(q.dequantized_weight().device)
 
 
-def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, state: Optional[SinkState],
-                 s_fp: Optional[set], record_positions: Any, report: QuantReport, plan: dict) -> None:
+def _clip_search(wrapped: dict, leaders: dict, samples: dict, state: Optional[SinkState], s_fp: Optional[set],
+                 record_positions: Callable[[str], set], report: QuantReport,
+                 sink_plan: Optional[SinkPlan]) -> dict:
     """Activation / cache clip search, then the structure check (sink set of the quantized model = FP's).
 
     The sink set is decided by the detectors at the stage layers, from inputs that only the layers up
@@ -580,8 +456,9 @@ def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, stat
         s_q = record_positions("sink set (quantized)")
         recall, extra = search.structure_recall(s_q, s_fp)
         first = (recall, extra)
-        stages = (plan.get("sinks") or {}).get("stages") or {}
-        last_stage = max(stages.values()) if stages else max(li for li, _ in wrapped)
+        last_stage = sink_plan.last_stage_layer if sink_plan is not None else None
+        if last_stage is None:
+            last_stage = max(li for li, _ in wrapped)
         undone: list = []
         if recall is not None and (recall < 1.0 or extra > 0):
             undone = sorted({li for li, _ in wrapped if li <= last_stage})
@@ -632,19 +509,22 @@ def _clip_search(adapter: Any, wrapped: dict, leaders: dict, samples: dict, stat
     if state is not None and s_fp is not None:
         note += "; " + structure
     report.notes.append(note)
-    plan["act_clip_search"] = info
+    return info
 
 
-def apply_plan_(model: nn.Module, adapter: Any, plan: dict) -> None:
+def apply_plan_(model: nn.Module, adapter: "ModelAdapter", plan: Union[QuantPlan, dict]) -> None:
     """Rebuild a quantized structure (empty buffers) from ``plan`` on a freshly built model.
 
-    Used when loading a checkpoint: the state dict then fills every buffer.
+    Used when loading a checkpoint: the state dict then fills every buffer.  ``plan`` may be a
+    :class:`QuantPlan` or its dict form (``QuantPlan.to_dict()``, or an older checkpoint's dict).
     """
+    if not isinstance(plan, QuantPlan):
+        plan = QuantPlan.from_dict(plan)
     hooks = HookManager()
-    if plan["method"] == "fp":
+    if not get_method(plan.method).quantizes:
         model.vtquant = QuantHandle(plan, None, hooks, adapter)
         return
-    if plan.get("rotation"):
+    if plan.rotation is not None:
         adapter.rotation_spec().untie()
         spec = adapter.rotation_spec()
         for layer in spec.layers:
@@ -652,25 +532,21 @@ def apply_plan_(model: nn.Module, adapter: Any, plan: dict) -> None:
                 spec.set_norm_identity(norm)
         if spec.final_norm_readers is not None:
             spec.set_norm_identity(spec.final_norm_readers[0])
-    weights = WeightArgs(**plan["weights"]) if plan.get("weights") else None
-    acts = ActArgs(**plan["activations"]) if plan.get("activations") else None
-    wrapped = _wrap_linears(adapter, plan["ignore"], skeleton_weights=weights)
+    wrapped = _wrap_linears(adapter, plan.ignore, skeleton_weights=plan.weights)
     for q in wrapped.values():
-        if q.name in plan.get("online_rotation", {}):
-            signs, factors = random_hadamard_factors(q.in_features, plan["rotation"]["seed"] + 1)
+        if q.name in plan.online_rotation:
+            signs, factors = random_hadamard_factors(q.in_features, plan.rotation.seed + 1)
             q.set_input_rotation(signs, factors)
-        if acts is not None:
-            from .quant import ActQuantizer
-
-            q.act = ActQuantizer(acts)
+        if plan.activations is not None:
+            q.act = ActQuantizer(plan.activations)
             q.act.mode = "quant"
-    if plan.get("kv_cache"):
-        _install_kv_quantizers(adapter, wrapped, ActArgs(**plan["kv_cache"]))
+    if plan.kv_cache is not None:
+        _install_kv_quantizers(adapter, wrapped, plan.kv_cache)
         for q in wrapped.values():
             if q.out_act is not None:
                 q.out_act.mode = "quant"
     state = None
-    if plan.get("sinks"):
-        state = SinkState(layout=adapter.token_layout, num_types=plan["sinks"]["num_types"])
-        _install_sink_modules(adapter, wrapped, plan["sinks"], state, hooks, plan["sinks"]["num_types"])
+    if plan.sinks is not None:
+        state = SinkState(layout=adapter.token_layout, num_types=plan.sinks.num_types)
+        install_sink_modules(adapter, wrapped, plan.sinks, state, hooks)
     model.vtquant = QuantHandle(plan, state, hooks, adapter)

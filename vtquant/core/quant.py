@@ -12,7 +12,7 @@ child modules or buffers, so ``print(model)`` shows the whole quantization.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -56,9 +56,17 @@ def quantize_weight(weight: torch.Tensor, args: WeightArgs,
     return codes.view(out_f, in_f), scale
 
 
-def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor,
+                      rowwise: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """``codes [out, in]`` x ``scale [out, groups]`` -> float ``[out, in]``.
+
+    ``rowwise(codes [R, C], scale [R]) -> float [R, C]`` replaces the elementwise product on the
+    ``[out * groups, group]`` view (the ONNX export passes a ``DequantizeLinear`` op).
+    """
     out_f, in_f = codes.shape
     groups = scale.shape[1]
+    if rowwise is not None:
+        return rowwise(codes.reshape(out_f * groups, in_f // groups), scale.reshape(-1).float()).reshape(out_f, in_f)
     return (codes.view(out_f, groups, in_f // groups).float() * scale.unsqueeze(-1)).view(out_f, in_f)
 
 

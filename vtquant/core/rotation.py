@@ -135,8 +135,12 @@ def kron_apply(x: torch.Tensor, signs: torch.Tensor, factors: list[torch.Tensor]
     shape = x.shape
     sizes = [f.shape[0] for f in factors]
     y = (x * signs.to(x.dtype)).reshape(-1, *sizes)
+    last = y.dim() - 1  # non-negative axes: the ONNX exporter traces this function and mis-handles -1
     for axis, f in enumerate(factors, start=1):
-        y = torch.movedim(torch.movedim(y, axis, -1) @ f.to(x.dtype), -1, axis)
+        if axis == last:
+            y = y @ f.to(x.dtype)
+        else:
+            y = torch.movedim(torch.movedim(y, axis, last) @ f.to(x.dtype), last, axis)
     return y.reshape(shape)
 
 

@@ -11,7 +11,6 @@ were computed with their sink handling, so a token stays a sink for its life.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -36,7 +35,9 @@ class SinkState:
         found_by: dict stage -> bool ``[B, T]`` of what each stage detected (for reports).
         num_types: number of template types ``K``.
         det_templates: per stage name, ``[K, C]`` detection templates for least-squares assignment.
-        record: when set to a list, every detection event appends ``(stage, positions)``.
+        num_known_types: vision-style fixed types: known sinks keep the adapter's type, content sinks
+            share type ``num_known_types`` (``None``: LLM prompts, types by order / least squares).
+        generation: bumped whenever the sink set may change (caches key on it).
     """
 
     def __init__(self, layout: str = "bsd", num_types: int = 1) -> None:
@@ -192,29 +193,6 @@ class SinkDetector(nn.Module):
             b, t = ratios.shape
             feats = state.rows(x).detach().float().view(b, t, -1)
             state.add(self.stage, new, features=feats)
-
-
-@dataclass
-class DetectionPlan:
-    """What calibration decided about detection (json-serialisable).
-
-    Attributes:
-        probe_layers: layer indices that hold detectors, in forward order.
-        stages: stage name -> layer index.
-        alphas: stage name -> threshold.
-        emergence_layer: the layer whose MLP writes the massive activation.
-        cancellation_layer: the layer whose block output removes most of it.
-        num_types: template types K.
-        known_sinks: adapter-known sink kinds in use.
-    """
-
-    stages: dict = field(default_factory=dict)
-    alphas: dict = field(default_factory=dict)
-    references: dict = field(default_factory=dict)
-    emergence_layer: Optional[int] = None
-    cancellation_layer: Optional[int] = None
-    num_types: int = 1
-    known_sinks: list = field(default_factory=list)
 
 
 def find_emergence_layer(sink_peak_ratio: torch.Tensor, alpha: float) -> Optional[int]:

@@ -15,7 +15,7 @@ at the output of the layer that cancels the spike, so later layers are exact.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -56,34 +56,77 @@ class SinkGuard(nn.Module):
             text += f", fp-row types={(~self.template_ok).nonzero().flatten().tolist()}"
         return text
 
+    # ---- the sink-row policy: one place for fake quantization, real kernels and ONNX export ----
+    # Every mode but ``off`` zeroes the sink rows of the quantized input (the per-tensor scale sees
+    # only semantic tokens).  The sink rows of the output are then, per template type:
+    #   template type (``template`` mode, ``template_ok``): the pre-computed ``W t + b``;
+    #   full-precision type (``fp-row`` mode, or a type without a stable template): ``x_sink W^T + b``;
+    #   neither (``clamp``): left as the zero row's output (the bias).
+    @property
+    def zeroes_inputs(self) -> bool:
+        """Sink rows are zeroed in the quantized input."""
+        return self.mode != "off"
+
+    @property
+    def writes_rows(self) -> bool:
+        """Sink rows of the output are overwritten (template or full-precision rows)."""
+        return self.mode in ("template", "fp-row")
+
+    def template_types(self) -> torch.Tensor:
+        """bool ``[K]``: types whose output rows are the inserted template."""
+        if self.mode == "template":
+            return self.template_ok
+        return torch.zeros_like(self.template_ok)
+
+    def fp_types(self) -> torch.Tensor:
+        """bool ``[K]``: types whose output rows are the Linear applied to the full-precision input row."""
+        if self.mode == "fp-row":
+            return torch.ones_like(self.template_ok)
+        if self.mode == "template":
+            return ~self.template_ok
+        return torch.zeros_like(self.template_ok)
+
     def rows_through_weight(self, sink_inputs: torch.Tensor, flat_mask: torch.Tensor,
                             state: SinkState) -> torch.Tensor:
-        """The sink input rows that :meth:`write_sink_rows` multiplies by the (quantized) weight:
-        all of them in ``fp-row`` mode, those of types without a stable template in ``template`` mode."""
+        """The sink input rows that are multiplied by the (quantized) weight in full precision."""
+        types = state.types.reshape(-1)[flat_mask].clamp_min(0)
+        return sink_inputs[self.fp_types()[types]]
+
+    def sink_outputs(self, types: torch.Tensor, sink_inputs: Optional[torch.Tensor],
+                     linear: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype,
+                     template_rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Output rows of the sinks of ``types`` ``[S]`` per the policy above (``None``: rows stay).
+
+        Args:
+            types: template type of each sink row.
+            sink_inputs: their full-precision input rows ``[S, in]`` (rotated like the Linear's input);
+                may be ``None`` where no type is computed in full precision (fused kernels).
+            linear: the Linear in full precision on input rows (quantized weight, no activation quantization).
+            dtype: output dtype.
+            template_rows: ``template_out[types]`` if already gathered (real kernels cache it per sink set).
+        """
         if self.mode == "fp-row":
-            return sink_inputs
-        if self.mode == "template":
-            types = state.types.reshape(-1)[flat_mask].clamp_min(0)
-            return sink_inputs[~self.template_ok[types]]
-        return sink_inputs[:0]
+            return linear(sink_inputs).to(dtype)
+        if self.mode != "template":
+            return None
+        out = template_rows if template_rows is not None else self.template_out.to(dtype)[types]
+        fp = self.fp_types()[types]
+        if bool(fp.any()):  # types whose input is not constant here: full-precision rows
+            out = out.clone()
+            out[fp] = linear(sink_inputs[fp]).to(dtype)
+        return out
 
     def write_sink_rows(self, y_rows: torch.Tensor, sink_inputs: torch.Tensor, flat_mask: torch.Tensor,
                         state: SinkState, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """Return ``y_rows`` with the sink rows replaced according to ``mode``."""
+        """Return ``y_rows`` with the sink rows replaced according to the policy."""
+        types = state.types.reshape(-1)[flat_mask] if state.types is not None else torch.zeros(
+            int(flat_mask.sum()), dtype=torch.long, device=flat_mask.device)
         if self.recorder is not None:
-            types = state.types.reshape(-1)[flat_mask] if state.types is not None else torch.zeros(
-                int(flat_mask.sum()), dtype=torch.long, device=flat_mask.device)
             self.recorder.append((sink_inputs.detach().float().cpu(), types.cpu()))
-        if self.mode == "template":
-            types = state.types.reshape(-1)[flat_mask].clamp_min(0)
-            out = self.template_out.to(y_rows.dtype)[types]
-            unstable = ~self.template_ok[types]
-            if bool(unstable.any()):  # types whose input is not constant here: full-precision rows
-                out[unstable] = F.linear(sink_inputs[unstable], weight,
-                                         None if bias is None else bias.to(sink_inputs.dtype))
-        elif self.mode == "fp-row":
-            out = F.linear(sink_inputs, weight, None if bias is None else bias.to(sink_inputs.dtype))
-        else:  # clamp: the zeroed row's output (bias only) stays
+        out = self.sink_outputs(types.clamp_min(0), sink_inputs,
+                                lambda rows: F.linear(rows, weight, None if bias is None else bias.to(rows.dtype)),
+                                y_rows.dtype)
+        if out is None:
             return y_rows
         y_rows = y_rows.clone()
         y_rows[flat_mask] = out

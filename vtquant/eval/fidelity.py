@@ -277,7 +277,7 @@ def dinov2_control(recipe: Any = None, img_size: int = 224, calib_count: int = 8
                                                                     disable=quiet, leave=False)])
             f_q = torch.cat([feats(q, x[i:i + 4]) for i in tqdm(range(0, len(x), 4), desc=f"{name} w8a8",
                                                                   disable=quiet, leave=False)])
-        row = {"sinks_detected": q.vtquant.plan["sinks"] is not None,
+        row = {"sinks_detected": q.vtquant.plan.sinks is not None,
                "sink_positions_last_batch": q.vtquant.sink_positions(),
                "probe_max_ratio": report.probe_max_ratio,
                "notes": report.notes,

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.quant import QuantLinear, dequantize_weight
+from ..core.modules import replace_module
 from ..core.rotation import kron_apply
 
 BACKENDS = ("cpu-int8", "cuda-int8", "cuda-fp8")
@@ -264,7 +265,7 @@ class RealQuantLinear(nn.Module):
         self.detector = fake.detector
         self.guard = fake.guard
         self.w_fp = None
-        if self.guard is not None and (self.guard.mode == "fp-row" or not bool(self.guard.template_ok.all())):
+        if self.guard is not None and bool(self.guard.fp_types().any()):
             self.w_fp = dequantize_weight(fake.qweight, fake.w_scale)  # only for full-precision sink rows
         self.group: Optional[SharedInput] = None
         self.group_index = 0
@@ -385,21 +386,19 @@ class RealQuantLinear(nn.Module):
     def _write_sinks(self, y: torch.Tensor, x2: torch.Tensor, index: torch.Tensor, state: Any) -> None:
         """Write the sink rows' outputs (template or full precision): O(#sinks)."""
         guard = self.guard
+        if not guard.writes_rows:  # clamp: zeroed rows keep the bias
+            return
         types = state.types.reshape(-1).index_select(0, index).clamp_min(0)
+        template_rows = None
         if guard.mode == "template":
             key = (state.generation, y.dtype)
             if self._sink_out_key != key:  # template rows of this sink set, gathered once per forward
                 self._sink_out_key = key
                 self._sink_out = guard.template_out.index_select(0, types).to(y.dtype)
-            out = self._sink_out
-            if self.w_fp is not None:  # some types are not constant here: their rows in full precision
-                unstable = ~guard.template_ok.index_select(0, types)
-                fp = F.linear(x2.index_select(0, index).float(), self.w_fp, self.bias).to(y.dtype)
-                out = torch.where(unstable.unsqueeze(1), fp, out)
-        elif guard.mode == "fp-row":
-            out = F.linear(x2.index_select(0, index).float(), self.w_fp, self.bias).to(y.dtype)
-        else:  # clamp: zeroed rows keep the bias
-            return
+            template_rows = self._sink_out
+        out = guard.sink_outputs(types, None if x2 is None else x2.index_select(0, index),
+                                 lambda rows: F.linear(rows.float(), self.w_fp, self.bias), y.dtype,
+                                 template_rows=template_rows)
         y.index_copy_(0, index, out)
 
 
@@ -430,8 +429,7 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
             if isinstance(module, QuantLinear):
                 real = RealQuantLinear(module, backend)
                 real.cpu_kernel = kernel
-                parent_name, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent_name) if parent_name else block, child, real)
+                replace_module(block, name, real)
                 converted[name] = real
         if group_shared_inputs:
             for names in adapter.input_groups(block):
@@ -443,9 +441,9 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
                 same_guard = len({(m.guard.mode if m.guard is not None else None) for m in members}) == 1
                 if same_scale and same_rot and same_guard:
                     SharedInput(members)
-    handle.plan["backend"] = backend
+    handle.backend = backend
     if backend == "cpu-int8":
-        handle.plan["cpu_kernel"] = kernel
+        handle.cpu_kernel = kernel
         if kernel == "fbgemm":  # pack now, not inside the first forward
             for module in model.modules():
                 if isinstance(module, RealQuantLinear):

@@ -1,0 +1,547 @@
+"""Checkpoints of quantized models: :func:`save` and :func:`load`, written so that nothing is lost.
+
+A checkpoint is a folder of three files::
+
+    model.safetensors   every tensor (int8 codes, scales, templates, rotations, ...)
+    vtquant.json        format version, adapter, model config, plan, recipe, report, and the
+                        size and sha256 of the other two files (verified by :func:`load`)
+    recipe.yaml         the recipe, for people to read
+
+How a save protects what is on disk (torchao / safetensors keep the write itself; this module
+adds the folder swap around it):
+
+* the files are written into a hidden temporary sibling ``.NAME.tmp-PID-HOST-XXXX`` and moved into
+  place with :func:`os.replace`; an existing checkpoint is first moved aside to ``.NAME.old``
+  and deleted only once the new one is in place, file by file (only the files vtquant writes);
+* the target must be missing, an empty folder, or a vtquant checkpoint: a regular file, a
+  symbolic link or a folder holding anything else is refused with :class:`CheckpointError`
+  before anything is written;
+* a save killed between its two renames leaves the previous checkpoint in ``.NAME.old``: the
+  next :func:`load` or :func:`save` at ``NAME`` moves it back and logs a warning;
+* saves to one path take a lock (``.NAME.lock``, ``fcntl.flock``) around the swap, so
+  concurrent saves all succeed and the last one wins.
+
+:func:`load` checks every file against the sizes and sha256 in ``vtquant.json``; a damaged or
+changed checkpoint raises :class:`CheckpointError` naming the file.  Checkpoints written before
+checksums were recorded still load, with a warning that they are not verified.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .adapters.base import _REGISTRY, _import_builtin_adapters
+from .core.pipeline import apply_plan_
+from .core.plan import QuantPlan
+from .errors import VtquantError
+from .recipe import recipe_from_dict, recipe_to_yaml
+
+__all__ = ["CheckpointError", "FORMAT_VERSION", "load", "save"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "vtquant.json"
+WEIGHTS_FILE = "model.safetensors"
+RECIPE_FILE = "recipe.yaml"
+CHECKPOINT_FILES = (WEIGHTS_FILE, META_FILE, RECIPE_FILE)  # everything save writes into the folder
+_REQUIRED_KEYS = ("format_version", "adapter", "model", "plan")
+_CHUNK = 1 << 20
+_LOAD_ATTEMPTS = 3  # a load that overlaps a concurrent save's swap is read again
+
+
+class CheckpointError(VtquantError, ValueError):
+    """A checkpoint that cannot be read (damaged, changed, incomplete) or a path that save refuses."""
+
+
+PathLike = Union[str, os.PathLike]
+
+
+# ------------------------------------------------------------------------------------------
+# save
+# ------------------------------------------------------------------------------------------
+def save(model: nn.Module, path: PathLike, *, compact_embeddings: Optional[str] = None) -> Path:
+    """Save a quantized model: ``model.safetensors`` + ``vtquant.json`` (+ ``recipe.yaml``).
+
+    The folder is written to a temporary sibling and moved into place, so an interrupted save
+    never leaves a half-written checkpoint.  ``path`` may be missing, an empty folder or an
+    existing vtquant checkpoint (which is replaced); anything else is refused.
+
+    Args:
+        model: a model quantized by :func:`vtquant.quantize_` (or loaded by :func:`load`).
+        path: the checkpoint folder.
+        compact_embeddings: ``None`` (default) stores every tensor as it is; ``"int8"`` (per-row
+            codes + scales) or ``"bf16"`` stores the full-precision embedding table and output head
+            compactly on disk (see :mod:`vtquant.storage`); :func:`load` restores float tables.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: ``model`` is not quantized by vtquant.
+        CheckpointError: ``path`` is a file, a symbolic link or a folder that is not a vtquant
+            checkpoint (nothing is written or deleted then).
+    """
+    handle = getattr(model, "vtquant", None)
+    if handle is None:
+        raise ValueError("model is not quantized by vtquant; call vtquant.quantize_(model, recipe, calib) first")
+    given = Path(path)
+    target = Path(os.path.abspath(given))
+    _check_target(target)  # before minutes of writing
+    tmp = _make_tmp(target)
+    try:
+        _write_checkpoint(model, handle, tmp, compact_embeddings)
+        with _locked(target):
+            _recover(target)
+            _check_target(target)  # again: another process may have put something there meanwhile
+            _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return given
+
+
+def _plan_dict(plan: QuantPlan) -> dict:
+    """The plan as JSON data."""
+    return plan.to_dict()
+
+
+def _write_checkpoint(model: nn.Module, handle: Any, folder: Path, compact_embeddings: Optional[str]) -> None:
+    """Write the checkpoint files into ``folder``; ``vtquant.json`` last, with the others' checksums."""
+    from safetensors.torch import save_model
+
+    import vtquant
+
+    storage = None
+    if compact_embeddings is not None:
+        from .storage import save_compact
+
+        storage = save_compact(model, str(folder / WEIGHTS_FILE), compact_embeddings)
+    else:
+        save_model(model, str(folder / WEIGHTS_FILE))
+    recipe = getattr(handle, "recipe", None)
+    recipe_yaml = recipe_to_yaml(recipe) if recipe else None
+    if recipe_yaml is not None:
+        (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
+    written = [name for name in (WEIGHTS_FILE, RECIPE_FILE) if (folder / name).exists()]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "written_by": f"vtquant {vtquant.__version__}",
+        "adapter": type(handle.adapter).__name__,
+        "model": handle.adapter.config_dict(),
+        "plan": _plan_dict(handle.plan),
+        "recipe_yaml": recipe_yaml,
+        "report": handle.report.to_dict() if handle.report else None,
+        "files": {name: _file_record(folder / name) for name in written},
+    }
+    if storage is not None:
+        meta["storage"] = storage
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    _usual_permissions(folder)
+    for name in written + [META_FILE]:
+        _fsync(folder / name)
+    _fsync(folder)
+
+
+def _file_record(file: Path) -> dict:
+    return {"size": file.stat().st_size, "sha256": _sha256(file)}
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders (and safetensors may write 0600 files): give the checkpoint the
+    permissions of a normally created folder, as the user's umask says."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for child in folder.iterdir():
+        os.chmod(child, 0o666 & ~umask)
+
+
+# ------------------------------------------------------------------------------------------
+# the target folder and its hidden siblings
+# ------------------------------------------------------------------------------------------
+def _sibling(target: Path, suffix: str) -> Path:
+    return target.with_name(f".{target.name}.{suffix}")
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _host_tag() -> str:
+    """A short tag of this machine: temporary folders are only judged abandoned by their own host."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _make_tmp(target: Path) -> Path:
+    """A new hidden folder beside ``target`` (same filesystem, so the final rename is atomic)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=target.parent,
+                                     prefix=f"{_tmp_prefix(target)}{os.getpid()}-{_host_tag()}-"))
+    except (FileExistsError, NotADirectoryError) as err:
+        raise CheckpointError(f"cannot save to {target}: {err.filename or target.parent} is not a folder; "
+                              "choose another path") from None
+    except PermissionError as err:
+        raise CheckpointError(f"cannot save to {target}: no permission to write in {err.filename or target.parent}; "
+                              "choose another path") from None
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _not_a_checkpoint(folder: Path, entries: list[str]) -> Optional[str]:
+    """Why the non-empty ``folder`` is not a checkpoint written by vtquant (``None`` if it is one)."""
+    if META_FILE not in entries:
+        return f"no {META_FILE}; it holds {_listing(entries)}"
+    foreign = [name for name in entries if name not in CHECKPOINT_FILES]
+    if foreign:
+        return f"it holds files vtquant did not write: {_listing(foreign)}"
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"its {META_FILE} cannot be read: {err}"
+    if not isinstance(meta, dict) or "format_version" not in meta or "adapter" not in meta:
+        return f"its {META_FILE} was not written by vtquant"
+    return None
+
+
+def _check_target(target: Path) -> None:
+    """Refuse a save target that is not missing, an empty folder or a vtquant checkpoint."""
+    if os.path.islink(target):
+        raise CheckpointError(f"cannot save to {target}: it is a symbolic link (to {os.path.realpath(target)}); "
+                              "save to a real folder path instead (nothing was changed)")
+    if not os.path.lexists(target):
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"cannot save to {target}: it is an existing file, not a vtquant checkpoint folder; "
+                              "choose another path or remove the file yourself (nothing was changed)")
+    try:
+        entries = sorted(os.listdir(target))
+    except FileNotFoundError:  # moved away by a concurrent save's swap
+        return
+    if not entries:
+        return
+    problem = _not_a_checkpoint(target, entries)
+    if problem is not None:
+        raise CheckpointError(f"cannot save to {target}: the folder exists and is not a vtquant checkpoint "
+                              f"({problem}); vtquant replaces only its own checkpoints or an empty folder: "
+                              "choose another path or remove the folder yourself (nothing was changed)")
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """Delete the files vtquant writes in ``folder``, then the folder if that left it empty."""
+    for name in CHECKPOINT_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / name)
+    try:
+        os.rmdir(folder)
+    except OSError:
+        left = sorted(os.listdir(folder)) if folder.is_dir() else []
+        log.warning("kept %s: it holds files vtquant did not write (%s)", folder, _listing(left))
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` folder to ``target``, replacing a checkpoint or empty folder there."""
+    if not os.path.lexists(target):
+        os.replace(tmp, target)
+    else:
+        old = _sibling(target, "old")
+        if os.path.lexists(old):  # not removed by _recover: not vtquant's
+            raise CheckpointError(f"cannot replace {target}: {old} exists and holds files vtquant did not write "
+                                  "(it is where the old checkpoint goes during the swap); move it away yourself "
+                                  "(nothing was changed)")
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+        _remove_checkpoint(old)
+    _fsync(target.parent)
+
+
+def _recover(target: Path) -> None:
+    """Finish what an interrupted save left beside ``target`` (call with the lock held).
+
+    * ``target`` missing and ``.NAME.old`` present: the save was killed between its two renames;
+      the previous checkpoint is moved back.
+    * both present: the save was killed after its swap, before deleting the old copy; the old
+      copy is deleted if it is a vtquant checkpoint.
+    * temporary folders of save processes that no longer run are deleted.
+    """
+    old = _sibling(target, "old")
+    if os.path.isdir(old) and not os.path.islink(old):
+        if not os.path.lexists(target):
+            os.replace(old, target)
+            log.warning("%s: an earlier save was interrupted while replacing this checkpoint; restored the "
+                        "previous checkpoint from %s", target, old)
+        else:
+            entries = sorted(os.listdir(old))
+            if not entries or _not_a_checkpoint(old, entries) is None:
+                _remove_checkpoint(old)
+                log.info("%s: deleted the previous checkpoint %s left by an interrupted save", target, old)
+    for tmp in _abandoned_tmps(target):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("%s: deleted %s left by an interrupted save", target, tmp)
+
+
+def _abandoned_tmps(target: Path) -> list[Path]:
+    """Temporary folders ``.NAME.tmp-PID-HOST-XXXX`` beside ``target`` whose save process (on this
+    machine) has ended."""
+    if os.name != "posix":
+        return []
+    prefix = _tmp_prefix(target)
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    host = _host_tag()
+    out = []
+    for name in names:
+        parts = name[len(prefix):].split("-", 2) if name.startswith(prefix) else []
+        if len(parts) == 3 and parts[0].isdigit() and parts[1] == host and not _process_running(int(parts[0])):
+            out.append(target.parent / name)
+    return out
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but belongs to someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``target``'s lock file ``.NAME.lock`` (removed on release).
+
+    The lock file is unlinked before it is unlocked; a waiter that then locks the unlinked file
+    sees that it is no longer the one at the path and tries again.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    lock_file = _sibling(target, "lock")
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(lock_file)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_file)
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------
+# load
+# ------------------------------------------------------------------------------------------
+def load(path: PathLike, *, device: Optional[str] = None) -> nn.Module:
+    """Load a checkpoint written by :func:`save`; returns the quantized model in eval mode.
+
+    Every file is checked against the size and sha256 recorded in ``vtquant.json``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or holds no ``vtquant.json``.
+        CheckpointError: the checkpoint is damaged, changed after saving, incomplete, or of an
+            unsupported format (the message names the file).
+    """
+    target = Path(os.path.abspath(Path(path)))
+    old = _sibling(target, "old")
+    if not os.path.lexists(target) and os.path.isdir(old):
+        try:
+            with _locked(target):
+                _recover(target)
+        except OSError as err:
+            raise CheckpointError(f"{target} is missing: an interrupted save left the previous checkpoint in {old} "
+                                  f"and it could not be moved back ({err}); rename it to {target} yourself") from None
+    for attempt in range(_LOAD_ATTEMPTS):
+        before = _identity(target)
+        try:
+            model = _load_once(target, device)
+        except (CheckpointError, FileNotFoundError):
+            if attempt + 1 < _LOAD_ATTEMPTS and _identity(target) != before:
+                continue  # a concurrent save replaced the folder while it was read
+            raise
+        if _identity(target) == before:
+            return model
+    raise CheckpointError(f"{target} was replaced by other saves {_LOAD_ATTEMPTS} times while it was loaded; "
+                          "load it again when no save is writing it")
+
+
+def _identity(folder: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read_meta(target: Path) -> dict:
+    meta_file = target / META_FILE
+    if not target.exists():
+        raise FileNotFoundError(f"{target}: no such checkpoint folder")
+    if not target.is_dir():
+        raise CheckpointError(f"{target} is a file, not a vtquant checkpoint folder")
+    try:
+        text = meta_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{target} is not a vtquant checkpoint (no {META_FILE}); "
+                                "save one with vtquant.save()") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_file} cannot be read ({err}); the checkpoint is damaged") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_file} is damaged: not valid JSON ({err.msg} at line {err.lineno}, column "
+                              f"{err.colno}); the checkpoint is corrupt: restore it from a copy or save it "
+                              "again") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is damaged: it holds a JSON {type(meta).__name__}, not an object; "
+                              "the checkpoint is corrupt")
+    if "format_version" in meta and meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{target}: checkpoint format {meta['format_version']!r} is not supported "
+                              f"(this vtquant reads {FORMAT_VERSION})")
+    missing = [key for key in _REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_file} is damaged: no {', '.join(map(repr, missing))} "
+                              f"{'entry' if len(missing) == 1 else 'entries'}; the checkpoint is corrupt: "
+                              "restore it from a copy or save it again")
+    return meta
+
+
+def _verify_files(target: Path, meta: dict) -> None:
+    """Check the files against the sizes and sha256 that save recorded in ``vtquant.json``."""
+    files = meta.get("files")
+    if files is None:
+        log.warning("%s: written by an older vtquant that recorded no checksums; its files are not verified "
+                    "(load and save it again to add them)", target)
+        return
+    meta_file = target / META_FILE
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise CheckpointError(f"{meta_file} is damaged: its 'files' entry does not list {WEIGHTS_FILE}")
+    for name, record in files.items():
+        if name not in CHECKPOINT_FILES or not isinstance(record, dict) \
+                or not isinstance(record.get("size"), int) or not isinstance(record.get("sha256"), str):
+            raise CheckpointError(f"{meta_file} is damaged: bad 'files' entry {name!r}")
+        file = target / name
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{file} is missing: the checkpoint is incomplete; restore it from a copy "
+                                  "or save it again") from None
+        if size != record["size"]:
+            raise CheckpointError(f"{file} has {size} bytes but {record['size']} were saved: the checkpoint is "
+                                  "corrupt (truncated or changed after saving); restore it from a copy or save "
+                                  "it again")
+        digest = _sha256(file)
+        if digest != record["sha256"]:
+            raise CheckpointError(f"{file} does not match the sha256 recorded when it was saved ({digest[:12]}... "
+                                  f"instead of {record['sha256'][:12]}...): the checkpoint is corrupt (changed "
+                                  "after saving); restore it from a copy or save it again")
+
+
+def _load_once(target: Path, device: Optional[str]) -> nn.Module:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    meta = _read_meta(target)
+    _verify_files(target, meta)
+    meta_file = target / META_FILE
+    _import_builtin_adapters()
+    adapter_cls = next((c for c in _REGISTRY.values() if c.__name__ == meta["adapter"]), None)
+    if adapter_cls is None:
+        raise CheckpointError(f"{target}: adapter {meta['adapter']!r} is not available; import the module "
+                              "that defines it")
+    try:
+        model = adapter_cls.from_config_dict(meta["model"])
+        adapter = adapter_cls(model)
+        apply_plan_(model, adapter, meta["plan"])
+    except (KeyError, TypeError, IndexError, ValueError) as err:
+        raise CheckpointError(f"{meta_file}: its model config or plan cannot be applied "
+                              f"({type(err).__name__}: {err}); the checkpoint is damaged or was written by an "
+                              "incompatible vtquant") from err
+    if meta.get("recipe_yaml"):
+        import yaml
+
+        try:
+            model.vtquant.recipe = recipe_from_dict(yaml.safe_load(meta["recipe_yaml"]))
+        except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{meta_file}: its recipe cannot be read ({err}); the checkpoint is "
+                                  "damaged") from err
+    if device is not None:
+        model.to(device)
+    weights = target / WEIGHTS_FILE
+    try:
+        if meta.get("storage"):
+            from .storage import load_compact
+
+            load_compact(model, str(weights), meta["storage"], device=device or "cpu")
+        else:
+            load_model(model, str(weights), strict=True, device=device or "cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights} is missing: the checkpoint is incomplete") from None
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (SafetensorError, RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{weights} cannot be loaded ({type(err).__name__}: {_first_line(err)}); the "
+                              "checkpoint is corrupt or does not match its vtquant.json") from err
+    return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""

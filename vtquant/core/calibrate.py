@@ -1,0 +1,394 @@
+"""The sink calibrator: statistics -> detection -> templates, returning a :class:`SinkPlan`.
+
+METHOD.md steps 1-4, model-family free (the adapter says where blocks, probes and known sinks
+are).  Three parts, each small:
+
+1. :meth:`SinkCalibrator.collect_statistics` - one full-precision pass: per layer, the per-token
+   peak at the probe Linear's input (an MLP's second Linear), the residual norm of every token
+   at every block output, and the known-sink masks the adapter sets;
+2. :func:`decide_detection` - a pure function of those statistics: reference scales, emergence
+   and cancellation layers, an optional earlier stage-1 layer, the number of template types;
+3. :meth:`SinkCalibrator.fit_templates` - with the detectors and guards installed, one pass
+   records the sinks' inputs of every guarded Linear -> template outputs ``W t + b`` and their
+   stability -> per-Linear guard mode (``template`` where stable, ``fp-row`` elsewhere), the
+   detection templates and the residual template.
+
+:func:`install_sink_modules` builds detectors, guards and the residual restore of a plan on a
+wrapped model; it is shared by calibration and checkpoint loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError, SinkConfig
+from .hooks import HookManager
+from .plan import SinkPlan
+from .quant import QuantLinear
+from .sinks import (SinkDetector, SinkState, choose_stage1, find_cancellation_layer, find_emergence_layer,
+                    token_peaks)
+from .templates import ResidualRestore, SinkGuard, template_statistics
+
+if TYPE_CHECKING:
+    from ..adapters.base import ModelAdapter
+    from .pipeline import PassRunner, QuantReport
+
+Wrapped = dict  # {(layer index, relative name): QuantLinear}
+
+
+@dataclass
+class ProbeStatistics:
+    """What the full-precision statistics pass saw.
+
+    Attributes:
+        layers: probe layer indices, in order.
+        peaks: ``[L, N]`` per-token peak at each probe over all N calibration tokens.
+        shapes: ``[(B, T), ...]`` of each batch (to split N back into sequences).
+        residual_norms: ``[n_layers, N]`` per-token residual norm at every block output.
+        known: ``[N]`` bool of adapter-known sinks, or ``None`` when no kinds are configured.
+    """
+
+    layers: list
+    peaks: torch.Tensor
+    shapes: list
+    residual_norms: torch.Tensor
+    known: Optional[torch.Tensor]
+
+
+@dataclass
+class Detection:
+    """Detection decided from :class:`ProbeStatistics` (before templates)."""
+
+    stages: dict
+    alphas: dict
+    references: dict
+    num_types: int
+    known_sinks: list
+    num_known_types: Optional[int]
+    protected_types: list
+    emergence_layer: int
+    cancellation_layer: Optional[int]
+
+
+def _probes(adapter: "ModelAdapter", wrapped: Wrapped, ignore: list) -> dict[int, QuantLinear]:
+    probe = adapter.probe_name()
+    probes = {li: q for (li, name), q in wrapped.items() if name == probe}
+    n_layers = len(adapter.blocks())
+    if len(probes) != n_layers:
+        missing = sorted(set(range(n_layers)) - set(probes))
+        raise ConfigError(
+            f"insertquant detects sinks at the input of {probe!r}, but it is in `ignore` for layers {missing}; "
+            f"remove it from ignore (recipe.ignore = {ignore}) or use method naive-static")
+    return probes
+
+
+def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAdapter",
+                     report: "QuantReport") -> Optional[Detection]:
+    """Thresholds, stages and template types from the statistics pass (``None``: no massive activation)."""
+    layers = stats.layers
+    references = stats.peaks.median(dim=1).values.clamp_min(1e-12)
+    ratios = stats.peaks / references.unsqueeze(1)
+    report.probe_max_ratio = [round(float(r), 2) for r in ratios.max(dim=1).values]
+    emergence_idx = find_emergence_layer(ratios.max(dim=1).values, cfg.alpha)
+    if emergence_idx is None:
+        report.notes.append(f"no token exceeds alpha={cfg.alpha:g} x the median token peak at any probe: "
+                            "no massive activations, sink handling disabled (plain per-tensor quantization)")
+        return None
+    emergence = layers[emergence_idx]
+    known_kinds = list(cfg.known_sinks)
+    sink_flat = ratios[emergence_idx] > cfg.alpha
+    known_flat = stats.known if known_kinds else None
+    fixed_types = adapter.known_sink_types(known_kinds)  # None: LLM-style types by order
+    if known_flat is not None and bool(known_flat.any()):
+        report.known_confirmed = float((sink_flat & known_flat).sum() / known_flat.sum())
+        if fixed_types is not None:  # vision: known tokens (CLS, registers) stay guarded; harmless if calm
+            if report.known_confirmed < 0.5:
+                report.notes.append(f"known sinks {known_kinds} carry the spike in only "
+                                    f"{100 * report.known_confirmed:.0f} % of their tokens: kept (full-precision "
+                                    "rows unless their inputs are constant)")
+        elif report.known_confirmed < 0.5:
+            report.notes.append(f"known sinks {known_kinds} carry the spike in only "
+                                f"{100 * report.known_confirmed:.0f} % of inputs: not used")
+            known_kinds = []
+    all_sinks = sink_flat | known_flat if (known_kinds and known_flat is not None) else sink_flat
+
+    # per-sequence sink counts -> number of template types K (the most common count)
+    per_seq: list = []
+    for m, s in zip(torch.split(all_sinks, [a * b for a, b in stats.shapes]), stats.shapes):
+        per_seq += [row.nonzero().flatten().tolist() for row in m.view(s)]
+    counts = torch.tensor([len(p) for p in per_seq])
+    k = int(torch.mode(counts[counts > 0]).values) if bool((counts > 0).any()) else 1
+    protected: list = []
+    num_known = None
+    if fixed_types is not None:  # one type per known token kind + one shared by content-detected sinks
+        k = len(fixed_types) + 1
+        num_known = len(fixed_types)
+        report.type_names = list(fixed_types) + ["content"]
+        protected = list(adapter.head_sink_types(known_kinds))
+        report.protected_types = protected
+    report.num_types = k
+    report.calib_sink_positions = per_seq
+
+    sink_norm = stats.residual_norms[:, all_sinks].mean(dim=1)
+    report.sink_residual_norm = [round(float(v), 2) for v in sink_norm]
+    cancellation = find_cancellation_layer(sink_norm, emergence)
+    stages = {"stage2": emergence}
+    alphas = {"stage2": float(cfg.alpha)}
+    refs = {"stage2": float(references[emergence_idx])}
+    if cfg.stage1 == "auto":
+        found = choose_stage1(ratios, sink_flat, emergence_idx, cfg.stage1_margin, cfg.stage1_min_recall)
+        if found is not None:
+            idx, alpha0, recall = found
+            stages["stage1"] = layers[idx]
+            alphas["stage1"] = alpha0
+            refs["stage1"] = float(references[idx])
+            report.stage1_recall = recall
+    report.emergence_layer, report.cancellation_layer = emergence, cancellation
+    report.stages, report.alphas, report.known_sinks = stages, alphas, known_kinds
+    return Detection(stages=stages, alphas=alphas, references=refs, num_types=k, known_sinks=known_kinds,
+                     num_known_types=num_known, protected_types=protected, emergence_layer=emergence,
+                     cancellation_layer=cancellation)
+
+
+class _RestoreHook:
+    """Forward hook of the block after which the sinks' residual rows are restored.
+
+    A callable object (not a closure) so that ``copy.deepcopy`` of a quantized model gives the
+    copy its own hook, reading the copy's restore module.
+    """
+
+    def __init__(self, adapter: "ModelAdapter") -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        return self.adapter.replace_block_output(output, module.vtquant_restore(self.adapter.block_output(output)))
+
+
+def install_sink_modules(adapter: "ModelAdapter", wrapped: Wrapped, plan: SinkPlan, state: SinkState,
+                         hooks: HookManager) -> None:
+    """Create the detectors, guards and residual restore of ``plan``, all sharing ``state``."""
+    state.num_types = plan.num_types
+    state.num_known_types = plan.num_known_types
+    probe = adapter.probe_name()
+    stage_of_layer = {layer: stage for stage, layer in plan.stages.items()}
+    for (li, name), q in wrapped.items():
+        if name == probe and li in stage_of_layer:
+            stage = stage_of_layer[li]
+            q.detector = SinkDetector(stage, plan.alphas[stage], plan.references[stage])
+            q.detector.state = state
+        mode = plan.guard_modes.get(q.name)
+        if mode is not None:
+            q.guard = SinkGuard(q.out_features, plan.num_types, mode,
+                                exclude_from_calibration=plan.exclude_from_calibration)
+            q.guard.state = state
+    adapter.install_known_sinks(state, list(plan.known_sinks), hooks)
+    if plan.restore_layer is not None:
+        block = adapter.blocks()[plan.restore_layer]
+        restore = ResidualRestore(adapter.hidden_size(), plan.num_types)
+        restore.state = state
+        block.vtquant_restore = restore
+        hooks.forward(block, _RestoreHook(adapter))
+    for stage, det in plan.det_templates.items():
+        state.det_templates[stage] = torch.tensor(det)
+
+
+class SinkCalibrator:
+    """Calibrates sink handling on a wrapped (still full-precision) model.
+
+    Args:
+        adapter: the model's adapter.
+        cfg: the recipe's sink settings.
+        wrapped: ``{(layer, name): QuantLinear}``.
+        runner: owns the forward passes over the calibration batches.
+        hooks: the quantized model's hook manager (the installed modules' hooks go there).
+        report: filled with what was found.
+        templates: fit templates (insertquant); ``False`` is prefix: the same detection, then every
+            guarded Linear computes sink rows in full precision, no templates, no residual restore.
+        ignore: the recipe's ignore list (for error messages).
+    """
+
+    def __init__(self, adapter: "ModelAdapter", cfg: SinkConfig, wrapped: Wrapped, runner: "PassRunner",
+                 hooks: HookManager, report: "QuantReport", templates: bool = True,
+                 ignore: Optional[list] = None) -> None:
+        self.adapter = adapter
+        self.cfg = cfg
+        self.wrapped = wrapped
+        self.runner = runner
+        self.hooks = hooks
+        self.report = report
+        self.templates = templates
+        self.probes = _probes(adapter, wrapped, ignore or [])
+        self.fp_sinks: Optional[set] = None  # the sink set the deployed detectors find on the FP model
+
+    # ---- pass 1 -----------------------------------------------------------------------------
+    def collect_statistics(self) -> ProbeStatistics:
+        adapter, blocks = self.adapter, self.adapter.blocks()
+        peaks: dict[int, list] = {li: [] for li in self.probes}
+        res_norms: dict[int, list] = {li: [] for li in range(len(blocks))}
+        state = SinkState(layout=adapter.token_layout)
+        known_masks: list = []
+        with HookManager() as tmp:
+            for li, q in self.probes.items():
+                tmp.pre_forward(q, lambda m, inp, li=li: peaks[li].append(
+                    token_peaks(state.rows(inp[0])).view(*state.batch_tokens(inp[0])).float().cpu()))
+            for li, block in enumerate(blocks):
+                tmp.forward(block, lambda m, inp, out, li=li: res_norms[li].append(
+                    state.rows(adapter.block_output(out)).float().norm(dim=-1).view(
+                        *state.batch_tokens(adapter.block_output(out))).cpu()))
+            adapter.install_known_sinks(state, list(self.cfg.known_sinks), tmp)
+            tmp.pre_forward(blocks[0], lambda m, inp: known_masks.append(
+                None if state.mask is None else state.mask.cpu()))
+            self.runner.run("sink statistics")
+        layers = sorted(self.probes)
+        shapes = [tuple(p.shape) for p in peaks[layers[0]]]
+        known = None
+        if self.cfg.known_sinks:
+            known = torch.cat([(m if m is not None else torch.zeros(s, dtype=torch.bool)).flatten()
+                               for m, s in zip(known_masks, shapes)])
+        return ProbeStatistics(
+            layers=layers,
+            peaks=torch.stack([torch.cat([p.flatten() for p in peaks[li]]) for li in layers]),
+            shapes=shapes,
+            residual_norms=torch.stack([torch.cat([r.flatten() for r in res_norms[li]])
+                                        for li in range(len(blocks))]),
+            known=known)
+
+    # ---- the whole calibration ---------------------------------------------------------------
+    def calibrate(self) -> tuple[Optional[SinkPlan], Optional[SinkState]]:
+        """Statistics, detection and (with ``templates``) template fitting; installs the modules."""
+        detection = decide_detection(self.collect_statistics(), self.cfg, self.adapter, self.report)
+        if detection is None:
+            return None, None
+        d = detection
+        first_guard = 0 if (d.known_sinks or not self.templates) else min(d.stages.values())
+        restore = d.cancellation_layer if (self.templates and self.cfg.restore_residual) else None
+        modes = {q.name: "fp-row" for (li, _name), q in self.wrapped.items() if li >= first_guard}
+        plan = SinkPlan(stages=d.stages, alphas=d.alphas, references=d.references, num_types=d.num_types,
+                        known_sinks=tuple(d.known_sinks), num_known_types=d.num_known_types,
+                        protected_types=tuple(d.protected_types), first_guard_layer=first_guard,
+                        emergence_layer=d.emergence_layer, cancellation_layer=d.cancellation_layer,
+                        restore_layer=restore, exclude_from_calibration=self.cfg.exclude_from_calibration,
+                        guard_modes=modes, inserts_templates=self.templates)
+        state = SinkState(layout=self.adapter.token_layout)
+        install_sink_modules(self.adapter, self.wrapped, plan, state, self.hooks)
+        if not self.templates:  # prefix: full-precision sink rows everywhere, nothing more to calibrate
+            self.report.layer_modes = {li: "fp-row" for (li, _name) in self.wrapped}
+            return plan, state
+        return self.fit_templates(plan, state), state
+
+    # ---- pass 2 -----------------------------------------------------------------------------
+    def fit_templates(self, plan: SinkPlan, state: SinkState) -> SinkPlan:
+        """Record sink inputs with the deployed detectors; fill the guards' and restore's templates."""
+        from . import search
+
+        adapter, cfg, report, k = self.adapter, self.cfg, self.report, plan.num_types
+        blocks = adapter.blocks()
+        protected = list(plan.protected_types)
+        recorders: dict[str, list] = {}
+        for q in self.wrapped.values():
+            if q.guard is not None:
+                q.guard.recorder = recorders.setdefault(q.name, [])
+        det_records: dict[str, list] = {s: [] for s in plan.stages}
+        res_records: list = []
+        restore_layer = plan.restore_layer
+        with HookManager() as tmp:
+            for q in self.wrapped.values():
+                if q.detector is not None:
+                    stage = q.detector.stage
+                    tmp.forward(q, lambda m, inp, out, stage=stage: det_records[stage].append(
+                        (state.rows(inp[0]).float().cpu(),
+                         None if state.mask is None else state.mask.reshape(-1).cpu(),
+                         None if state.types is None else state.types.reshape(-1).cpu())))
+            if restore_layer is not None:
+                blocks[restore_layer].vtquant_restore.enabled = False
+                tmp.forward(blocks[restore_layer], lambda m, inp, out: res_records.append(
+                    (state.rows(adapter.block_output(out)).float().cpu(), state.mask.reshape(-1).cpu(),
+                     state.types.reshape(-1).cpu()) if state.mask is not None else None))
+            self.fp_sinks = search.detected_sinks(
+                lambda: state.positions(), lambda after: self.runner.run("sink templates", after=after))
+        if restore_layer is not None:
+            blocks[restore_layer].vtquant_restore.enabled = True
+
+        type_cos: dict[tuple[int, int], float] = {}  # (layer, type) -> min cosine over the layer's Linears
+        layer_spread: dict[int, float] = {}
+        for (li, name), q in self.wrapped.items():
+            if q.guard is None:
+                continue
+            rec = recorders.get(q.name, [])
+            q.guard.recorder = None
+            if not rec:
+                continue
+            inputs = torch.cat([r[0] for r in rec])
+            types = torch.cat([r[1] for r in rec]).clamp_min(0)
+            weight = q.weight.detach().float()
+            bias = None if q.bias is None else q.bias.detach().float()
+            for t in range(k):
+                sel = inputs[types == t]
+                if len(sel) == 0:
+                    continue
+                mean, cos, spread = template_statistics(sel)
+                out = mean.to(weight.device) @ weight.T + (0 if bias is None else bias)
+                q.guard.template_out[t] = out.to(q.guard.template_out.dtype)
+                q.guard.template_cosine[t] = cos
+                type_cos[(li, t)] = min(type_cos.get((li, t), 1.0), cos)
+                layer_spread[li] = max(layer_spread.get(li, 0.0), spread)
+        modes = dict(plan.guard_modes)
+        for (li, name), q in self.wrapped.items():
+            if q.guard is None:
+                continue
+            stable = torch.tensor([type_cos.get((li, t), -1.0) >= cfg.template_min_cosine and t not in protected
+                                   for t in range(k)])  # a token the head reads is never replaced
+            if not cfg.insert:
+                mode = "clamp"
+            elif bool(stable.any()):
+                mode = "template"
+                q.guard.template_ok.copy_(stable)
+            else:
+                mode = "fp-row"
+            q.guard.mode = mode
+            modes[q.name] = mode
+            report.layer_modes[li] = mode
+        report.layer_template_cosine = {li: round(min(c for (l2, _), c in type_cos.items() if l2 == li), 4)
+                                        for li in sorted({l for l, _ in type_cos})}
+        report.layer_template_spread = {li: round(s, 4) for li, s in sorted(layer_spread.items())}
+
+        # detection templates for least-squares assignment
+        for stage, recs in det_records.items():
+            feats, tys = [], []
+            for rows, mask, types in recs:
+                if mask is not None and bool(mask.any()):
+                    feats.append(rows[mask])
+                    tys.append(types[mask])
+            if feats:
+                f, t = torch.cat(feats), torch.cat(tys).clamp_min(0)
+                det = torch.stack([f[t == i].mean(0) if bool((t == i).any()) else torch.zeros(f.shape[1])
+                                   for i in range(k)])
+                state.det_templates[stage] = det
+        if restore_layer is not None:
+            self._fit_restore(blocks[restore_layer].vtquant_restore, res_records, k, protected, restore_layer)
+            report.restore_layer = restore_layer
+        return dataclasses.replace(plan, guard_modes=modes,
+                                   det_templates={s: v.tolist() for s, v in state.det_templates.items()})
+
+    def _fit_restore(self, restore: ResidualRestore, res_records: list, k: int, protected: list,
+                     layer: int) -> None:
+        rows = [r for r in res_records if r is not None]
+        if not rows:
+            return
+        h = torch.cat([r[0][r[1]] for r in rows])
+        t = torch.cat([r[2][r[1]] for r in rows]).clamp_min(0)
+        for i in range(k):
+            if bool((t == i).any()):
+                mean, cos, _ = template_statistics(h[t == i])
+                restore.template[i] = mean.to(restore.template)
+                # restore only residual states that are (nearly) constant across inputs
+                restore.restore_type[i] = cos >= self.cfg.template_min_cosine and i not in protected
+            else:
+                restore.restore_type[i] = False
+        if not bool(restore.restore_type.any()):
+            self.report.notes.append(f"sink residual after layer {layer} is not constant across inputs: "
+                                     "not restored")
