@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
+from .fileio import atomic_write_text  # noqa: F401  (re-exported until every caller imports vtquant.fileio)
 from .config import (ActArgs, CalibConfig, ConfigError, Recipe, RotationConfig, SinkConfig,
                      WeightArgs)
 
@@ -115,18 +115,3 @@ def save_recipe(recipe: Recipe, path: Union[str, os.PathLike]) -> None:
 def recipes_dir() -> Path:
     """The ``recipes/`` folder shipped beside the package (source checkout)."""
     return Path(__file__).resolve().parent.parent / "recipes"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

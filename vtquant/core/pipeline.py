@@ -19,7 +19,6 @@ as it was (wrappers and hooks removed, transformed weights restored).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
