@@ -214,7 +214,7 @@ def _breakdown(args: argparse.Namespace) -> int:
         print(line)
     print(f"total {time.time() - start:.0f} s")
     if args.results_file:
-        from .recipe import atomic_write_text
+        from .fileio import atomic_write_text
 
         atomic_write_text(Path(args.results_file), json.dumps({"breakdown": args.breakdown, "recipe": recipe.to_dict(),
                                                                **result}, indent=1, default=str))
@@ -497,7 +497,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
         print(f"| {r['name']} | {r['package']}=={r['version']} | {r['kind']} | {'yes' if r['cached'] else 'no'} | "
               f"{r['path'] if r['cached'] else '-'} | {r['description']} |")
     if args.results_file:
-        from .recipe import atomic_write_text
+        from .fileio import atomic_write_text
 
         atomic_write_text(Path(args.results_file), json.dumps({"assets": rows}, indent=1, default=str))
     return 0

@@ -721,7 +721,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(format_rows(rows))
     print(format_comparison(rows))
     if args.results_file:
-        from ..recipe import atomic_write_text
+        from ..fileio import atomic_write_text
         from pathlib import Path
 
         atomic_write_text(Path(args.results_file), json.dumps({"rows": rows, "kernels": kernels}, indent=1))

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..recipe import atomic_write_text
+from ..fileio import atomic_write_text
 
 
 @dataclass(kw_only=True)
