@@ -61,73 +61,6 @@ ROPE_SHIFTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 # ------------------------------------------------------------------------------------------
-# the legacy one-table statistics (kept: same numbers as the first `vtquant analyze`)
-@torch.no_grad()
-def spike_statistics(model: torch.nn.Module, chunks: torch.Tensor, alpha: float = 64.0,
-                     attentions: bool = True) -> dict:
-    """Measure per-layer spike statistics of a decoder on ``chunks`` ``[n, T]`` (one forward per chunk)."""
-    adapter = get_adapter(model)
-    blocks = adapter.blocks()
-    n_layers = len(blocks)
-    res: dict[int, list] = {i: [] for i in range(n_layers)}
-    probe: dict[int, list] = {i: [] for i in range(n_layers)}
-    attn_share: dict[int, list] = {i: [] for i in range(n_layers)}
-    with HookManager() as hooks:
-        for i, block in enumerate(blocks):
-            hooks.forward(block, lambda m, inp, out, i=i: res[i].append(adapter.block_output(out)[0].abs().float()))
-            lin = block.get_submodule(adapter.probe_name())
-            hooks.pre_forward(lin, lambda m, inp, i=i: probe[i].append(token_peaks(inp[0][0]).float()))
-        attn_maps = []
-        for chunk in chunks:
-            _, att = adapter.analysis_forward(chunk.unsqueeze(0), attentions=attentions)
-            if attentions and att:
-                attn_maps.append(att)
-    n = chunks.shape[0]
-    peaks = torch.stack([torch.stack(probe[i]) for i in range(n_layers)])  # [L, n, T]
-    reference = peaks.flatten(1).median(dim=1).values.clamp_min(1e-12)
-    ratios = peaks / reference.view(-1, 1, 1)
-    emergence = find_emergence_layer(ratios.flatten(1).max(dim=1).values, alpha)
-    sinks = ratios[emergence] > alpha if emergence is not None else torch.zeros_like(ratios[0], dtype=torch.bool)
-    layers = []
-    sink_rows = []
-    sink_norm = []
-    for i in range(n_layers):
-        h = torch.stack(res[i])  # [n, T, C]
-        med = float(h.median())
-        tok_peak, tok_chan = h.max(dim=-1)
-        flat = int(tok_peak.argmax())
-        c, t = divmod(flat, h.shape[1])
-        row: dict[str, Any] = {
-            "layer": i, "top_value": float(tok_peak.flatten()[flat]), "top_chunk": c, "top_position": t,
-            "top_channel": int(tok_chan[c, t]), "median_abs": med,
-            "ratio_to_median": float(tok_peak.flatten()[flat]) / max(med, 1e-12),
-            "probe_top_ratio": float(ratios[i].max()),
-            "probe_top_position": int(ratios[i].flatten().argmax()) % h.shape[1],
-            "channels_over_100x_on_top_token": int((h[c, t] > 100 * med).sum()),
-        }
-        sink_norm.append(float(h.norm(dim=-1)[sinks].mean()) if bool(sinks.any()) else 0.0)
-        if attn_maps and bool(sinks.any()):
-            shares = []
-            for ci in range(n):
-                a = attn_maps[ci][i]  # [H, T, T]
-                cols = sinks[ci]
-                if bool(cols.any()):
-                    shares.append(a[:, 1:, :][:, :, cols].sum(-1).mean())
-            row["sink_attention_share"] = float(torch.stack(shares).mean()) if shares else None
-        layers.append(row)
-        for ci in range(n):
-            for t in sinks[ci].nonzero().flatten().tolist():
-                sink_rows.append({"layer": i, "chunk": ci, "token_position": t,
-                                  "channel": int(tok_chan[ci, t]), "value": float(tok_peak[ci, t]),
-                                  "ratio_to_median": float(tok_peak[ci, t]) / max(med, 1e-12)})
-    cancellation = find_cancellation_layer(torch.tensor(sink_norm), emergence) if emergence is not None else None
-    return {"emergence_layer": emergence, "cancellation_layer": cancellation, "alpha": alpha,
-            "layers": layers, "sinks": sink_rows,
-            "sink_positions": [sinks[ci].nonzero().flatten().tolist() for ci in range(n)],
-            "sink_residual_norm": sink_norm}
-
-
-# ------------------------------------------------------------------------------------------
 # attention description: the adapter's (AttentionSpec lives in vtquant.adapters.spec)
 def attention_spec(adapter: Any) -> Optional[AttentionSpec]:
     """The :class:`AttentionSpec` of ``adapter``'s model (``adapter.attention_spec()``), or ``None`` when unknown."""
@@ -217,14 +150,6 @@ def logit_drift(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: in
     kr = rope_rotate(k.float().unsqueeze(0).expand(len(pos), -1), pos, inv_freq, scaling)
     logits = qr @ kr.T / math.sqrt(d)  # [T, 1 + S]
     return (logits[:, 1:] - logits[:, :1]).abs().mean(0)
-
-
-def hidden_error(h_q: torch.Tensor, h_fp: torch.Tensor, mask: torch.Tensor) -> float:
-    """Relative Frobenius error ||h_q - h_fp|| / ||h_fp|| over the rows where ``mask``."""
-    if not bool(mask.any()):
-        return float("nan")
-    a, b = h_q[mask].float(), h_fp[mask].float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def residual_rotation(recipe: Any, hidden: int) -> Optional[torch.Tensor]:

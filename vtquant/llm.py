@@ -144,7 +144,7 @@ def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, setti
                             peak_rss_mb=None if peak is None else round(peak, 1), **extra))
         results.append(MethodResult(recipe, ppl, calib_s, eval_s, report, model if keep_models else None, peak))
         log(f"{label:<28} perplexity {ppl:9.3f}   (calibrate+quantize {calib_s:5.1f} s, eval {eval_s:5.1f} s)")
-        if report is not None and recipe.method in ("insertquant", "prefix", "smoothquant") and not quiet:
+        if report is not None and (report.stages or report.notes) and not quiet:
             log("    " + report.summary().replace("\n", "\n    "))
         if model is not fp_model and not keep_models:
             del model

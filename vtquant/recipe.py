@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import yaml
 
-from .fileio import atomic_write_text  # noqa: F401  (re-exported until every caller imports vtquant.fileio)
+from .fileio import atomic_write_text
 from .config import (ActArgs, CalibConfig, ConfigError, Recipe, RotationConfig, SinkConfig,
                      WeightArgs)
 

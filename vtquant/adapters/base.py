@@ -94,7 +94,8 @@ class ModelAdapter(abc.ABC):
     token_layout: str = "bsd"
     family: str = "generic"
     output_kind: str = "features"
-    """What the model returns: ``logits`` (a causal LM on token ids) or ``features`` (an encoder)."""
+    """What the model returns: ``logits`` (a causal LM on token ids), ``class-logits`` (a classifier
+    head on images) or ``features`` (an encoder)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

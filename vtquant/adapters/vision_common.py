@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.modules import replace_module
 from ..core.quant import QuantLinear
 from .base import KnownSinks, ModelAdapter
 
@@ -255,8 +256,6 @@ def make_attention_explicit_(root: nn.Module) -> int:
     count = 0
     for name, mod in list(root.named_modules()):
         if isinstance(mod, nn.MultiheadAttention):
-            parent_name, _, child = name.rpartition(".")
-            parent = root.get_submodule(parent_name) if parent_name else root
-            setattr(parent, child, ExplicitMultiheadAttention(mod))
+            replace_module(root, name, ExplicitMultiheadAttention(mod))
             count += 1
     return count

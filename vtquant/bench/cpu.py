@@ -115,16 +115,15 @@ def run_method(method: str, settings: CpuBenchSettings) -> dict:
         import warnings
 
         from ..adapters import get_adapter
+        from ..core.modules import replace_module
 
         warnings.filterwarnings("ignore")
         adapter = get_adapter(model)
         for block in adapter.blocks():
             for lin_name in adapter.block_linears(block):
-                parent_name, _, child = lin_name.rpartition(".")
-                parent = block.get_submodule(parent_name)
-                q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(getattr(parent, child)),
+                q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(block.get_submodule(lin_name)),
                                                            {torch.nn.Linear}, dtype=torch.qint8)[0]
-                setattr(parent, child, q)
+                replace_module(block, lin_name, q)
     elif method in ("insertquant", "insertquant+rotate"):
         import vtquant
         from ..kernels import convert_

@@ -77,7 +77,7 @@ class QuantReport:
 
     def summary(self) -> str:
         lines = [f"method: {self.method} ({self.seconds:.1f} s)"]
-        if self.method.startswith(("insertquant", "prefix")):
+        if self.stages:  # sinks were handled
             lines.append(f"emergence layer: {self.emergence_layer}, cancellation layer: {self.cancellation_layer}, "
                          f"stages: {self.stages}, alphas: { {k: round(v, 2) for k, v in self.alphas.items()} }")
             lines.append(f"template types: {self.num_types}, known sinks: {self.known_sinks} "

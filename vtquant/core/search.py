@@ -29,11 +29,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import ActArgs, WeightArgs
-from .quant import ActQuantizer, QuantLinear
+from ..config import WeightArgs
+from .quant import ActQuantizer
 
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(15))  # 1.0 ... 0.3
 
