@@ -298,6 +298,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task == "linear-probe":
+        return _eval_linear_probe(args)
     if args.task in ("imagenet", "retrieval"):
         return _vision_eval(args)
     if args.checkpoint:
@@ -347,6 +349,30 @@ def _vision_eval(args: argparse.Namespace) -> int:
     if args.results_file:
         write_results(args.results_file, result.rows, protocol=result.protocol, calibration=result.calibration,
                       total_seconds=round(total, 1), reports=result.reports)
+        log(f"wrote {args.results_file}")
+    return 0
+
+
+def _eval_linear_probe(args: argparse.Namespace) -> int:
+    """``vtquant eval linear-probe``: Fashion-MNIST linear-probe and k-NN top-1, FP (and --recipe quantized)."""
+    from .eval.linear_probe import CLIP_ASSET_SPEC, run_fashion_mnist_probe
+    from .eval.results import format_table, write_results
+    from .models import DEFAULT_MODEL, set_threads
+
+    log = _log(args)
+    threads = set_threads(args.threads)
+    model = CLIP_ASSET_SPEC if args.model == DEFAULT_MODEL else args.model
+    start = time.time()
+    rows, meta = run_fashion_mnist_probe(
+        model, library=args.library, pretrained=not args.no_pretrained, data_dir=args.data,
+        train_size=args.train_size or None, test_size=args.test_size or None, k=args.knn_k, recipe=args.recipe,
+        batch_size=args.batch_size, device=args.device, quiet=args.quiet, log=log)
+    print(f"\nvtquant eval linear-probe: {meta['model']}; Fashion-MNIST {meta['train_images']} train / "
+          f"{meta['test_images']} test images; {threads} threads, {args.device}")
+    print(format_table(rows))
+    print(f"total {time.time() - start:.0f} s")
+    if args.results_file:
+        write_results(args.results_file, rows, **meta)
         log(f"wrote {args.results_file}")
     return 0
 
@@ -566,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="evaluate: perplexity (LLMs), imagenet (top-1/5), retrieval (Flickr30k R@k)")
-    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval"))
+    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval", "linear-probe"))
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
     p.add_argument("--recipe", default=None, help="quantize with this recipe and compare with fp")
     p.add_argument("--checkpoint", default=None, help="evaluate a checkpoint saved by `vtquant quantize`")
@@ -581,6 +607,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="imagenet / retrieval: images per batch (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="imagenet: evaluate the first N images only")
     p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
+    lp = p.add_argument_group("linear-probe (Fashion-MNIST; --model asset:clip-vit-b16-openai by default, or "
+                              "timm: / open_clip: / hf:; --data: a folder with the idx files, default the asset)")
+    lp.add_argument("--library", choices=("hf", "open_clip", "timm"), default="hf",
+                    help="library that builds asset:clip-vit-b16-openai (default: %(default)s)")
+    lp.add_argument("--train-size", type=int, default=10000, help="probe training images, 0 = all 60k (default: %(default)s)")
+    lp.add_argument("--test-size", type=int, default=2000, help="test images, 0 = all 10k (default: %(default)s)")
+    lp.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
+    lp.add_argument("--device", default="cpu", help="device of the feature extraction (default: %(default)s)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="real low-bit speed: fp32/bf16 vs per-token dynamic int8 vs vtquant static")
