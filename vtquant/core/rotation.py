@@ -196,12 +196,14 @@ class RotationSpec:
 @torch.no_grad()
 def _fold_reader(linear: nn.Linear, scale: torch.Tensor, q: torch.Tensor) -> None:
     w = linear.weight.data.double()
+    scale, q = scale.to(w.device), q.to(w.device)  # the weight's device (a model on the GPU folds there)
     linear.weight.data = ((w * scale.double().unsqueeze(0)) @ q.double()).to(linear.weight.dtype)
 
 
 @torch.no_grad()
 def _fold_writer(linear: nn.Linear, q: torch.Tensor) -> None:
     w = linear.weight.data.double()
+    q = q.to(w.device)
     linear.weight.data = (q.double().T @ w).to(linear.weight.dtype)
     if linear.bias is not None:
         linear.bias.data = (linear.bias.data.double() @ q.double()).to(linear.bias.dtype)
@@ -221,7 +223,7 @@ def rotate_model_(spec: RotationSpec, *, seed: int = 0, residual: bool = True, o
     if residual:
         q = random_hadamard(spec.hidden, seed)
         for emb in spec.embeddings:
-            emb.weight.data = (emb.weight.data.double() @ q.double()).to(emb.weight.dtype)
+            emb.weight.data = (emb.weight.data.double() @ q.double().to(emb.weight.device)).to(emb.weight.dtype)
         for layer in spec.layers:
             for norm, readers in layer.norm_readers:
                 scale = spec.norm_scale(norm).detach()
@@ -240,15 +242,16 @@ def rotate_model_(spec: RotationSpec, *, seed: int = 0, residual: bool = True, o
         for i, layer in enumerate(spec.layers):
             for lin in layer.online:
                 signs, factors = random_hadamard_factors(lin.in_features, seed + 1)
-                lin.weight.data = kron_apply(lin.weight.data.double(), signs.double(),
-                                             [f.double() for f in factors]).to(lin.weight.dtype)
+                dev = lin.weight.device
+                lin.weight.data = kron_apply(lin.weight.data.double(), signs.double().to(dev),
+                                             [f.double().to(dev) for f in factors]).to(lin.weight.dtype)
                 result["online"][lin] = (signs, factors)
     if heads:
         for layer in spec.layers:
             if layer.value_output is None:
                 continue
             v_proj, o_proj, head_dim = layer.value_output
-            hh = random_hadamard(head_dim, seed + 2).double()
+            hh = random_hadamard(head_dim, seed + 2).double().to(v_proj.weight.device)
             wv = v_proj.weight.data.double().view(-1, head_dim, v_proj.in_features)
             v_proj.weight.data = torch.einsum("dk,hdi->hki", hh, wv).reshape(v_proj.weight.shape).to(v_proj.weight.dtype)
             if v_proj.bias is not None:

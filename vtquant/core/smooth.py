@@ -56,7 +56,7 @@ def smoothing_factors(act_absmax: torch.Tensor, readers: Iterable[nn.Linear], al
                       eps: float = 1e-5) -> torch.Tensor:
     """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (float64), clamped away from zero."""
     w_max = torch.stack([lin.weight.detach().abs().double().amax(dim=0) for lin in readers]).amax(dim=0)
-    a = act_absmax.double().clamp_min(eps)
+    a = act_absmax.double().to(w_max.device).clamp_min(eps)
     s = a.pow(alpha) / w_max.clamp_min(eps).pow(1.0 - alpha)
     return s.clamp_min(eps)
 
