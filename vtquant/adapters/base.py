@@ -19,6 +19,7 @@ from ..core.hooks import HookManager
 from ..core.sinks import SinkState
 
 _REGISTRY: dict[str, type["ModelAdapter"]] = {}
+_FALLBACKS: list[tuple[Callable[[nn.Module], bool], type["ModelAdapter"], str]] = []
 
 
 def register_adapter(*class_names: str) -> Callable[[type], type]:
@@ -28,6 +29,19 @@ def register_adapter(*class_names: str) -> Callable[[type], type]:
         for name in class_names:
             _REGISTRY[name] = cls
         cls.supported = tuple(sorted(set(getattr(cls, "supported", ())) | set(class_names)))
+        return cls
+
+    return deco
+
+
+def register_fallback(accepts: Callable[[nn.Module], bool], description: str) -> Callable[[type], type]:
+    """Class decorator: the adapter also serves unlisted models for which ``accepts(model)`` is true.
+
+    Tried in registration order when no class name matches; the choice is logged by the adapter.
+    """
+
+    def deco(cls: type) -> type:
+        _FALLBACKS.append((accepts, cls, description))
         return cls
 
     return deco
@@ -48,7 +62,7 @@ class UnsupportedModelError(TypeError):
 
 
 def get_adapter(model: nn.Module) -> "ModelAdapter":
-    """The adapter for ``model``, chosen by its class name.
+    """The adapter for ``model``, chosen by its class name, else by a registered fallback (generic decoders).
 
     Raises:
         UnsupportedModelError: listing the supported classes and how to add an adapter.
@@ -58,8 +72,12 @@ def get_adapter(model: nn.Module) -> "ModelAdapter":
     # a "module.Class" key wins over the bare class name (timm and open_clip both have a VisionTransformer)
     cls = _REGISTRY.get(f"{type(model).__module__}.{name}") or _REGISTRY.get(name)
     if cls is None:
+        cls = next((fallback for accepts, fallback, _ in _FALLBACKS if accepts(model)), None)
+    if cls is None:
+        generic = "; ".join(f"{c.__name__} also takes {d}" for _, c, d in _FALLBACKS)
         raise UnsupportedModelError(
-            f"no vtquant adapter for model class {name!r}. Supported: {sorted(_REGISTRY)}. "
+            f"no vtquant adapter for model class {name!r}. Supported: {sorted(_REGISTRY)}"
+            f"{' (' + generic + ')' if generic else ''}. "
             "To add one, subclass vtquant.adapters.ModelAdapter (see vtquant/adapters/hf_decoder.py), "
             f"decorate it with @register_adapter({name!r}) and import it before calling vtquant."
         )

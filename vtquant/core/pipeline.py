@@ -4,7 +4,8 @@
 (:mod:`vtquant.core.methods`) adds its steps at fixed hooks:
 
 1. optional rotation of the full-precision model (:mod:`vtquant.core.rotation`), then the
-   handler's ``on_transform`` (SmoothQuant's smoothing);
+   handler's ``on_transform`` (SmoothQuant's smoothing); each checks on one calibration batch that
+   the model's function is unchanged (:mod:`vtquant.core.verify`) and refuses it otherwise;
 2. every target Linear becomes a :class:`QuantLinear` (still full precision);
 3. the handler's ``on_sinks``: the sink calibrator (:mod:`vtquant.core.calibrate`) returns a
    :class:`~vtquant.core.plan.SinkPlan` and installs detectors, guards and the residual restore;
@@ -44,6 +45,7 @@ from .plan import QuantPlan, SinkPlan
 from .quant import ActQuantizer, QuantLinear
 from .rotation import random_hadamard_factors, rotate_model_
 from .sinks import SinkState
+from .verify import check_equivalence, snapshot, unrotate
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
@@ -75,6 +77,7 @@ class QuantReport:
     type_names: list = field(default_factory=list)
     protected_types: list = field(default_factory=list)
     structure_recall: Optional[float] = None
+    equivalence: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -379,8 +382,21 @@ def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, 
     rotation = None
     if recipe.rotation.enabled:
         rot = recipe.rotation
-        online = rotate_model_(adapter.rotation_spec(), seed=rot.seed, residual=rot.residual,
-                               online=rot.online, heads=rot.heads)["online"]
+        spec = adapter.rotation_spec()
+        reference = snapshot(adapter, runner.batches[0])
+        result = rotate_model_(spec, seed=rot.seed, residual=rot.residual, online=rot.online, heads=rot.heads)
+        online = result["online"]
+        report.notes.extend(result["notes"])
+        check = check_equivalence(
+            adapter, reference, runner.batches[0], "rotation",
+            basis=None if result["residual"] is None else unrotate(result["residual"]), input_rotations=online,
+            hint=f"The adapter describes the model as {spec.layout or type(adapter).__name__}; if that is wrong, the "
+                 "layout is not supported: set rotation.enabled: false (or rotation.residual: false, which keeps the "
+                 "online and per-head rotations that need no layout knowledge). In float16 / bfloat16 the rotation's own "
+                 "rounding can be the cause (a massive activation spread over every channel): quantizing in float32 "
+                 "tells the two apart.")
+        report.equivalence["rotation"] = {**check.to_dict(), "residual_folded": result["residual"] is not None}
+        report.notes.append(check.note())
         rotation = rot
     handler.on_transform(ctx)
 
