@@ -152,7 +152,7 @@ def test_convert_writes_safetensors_atomically(tmp_path, one_thread) -> None:
     out = tmp_path / "cache" / "model.safetensors"
     info = c.convert_clip_onnx(src, out, num_heads=2)
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.safetensors"]  # no temporary left
-    assert info["sha256"] == c._sha256(out) and info["source_sha256"] == c._sha256(src)
+    assert info["sha256"] == c.sha256_file(out) and info["source_sha256"] == c.sha256_file(src)
     state, spec = c.load_converted(out)
     assert spec == SPEC  # the heads come back from the metadata
     for k, v in expected.items():
@@ -164,12 +164,12 @@ def test_cached_conversion(tmp_path, monkeypatch, one_thread) -> None:
     src = tmp_path / "tiny.onnx"
     onnx.save(proto, str(src))
     monkeypatch.setenv("VTQUANT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(c, "ONNX_SHA256", c._sha256(src))
+    monkeypatch.setattr(c, "ONNX_SHA256", c.sha256_file(src))
     real_convert = c.convert_clip_onnx
     monkeypatch.setattr(c, "convert_clip_onnx", lambda *a, **k: real_convert(*a, num_heads=2, **k))
     path = c.clip_b16_weights(quiet=True, onnx_path=src)
     record = json.loads((path.parent / c.CONVERSION_RECORD).read_text())
-    assert record["sha256"] == c._sha256(path) and record["converter_version"] == c.CONVERTER_VERSION
+    assert record["sha256"] == c.sha256_file(path) and record["converter_version"] == c.CONVERTER_VERSION
     # a cache hit neither reads the ONNX nor converts
     monkeypatch.setattr(c, "convert_clip_onnx", lambda *a, **k: pytest.fail("converted again"))
     assert c.clip_b16_weights(quiet=True, onnx_path=tmp_path / "absent.onnx") == path
@@ -177,7 +177,7 @@ def test_cached_conversion(tmp_path, monkeypatch, one_thread) -> None:
     path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
     monkeypatch.setattr(c, "convert_clip_onnx", lambda *a, **k: real_convert(*a, num_heads=2, **k))
     assert c.clip_b16_weights(quiet=True, onnx_path=src) == path
-    assert c._sha256(path) == json.loads((path.parent / c.CONVERSION_RECORD).read_text())["sha256"]
+    assert c.sha256_file(path) == json.loads((path.parent / c.CONVERSION_RECORD).read_text())["sha256"]
     # an ONNX file that is not the pinned one is refused
     path.unlink()
     other = tmp_path / "other.onnx"

@@ -78,5 +78,5 @@ def test_cached_weights_are_recorded() -> None:
     path = c.clip_b16_weights(quiet=True)
     record = json.loads((path.parent / c.CONVERSION_RECORD).read_text())
     assert record["source_sha256"] == c.ONNX_SHA256
-    assert record["sha256"] == c._sha256(path)
+    assert record["sha256"] == c.sha256_file(path)
     assert record["spec"]["hidden_size"] == 768 and record["spec"]["num_layers"] == 12

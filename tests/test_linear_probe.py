@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vtquant import assets, assets_deb
+from vtquant.fileio import sha256_file
 from vtquant.eval import fashion_mnist as fm
 from vtquant.eval import linear_probe as lp
 
@@ -121,8 +122,8 @@ def fake_fashion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     debs = tmp_path / "debs"
     debs.mkdir()
     deb = _fake_deb(debs / real.deb_name, members)
-    pinned = assets_deb.DebAsset(real.name, real.package, real.version, assets._sha256(deb),
-                                 {m: assets._sha256(src / Path(m).name) for m in real.members}, real.description)
+    pinned = assets_deb.DebAsset(real.name, real.package, real.version, sha256_file(deb),
+                                 {m: sha256_file(src / Path(m).name) for m in real.members}, real.description)
     monkeypatch.setitem(assets_deb.DEB_ASSETS, "fashion-mnist", pinned)
     monkeypatch.setattr(assets_deb.subprocess, "run", lambda *a, **k: pytest.fail(f"subprocess called: {a}"))
     return home, debs, deb, src

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
 from . import assets
+from .fileio import sha256_file
 
 __all__ = ["DEB_ASSETS", "DebAsset", "add_deb_archive", "deb_asset_path", "fetch_deb", "is_deb_cached"]
 
@@ -150,7 +151,7 @@ def _data_tar(deb: Path) -> tarfile.TarFile:
 
 
 def _verify_deb(asset: DebAsset, deb: Path) -> None:
-    actual = assets._sha256(deb)
+    actual = sha256_file(deb)
     if actual != asset.sha256:
         raise assets.AssetChecksumError(
             f"checksum mismatch for asset {asset.name!r} ({asset.package}={asset.version}) in {deb}:\n"

@@ -32,7 +32,6 @@ and the three give the same image embedding (tests/test_clip_real.py).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,8 @@ from typing import Any, Callable, Literal, Optional, Union
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..fileio import sha256_file
 
 __all__ = [
     "ASSET",
@@ -332,14 +333,6 @@ def hf_state_keys(spec: CLIPVisionSpec) -> list[str]:
 # ------------------------------------------------------------------------------------------
 # cache
 # ------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _log(msg: str, quiet: bool) -> None:
     if not quiet:
         print(f"vtquant: {msg}", file=sys.stderr, flush=True)
@@ -358,7 +351,7 @@ def convert_clip_onnx(onnx_path: Union[str, os.PathLike], out_path: Union[str, o
     from safetensors.torch import save_file
 
     onnx_path, out_path = Path(onnx_path), Path(out_path)
-    source_sha256 = source_sha256 or _sha256(onnx_path)
+    source_sha256 = source_sha256 or sha256_file(onnx_path)
     state, spec = clip_vision_state_dict_from_onnx(onnx_path, num_heads=num_heads)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
@@ -367,7 +360,7 @@ def convert_clip_onnx(onnx_path: Union[str, os.PathLike], out_path: Union[str, o
         meta = {"source_sha256": source_sha256, "converter_version": str(CONVERTER_VERSION),
                 "format": "transformers CLIPVisionModelWithProjection, fp32 (dequantized int8)", **spec.to_metadata()}
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
-        digest = _sha256(Path(tmp))
+        digest = sha256_file(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, out_path)
     except BaseException:
@@ -418,11 +411,11 @@ def clip_b16_weights(*, quiet: bool = False, onnx_path: Optional[Union[str, os.P
     info = _valid_record(directory, ONNX_SHA256)
     if info is not None:
         weights = directory / CONVERTED_FILE
-        if _sha256(weights) == info.get("sha256"):
+        if sha256_file(weights) == info.get("sha256"):
             return weights
         _log(f"{weights}: sha256 differs from {CONVERSION_RECORD}; converting again", quiet)
     src = Path(onnx_path) if onnx_path is not None else assets.fetch(ASSET, quiet=quiet)
-    actual = _sha256(src)
+    actual = sha256_file(src)
     if actual != ONNX_SHA256:
         raise assets.AssetChecksumError(
             f"{src}: sha256 {actual} is not the pinned clip_encoder.int8.onnx ({ONNX_SHA256}); fetch the asset "

@@ -269,7 +269,7 @@ def _load_encoder(spec: str, library: str, pretrained: bool, device: str, quiet:
         tower = model.vision_model if library == "hf" else model
         return _Encoder(model, tower, image_embeds, gray_pixels(224, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
                         f"clip-vit-b16-openai ({library}; FP = dequantized int8)")
-    from ..vision import _features, load_vision_model
+    from ..vision import load_vision_model, model_encoders
 
     vm = load_vision_model(spec, pretrained=pretrained, device=device)
     model = vm.model
@@ -277,8 +277,9 @@ def _load_encoder(spec: str, library: str, pretrained: bool, device: str, quiet:
         return _Encoder(model, model.visual, lambda m, x: m.encode_image(x), pil_pixels(vm.preprocess), vm.name)
     if vm.library == "hf":
         if vm.is_clip:
-            return _Encoder(model, model.vision_model, lambda m, x: _features(m.get_image_features(pixel_values=x)),
-                            pil_pixels(vm.preprocess), vm.name)
+            encode_image = model_encoders(model)[0]  # the adapter's image encoder (pooled, projected)
+            return _Encoder(model, model.vision_model, lambda m, x: encode_image(x), pil_pixels(vm.preprocess),
+                            vm.name)
 
         def hf_feats(m: Any, x: torch.Tensor) -> torch.Tensor:
             out = m(pixel_values=x)
