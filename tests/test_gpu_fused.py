@@ -1,6 +1,6 @@
 """Producer-fused quantization (RMSNorm -> codes, SiLU * up -> codes, SwiGLU GEMM epilogue -> codes).
 
-The GPU kernels themselves are checked on the GPU by ``gpu_bench.check_fused`` (run at the start of
+The GPU kernels themselves are checked on the GPU by ``vtquant.bench.gpu.check_fused`` (run at the start of
 every GPU bench).  Here, on the CPU: the pure-PyTorch references and the CPU fallback / dispatch
 logic, the fused layer variants of the layer bench against the unfused modules, and (where Triton is
 installed) the Triton kernels themselves through Triton's interpreter (``TRITON_INTERPRET=1``, in a
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vtquant.core.sinks import SinkState
-from vtquant.kernels import gpu_bench as gb
+from vtquant.bench import gpu as gb
 from vtquant.kernels import triton_quant as tq
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import torch
 import vtquant
 from vtquant.config import Recipe, SinkConfig, method_recipe
 from vtquant.kernels import RealQuantLinear, convert_
-from vtquant.kernels.gpu_bench import SHAPES, layer_bench
+from vtquant.bench.gpu import SHAPES, layer_bench
 from vtquant.kernels.linear import UnsupportedConversionError
 from vtquant.kernels.triton_quant import quant_dynamic_rows, quant_static
 

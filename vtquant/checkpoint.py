@@ -51,6 +51,7 @@ from .adapters.base import _REGISTRY, _import_builtin_adapters
 from .core.pipeline import apply_plan_
 from .core.plan import QuantPlan
 from .errors import VtquantError
+from .fileio import sha256_file
 from .recipe import recipe_from_dict, recipe_to_yaml
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "load", "load_tokenizer", "save"]
@@ -210,15 +211,7 @@ def _write_checkpoint(model: nn.Module, handle: Any, folder: Path, compact_embed
 
 
 def _file_record(file: Path) -> dict:
-    return {"size": file.stat().st_size, "sha256": _sha256(file)}
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {"size": file.stat().st_size, "sha256": sha256_file(file)}
 
 
 def _fsync(path: Path) -> None:
@@ -564,7 +557,7 @@ def _verify_files(target: Path, meta: dict) -> None:
             raise CheckpointError(f"{file} has {size} bytes but {record['size']} were saved: the checkpoint is "
                                   "corrupt (truncated or changed after saving); restore it from a copy or save "
                                   "it again")
-        digest = _sha256(file)
+        digest = sha256_file(file)
         if digest != record["sha256"]:
             raise CheckpointError(f"{file} does not match the sha256 recorded when it was saved ({digest[:12]}... "
                                   f"instead of {record['sha256'][:12]}...): the checkpoint is corrupt (changed "

@@ -62,6 +62,23 @@ def _base_recipe(args: argparse.Namespace):
     return recipe
 
 
+def _check_texts(args: argparse.Namespace, recipe=None, eval_text: Optional[str] = None,
+                 eval_tokens: Optional[int] = None) -> None:
+    """Check the local text files a command will read, before the model load (20 s for SmolLM2):
+    the calibration text of ``recipe`` and ``eval_text``; assets are not checked (they are pinned)."""
+    from .data import check_text
+
+    if recipe is not None:
+        cal = recipe.calibration
+        role = "--calib-text" if getattr(args, "calib_text", None) else "calibration.dataset of the recipe"
+        check_text(cal.dataset, cal.seq_len, role=role,
+                   need=f"one calibration window (calibration.seq_len = {cal.seq_len}; lower it in a --recipe "
+                        "for a short text)")
+    if eval_text is not None:
+        role = "--text" if args.command == "analyze" else "--eval-text"
+        check_text(eval_text, eval_tokens, role=role, need=f"one {eval_tokens}-token chunk (--seq-len)")
+
+
 def _load(args: argparse.Namespace, log, **kwargs):
     from .models import load_causal_lm, set_threads
 
@@ -160,8 +177,9 @@ def _compare(args: argparse.Namespace, settings, title: str, compare: bool = Fal
 
     log = _log(args)
     start = time.time()
-    model, tok, name = _load(args, log)
     base = base if base is not None else _base_recipe(args)
+    _check_texts(args, base, args.eval_text, args.seq_len)
+    model, tok, name = _load(args, log)
     w = base.weights
     if compare and w is not None:
         log(f"weights: {w.algorithm}{' (GPTQ below 8 bits, RTN at 8)' if w.algorithm == 'auto' else ''} "
@@ -207,9 +225,10 @@ def _breakdown(args: argparse.Namespace) -> int:
         raise ConfigError(f"--breakdown {args.breakdown!r}: {err}; use METHOD@W4A8KV8") from None
     log = _log(args)
     start = time.time()
-    model, tok, name = _load(args, log)
     base = compare_base_recipe(args)
     recipe = method_recipe(method, base, w_bits=w, a_bits=a, kv_bits=kv)
+    _check_texts(args, base, args.eval_text, args.seq_len)
+    model, tok, name = _load(args, log)
     setup = prepare_text(tok, base, args.eval_text, args.seq_len, None if args.full else args.eval_chunks,
                          bos=args.bos, quiet=args.quiet)
     result = layer_error_breakdown(model, recipe, setup.calib_batches, setup.eval_chunks, quiet=args.quiet, log=log)
@@ -220,7 +239,7 @@ def _breakdown(args: argparse.Namespace) -> int:
         print(line)
     print(f"total {time.time() - start:.0f} s")
     if args.results_file:
-        from .recipe import atomic_write_text
+        from .fileio import atomic_write_text
 
         atomic_write_text(Path(args.results_file), json.dumps({"breakdown": args.breakdown, "recipe": recipe.to_dict(),
                                                                **result}, indent=1, default=str))
@@ -230,10 +249,43 @@ def _breakdown(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """SmolLM2-135M, W8A8 (+ W4A8, W8A6): fp, naive-static, dynamic-token, insertquant, insertquant+rotate."""
     if getattr(args, "vision", False):
-        from .vision import run_vision_demo
-
-        return run_vision_demo(args)
+        return _vision_demo(args)
     return _compare(args, DEMO_SETTINGS, "vtquant demo")
+
+
+def _vision_demo(args: argparse.Namespace) -> int:
+    """``vtquant demo --vision``: the DINOv2-S control (no massive activations: detect none, do no harm)."""
+    from .eval.fidelity import dinov2_control
+    from .eval.results import write_results
+    from .models import set_threads
+    from .vision import control_recipe, vision_control_rows
+
+    set_threads(args.threads)
+    start = time.time()
+    log = _log(args)
+    recipe = control_recipe()
+    res = dinov2_control(recipe, quiet=args.quiet, log=log)
+    total = round(time.time() - start, 1)
+    print(f"\nvtquant demo --vision: DINOv2 ViT-S/14 (asset dinov2-s-imgfocus), W8A8 insertquant vs FP on "
+          f"{res['num_photos']} bundled photos at {res['img_size']} px ({res['calibration_photos']} for calibration)")
+    print("| model | sinks detected | max probe ratio | CLS cos mean (min) | patch cos mean (min) | saliency r mean (min) |")
+    print("|---|---|---|---|---|---|")
+    for name, row in res["models"].items():
+        a = row["all"]
+        sal = (f"{row['saliency_pearson_mean']:.4f} ({row['saliency_pearson_min']:.4f})"
+               if "saliency_pearson_mean" in row else "- (install onnxruntime)")
+        print(f"| {name} | {'yes' if row['sinks_detected'] else 'none'} | {max(row['probe_max_ratio']):.1f} | "
+              f"{a['cls_cos_mean']:.4f} ({a['cls_cos_min']:.4f}) | {a['patch_cos_mean']:.4f} ({a['patch_cos_min']:.4f}) "
+              f"| {sal} |")
+    print(f"total {total:.0f} s")
+    if args.results_file:
+        write_results(args.results_file, vision_control_rows(res, recipe),
+                      protocol=f"DINOv2-S control: cosine of W8A8 vs FP features on {res['num_photos']} bundled photos "
+                               f"at {res['img_size']} px", calibration=f"the first {res['calibration_photos']} photos",
+                      photos=res["photos"], total_seconds=total,
+                      notes={name: row.get("notes") for name, row in res["models"].items()})
+        log(f"wrote {args.results_file}")
+    return 0
 
 
 def compare_base_recipe(args: argparse.Namespace):
@@ -271,33 +323,98 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task == "linear-probe":
+        return _eval_linear_probe(args)
     if args.task in ("imagenet", "retrieval"):
-        from .vision import run_vision_eval
-
-        return run_vision_eval(args)
+        return _vision_eval(args)
     if args.task == "lm-eval":
         return _eval_lm_eval(args)
     if args.checkpoint:
         return _eval_checkpoint(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = [(m, args.w_bits, args.a_bits) for m in methods]
-    if args.recipe:
+    base = None
+    if args.recipe:  # the whole recipe, as written (weights, activations, KV cache, rotation, sinks)
         base = _base_recipe(args)
-        settings = [("fp", 8, 8), (base.display_method, base.weights.bits if base.weights else 8,
-                                   base.activations.bits if base.activations else 8)]
-    return _compare(args, settings, "vtquant eval perplexity")
+        settings = [("fp", 8, 8), base]
+    return _compare(args, settings, "vtquant eval perplexity", base=base)
+
+
+def _vision_eval(args: argparse.Namespace) -> int:
+    """``vtquant eval imagenet|retrieval``: the FP model and the recipe's quantized copy, one table."""
+    from .config import ConfigError
+    from .eval.results import format_table, write_results
+    from .models import set_threads
+    from .recipe import load_recipe
+    from .vision import default_vision_recipe, evaluate_imagenet, evaluate_retrieval, load_vision_model
+
+    log = _log(args)
+    if not args.data:
+        raise FileNotFoundError(f"vtquant eval {args.task} needs --data DIR (see docs/vision.md for the layouts)")
+    if ":" not in args.model or args.model.startswith("asset:"):
+        raise ConfigError(f"--model {args.model!r}: vision evaluation needs timm:NAME, open_clip:NAME/PRETRAINED "
+                          "or hf:PATH")
+    threads = set_threads(args.threads)
+    recipe = load_recipe(args.recipe) if args.recipe else default_vision_recipe()
+    start = time.time()
+    data = args.data
+    if args.task == "retrieval":  # a malformed split file fails here, before the model load
+        from .eval.retrieval import load_flickr30k
+
+        data = load_flickr30k(args.data, split=args.split)
+    vmodel = load_vision_model(args.model, pretrained=not args.no_pretrained)
+    log(f"loaded {vmodel.name} ({threads} threads)")
+    if args.task == "imagenet":
+        result = evaluate_imagenet(vmodel, recipe, data, calib_data=args.calib_data, limit=args.limit,
+                                   batch_size=args.batch_size, quiet=args.quiet, log=log)
+    else:
+        result = evaluate_retrieval(vmodel, recipe, data, batch_size=args.batch_size, quiet=args.quiet, log=log)
+    print(f"\nvtquant eval {args.task}: {vmodel.name}; {result.protocol}; calibration: {result.calibration}")
+    print(format_table(result.rows))
+    total = time.time() - start
+    print(f"total {total:.0f} s")
+    if args.results_file:
+        write_results(args.results_file, result.rows, protocol=result.protocol, calibration=result.calibration,
+                      total_seconds=round(total, 1), reports=result.reports)
+        log(f"wrote {args.results_file}")
+    return 0
+
+
+def _eval_linear_probe(args: argparse.Namespace) -> int:
+    """``vtquant eval linear-probe``: Fashion-MNIST linear-probe and k-NN top-1, FP (and --recipe quantized)."""
+    from .eval.linear_probe import CLIP_ASSET_SPEC, run_fashion_mnist_probe
+    from .eval.results import format_table, write_results
+    from .models import DEFAULT_MODEL, set_threads
+
+    log = _log(args)
+    threads = set_threads(args.threads)
+    model = CLIP_ASSET_SPEC if args.model == DEFAULT_MODEL else args.model
+    start = time.time()
+    rows, meta = run_fashion_mnist_probe(
+        model, library=args.library, pretrained=not args.no_pretrained, data_dir=args.data,
+        train_size=args.train_size or None, test_size=args.test_size or None, k=args.knn_k, recipe=args.recipe,
+        batch_size=args.batch_size, device=args.device, quiet=args.quiet, log=log)
+    print(f"\nvtquant eval linear-probe: {meta['model']}; Fashion-MNIST {meta['train_images']} train / "
+          f"{meta['test_images']} test images; {threads} threads, {args.device}")
+    print(format_table(rows))
+    print(f"total {time.time() - start:.0f} s")
+    if args.results_file:
+        write_results(args.results_file, rows, **meta)
+        log(f"wrote {args.results_file}")
+    return 0
 
 
 def _eval_checkpoint(args: argparse.Namespace) -> int:
     from . import api
+    from .data import text_token_ids
     from .eval.perplexity import make_chunks, perplexity, protocol
     from .eval.results import format_table, row_for, write_results
-    from .data import load_text
-    import torch
 
     log = _log(args)
+    _check_texts(args, None, args.eval_text, args.seq_len)
     model, tok, name = _checkpoint_and_tokenizer(args, log)
-    ids = torch.tensor(tok(load_text(args.eval_text, quiet=args.quiet))["input_ids"])
+    ids = text_token_ids(tok, args.eval_text, args.seq_len, role="--eval-text",
+                         need=f"one {args.seq_len}-token chunk (--seq-len)", quiet=args.quiet)
     chunks = make_chunks(ids, args.seq_len, None if args.full else args.eval_chunks, args.bos, tok.bos_token_id)
     t0 = time.time()
     ppl = perplexity(model, chunks, quiet=args.quiet)
@@ -389,14 +506,16 @@ def _eval_lm_eval(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api
-    from .data import load_text, sample_windows
+    from .data import sample_windows, text_token_ids
     import torch
 
     log = _log(args)
     recipe = _base_recipe(args)
+    _check_texts(args, recipe)
     model, tok, name = _load(args, log)
     cal = recipe.calibration
-    ids = torch.tensor(tok(load_text(cal.dataset, quiet=args.quiet))["input_ids"])
+    ids = text_token_ids(tok, cal.dataset, cal.seq_len, role="calibration text",
+                         need=f"one calibration window (calibration.seq_len = {cal.seq_len})", quiet=args.quiet)
     batches = list(torch.split(sample_windows(ids, cal.seq_len, cal.num_samples, cal.seed), cal.batch_size))
     report = api.quantize_(model, recipe, batches, quiet=args.quiet)
     print(report.summary())
@@ -421,66 +540,81 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import analyze_llm, analyze_vision, is_vision_spec
+    from .analyze import (BUNDLED_PHOTOS, analysis_rows, analyze_llm, analyze_vision, is_vision_spec,
+                          load_image_tower, load_images)
+    from .eval.results import write_results
+    from .models import set_threads
+    from .recipe import load_recipe
+    from .report import summary_text
 
     log = _log(args)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    command = "vtquant " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
+    restoration = not args.no_restoration
     if is_vision_spec(args.model):  # timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH or the DINOv2-S control
-        return analyze_vision(args, log)
-    model, tok, name = _load(args, log, attn_implementation="eager")
-    return analyze_llm(model, tok, name, args, log)
+        photos = load_images(args.images)  # a bad image file fails here, before the model load
+        set_threads(args.threads)
+        model, preprocess, name = load_image_tower(args.model, pretrained=not args.no_pretrained, quiet=args.quiet)
+        figures = analyze_vision(model, preprocess, name, photos, source=args.images or BUNDLED_PHOTOS,
+                                 num_images=args.num_images, calib_images=args.calib_images, alpha=args.alpha,
+                                 recipe=recipe, restoration=restoration, out=args.out, command=command,
+                                 quiet=args.quiet, log=log)
+    else:
+        if restoration:
+            from .config import Recipe, method_recipe
+
+            checked = recipe if recipe is not None else method_recipe("insertquant+rotate", Recipe())
+            if args.calib_text:
+                checked.calibration.dataset = args.calib_text
+            _check_texts(args, checked)
+        _check_texts(args, None, args.text, args.seq_len)
+        model, tok, name = _load(args, log, attn_implementation="eager")
+        figures = analyze_llm(model, tok, name, text=args.text, seq_len=args.seq_len, chunks=args.chunks,
+                              alpha=args.alpha, recipe=recipe, calib_text=args.calib_text,
+                              calib_windows=args.calib_windows, restoration=restoration, out=args.out,
+                              command=command, quiet=args.quiet, log=log)
+    print(summary_text(figures))
+    out = Path(args.out)
+    print(f"\nwrote {out / 'report.html'}, {out / 'figures.json'}, {out / 'summary.txt'} and the PNGs beside them")
+    if args.results_file:
+        write_results(args.results_file, analysis_rows(figures), emergence_layer=figures["emergence_layer"],
+                      cancellation_layer=figures["cancellation_layer"])
+        log(f"wrote {args.results_file}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Real low-bit speed: CPU (SmolLM2, one subprocess per method) or GPU (layer shapes)."""
-    from .eval.results import Row, write_results
+    from .eval.results import write_results
 
     log = _log(args)
-    rows: list = []
     if args.device == "cuda":
-        from .kernels.gpu_bench import SHAPES, check_quantizers, format_rows, layer_bench
+        from .bench.gpu import SHAPES, check_quantizers, format_rows, gpu_rows, layer_bench
+        from .config import ConfigError
         import torch
 
         if not torch.cuda.is_available():
             print("vtquant bench --device cuda: no CUDA GPU visible here", file=sys.stderr)
             return 2
+        shapes = [n for n in args.shapes.split(",") if n]
+        unknown = [n for n in shapes if n not in SHAPES]
+        if unknown:
+            raise ConfigError(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
         check_quantizers()
         results = []
-        for name in args.shapes.split(","):
+        for name in shapes:
             results += layer_bench(SHAPES[name], "cuda", args.backends.split(","), args.repeats)
         print(format_rows(results))
-        for r in results:
-            for metric in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_mem_mb"):
-                rows.append(Row(f"layer:{r['shape']}", r["method"], None if r["method"] == "bf16" else 8,
-                                None if r["method"] == "bf16" else 8,
-                                None if r["method"] == "bf16" else ("per-token" if r["method"] == "dynamic-token" else "per-tensor"),
-                                None if r["method"] == "bf16" else r["method"] != "dynamic-token",
-                                metric, r[metric], r["prefill_seconds"],
-                                {"backend": r["backend"], "prefill_tflops": r["prefill_tflops"],
-                                 "rel_error": r.get("rel_error")}))
+        rows = gpu_rows(results)
     else:
-        from .kernels.bench import cpu_bench
+        from .bench.cpu import CpuBenchSettings, cpu_bench, cpu_rows, format_cpu_table
 
-        results = cpu_bench(args, log=log)
-        fp = next((r for r in results if r["method"] == "fp"), None)
-        print(f"\nvtquant bench (CPU, {results[0]['threads']} threads): {results[0]['model']}, prefill {args.prompt_len} "
-              f"tokens (batch 1, last logits), decode {args.decode_tokens} tokens after a 64-token prompt")
-        print("| method | backend | prefill tok/s | x fp32 | decode tok/s | x fp32 | peak MB | perplexity fake / real |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in results:
-            backend = {"fp": "cpu-fp32", "bf16": "cpu-bf16", "dynamic-token": "cpu-int8 (torch.ao dynamic)",
-                       "insertquant": "cpu-int8", "insertquant+rotate": "cpu-int8"}[r["method"]]
-            ratio_p = r["prefill_tokens_per_s"] / fp["prefill_tokens_per_s"] if fp else float("nan")
-            ratio_d = r["decode_tokens_per_s"] / fp["decode_tokens_per_s"] if fp else float("nan")
-            ppl = (f"{r['perplexity_fake']:.3f} / {r['perplexity_real']:.3f}" if "perplexity_real" in r else "-")
-            print(f"| {r['method']} | {backend} | {r['prefill_tokens_per_s']:.0f} | {ratio_p:.2f} | "
-                  f"{r['decode_tokens_per_s']:.1f} | {ratio_d:.2f} | {r['peak_mem_mb']:.0f} | {ppl} |")
-            quant = r["method"] in ("dynamic-token", "insertquant", "insertquant+rotate")
-            for metric in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_mem_mb"):
-                rows.append(Row(r["model"], r["method"], 8 if quant else None, 8 if quant else None,
-                                ("per-token" if r["method"] == "dynamic-token" else "per-tensor") if quant else None,
-                                r["method"].startswith("insertquant") if quant else None, metric, r[metric],
-                                r["prefill_seconds"], {"backend": backend, **{k: r[k] for k in
-                                                                             ("perplexity_fake", "perplexity_real", "recipe") if k in r}}))
+        settings = CpuBenchSettings(model=args.model, model_file=args.model_file, prompt_len=args.prompt_len,
+                                    decode_tokens=args.decode_tokens, repeats=args.repeats,
+                                    ppl_chunks=args.ppl_chunks, threads=args.threads)
+        results = cpu_bench([m.strip() for m in args.methods.split(",") if m.strip()], settings, log=log)
+        print("\n" + format_cpu_table(results, settings))
+        rows = cpu_rows(results)
     if args.results_file:
         write_results(args.results_file, rows)
         log(f"wrote {args.results_file}")
@@ -503,7 +637,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
         print(f"| {r['name']} | {r['package']}=={r['version']} | {r['kind']} | {'yes' if r['cached'] else 'no'} | "
               f"{r['path'] if r['cached'] else '-'} | {r['description']} |")
     if args.results_file:
-        from .recipe import atomic_write_text
+        from .fileio import atomic_write_text
 
         atomic_write_text(Path(args.results_file), json.dumps({"assets": rows}, indent=1, default=str))
     return 0
@@ -579,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate: perplexity (LLMs), imagenet (top-1/5), retrieval (Flickr30k R@k), "
                        "lm-eval (lm-evaluation-harness tasks)")
-    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval", "lm-eval"))
+    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval", "linear-probe", "lm-eval"))
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
     p.add_argument("--recipe", default=None, help="quantize with this recipe and compare with fp")
     p.add_argument("--checkpoint", default=None, help="evaluate a checkpoint saved by `vtquant quantize`")
@@ -601,12 +735,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-batch-size", type=int, default=4,
                    help="lm-eval: requests per forward pass, right-padded (default: %(default)s)")
     p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
+    lp = p.add_argument_group("linear-probe (Fashion-MNIST; --model asset:clip-vit-b16-openai by default, or "
+                              "timm: / open_clip: / hf:; --data: a folder with the idx files, default the asset)")
+    lp.add_argument("--library", choices=("hf", "open_clip", "timm"), default="hf",
+                    help="library that builds asset:clip-vit-b16-openai (default: %(default)s)")
+    lp.add_argument("--train-size", type=int, default=10000, help="probe training images, 0 = all 60k (default: %(default)s)")
+    lp.add_argument("--test-size", type=int, default=2000, help="test images, 0 = all 10k (default: %(default)s)")
+    lp.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
+    lp.add_argument("--device", default="cpu", help="device of the feature extraction (default: %(default)s)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="real low-bit speed: fp32/bf16 vs per-token dynamic int8 vs vtquant static")
-    from .kernels.bench import add_worker_args
-
-    add_worker_args(p)
+    p.add_argument("--model", default="asset:smollm2-135m", help="CPU: the model (default: %(default)s)")
+    p.add_argument("--model-file", default=None, help="CPU: a GGUF model file given by hand")
+    p.add_argument("--prompt-len", type=int, default=512, help="prefill tokens (default: %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default: %(default)s)")
+    p.add_argument("--ppl-chunks", type=int, default=4,
+                   help="CPU: Austen chunks for the fake vs real perplexity check (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
     p.add_argument("--methods", default="fp,bf16,dynamic-token,insertquant,insertquant+rotate",
                    help="CPU methods to compare")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: SmolLM2; cuda: layer shapes")
@@ -624,17 +771,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type, ...]:
+    """What the command reports as one line ``vtquant CMD: error: ...`` (exit status 2) instead of a
+    traceback: problems the user can fix, whose messages name the problem and the fix."""
+    from .adapters import UnsupportedModelError
+    from .errors import VtquantError  # ConfigError, AssetError, CheckpointError, DataError...
+
+    return (VtquantError, UnsupportedModelError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .assets import AssetError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    errors = user_errors()
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, AssetError, CheckpointError, FileNotFoundError) as err:
-        print(f"vtquant {args.command}: error: {err}", file=sys.stderr)
+    except errors as err:
+        message = " ".join(str(err).split())  # one line, whatever the message's own line breaks
+        print(f"vtquant {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

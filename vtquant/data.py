@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from vtquant import assets
+from vtquant.errors import DataError
 
-__all__ = ["TEXT_ASSETS", "chunk_tokens", "load_text", "sample_windows", "shakespeare_files"]
+__all__ = ["TEXT_ASSETS", "check_text", "chunk_tokens", "load_image", "load_text", "sample_windows",
+           "shakespeare_files", "text_token_ids"]
 
 #: Asset names accepted by :func:`load_text`.
 TEXT_ASSETS: tuple[str, ...] = ("austen-lady-susan", "shakespeare")
@@ -24,8 +26,16 @@ TEXT_ASSETS: tuple[str, ...] = ("austen-lady-susan", "shakespeare")
 
 def _read_exact(path: Path) -> str:
     # newline="" disables newline translation: the text is returned exactly as stored.
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise DataError(_not_utf8(path, err)) from None
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError, role: str = "text") -> str:
+    return (f"{role} {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
 
 
 def shakespeare_files(texts_dir: str | os.PathLike) -> list[Path]:
@@ -67,7 +77,8 @@ def load_text(name: str | os.PathLike, *, quiet: bool = False) -> str:
     Raises:
         FileNotFoundError: If ``name`` is neither a known text asset nor an
             existing file.
-        ValueError: If a local path is not a ``.txt`` file.
+        DataError: If a local path is not a ``.txt`` file or not UTF-8 (a
+            ``ValueError`` too).
     """
     key = os.fspath(name)
     if isinstance(key, str) and key in TEXT_ASSETS:
@@ -79,14 +90,82 @@ def load_text(name: str | os.PathLike, *, quiet: bool = False) -> str:
             return "\n\n".join(_read_exact(p) for p in files)
         return _read_exact(path)
 
+    return _read_exact(_text_path(key))
+
+
+def _text_path(key: str, role: str = "text") -> Path:
     path = Path(os.path.expanduser(key))
     if path.is_file():
         if path.suffix.lower() != ".txt":
-            raise ValueError(f"expected a .txt file, got {path}")
-        return _read_exact(path)
+            raise DataError(f"{role} {path}: expected a .txt file (UTF-8 text)")
+        return path
     raise FileNotFoundError(
-        f"{key!r} is neither a text asset ({', '.join(TEXT_ASSETS)}) nor an existing .txt file"
+        f"{role} {key!r} is neither a text asset ({', '.join(TEXT_ASSETS)}) nor an existing .txt file"
     )
+
+
+def check_text(name: str | os.PathLike, min_tokens: int, role: str = "text", need: str = "") -> None:
+    """Check a local text file before anything slow happens (a model load): it must exist, be UTF-8,
+    not be empty and hold at least ``min_tokens`` bytes (a token covers at least one byte).
+
+    Text assets are not checked (they are pinned).  The token count itself is checked after
+    tokenization by :func:`text_token_ids`.
+
+    Args:
+        name: a text asset name or a ``.txt`` path.
+        min_tokens: tokens the caller needs from this text.
+        role: how the messages name the text (e.g. ``--calib-text``).
+        need: what the tokens are for, for the message (e.g. ``one calibration window (calibration.seq_len)``).
+
+    Raises:
+        FileNotFoundError: no such asset or file.
+        DataError: not a ``.txt`` file, not UTF-8, empty, or certainly too short.
+    """
+    key = os.fspath(name)
+    if key in TEXT_ASSETS:
+        return
+    path = _text_path(key, role)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(_not_utf8(path, err, role)) from None
+    if not text.strip():
+        raise DataError(f"{role} {path}: the file is empty; give a UTF-8 text of at least {min_tokens} tokens")
+    if len(data) < min_tokens:
+        raise DataError(f"{role} {path}: {len(data)} bytes of text, fewer than the {min_tokens} tokens of "
+                        f"{need or 'what it is used for'}; give a longer text")
+
+
+def text_token_ids(tokenizer, name: str | os.PathLike, min_tokens: int, role: str = "text", need: str = "",
+                   quiet: bool = False) -> torch.Tensor:
+    """Load and tokenize a text (:func:`load_text`), checking that it has at least ``min_tokens`` tokens.
+
+    Raises:
+        DataError: fewer tokens than ``min_tokens`` (the message names the text and what needs them).
+    """
+    ids = torch.tensor(tokenizer(load_text(name, quiet=quiet))["input_ids"], dtype=torch.long)
+    if ids.numel() < min_tokens:
+        raise DataError(f"{role} {os.fspath(name)}: {ids.numel()} tokens, fewer than the {min_tokens} of "
+                        f"{need or 'what it is used for'}; give a longer text")
+    return ids
+
+
+def load_image(path: str | os.PathLike):
+    """Open an image file as an RGB PIL image, decoded now (a corrupt file fails here, named).
+
+    Raises:
+        DataError: the file is not a readable image (truncated, corrupt, another format).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError / truncated (OSError)
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise DataError(f"image {os.fspath(path)}: not a readable image ({err}); replace or remove the file") from None
 
 
 def _as_1d_long(token_ids: torch.Tensor) -> torch.Tensor:

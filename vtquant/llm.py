@@ -33,14 +33,16 @@ def prepare_text(tokenizer: Any, recipe: Recipe, eval_text: str = "austen-lady-s
                  seq_len: int = 512, max_chunks: Optional[int] = 16, bos: str = "none",
                  quiet: bool = False) -> TextSetup:
     """Tokenize calibration and evaluation texts into batches / chunks."""
-    from .data import load_text, sample_windows
+    from .data import sample_windows, text_token_ids
 
     start = time.time()
     cal = recipe.calibration
-    cal_ids = torch.tensor(tokenizer(load_text(cal.dataset, quiet=quiet))["input_ids"])
+    cal_ids = text_token_ids(tokenizer, cal.dataset, cal.seq_len, role="calibration text",
+                             need=f"one calibration window (calibration.seq_len = {cal.seq_len})", quiet=quiet)
     windows = sample_windows(cal_ids, cal.seq_len, cal.num_samples, seed=cal.seed)
     batches = list(torch.split(windows, cal.batch_size))
-    ev_ids = torch.tensor(tokenizer(load_text(eval_text, quiet=quiet))["input_ids"])
+    ev_ids = text_token_ids(tokenizer, eval_text, seq_len, role="evaluation text",
+                            need=f"one {seq_len}-token evaluation chunk", quiet=quiet)
     chunks = make_chunks(ev_ids, seq_len, max_chunks, bos=bos, bos_id=tokenizer.bos_token_id)
     n_total = len(ev_ids) // seq_len
     return TextSetup(
@@ -91,7 +93,11 @@ def peak_rss_mb() -> Optional[float]:
 def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, settings: list[tuple],
                 model_name: str, quiet: bool = False, log: Callable[[str], None] = print,
                 keep_models: bool = False) -> tuple[list[Row], list[MethodResult]]:
-    """Quantize a copy of ``fp_model`` per ``(method, w_bits, a_bits[, kv_bits])`` and measure perplexity.
+    """Quantize a copy of ``fp_model`` per setting and measure perplexity.
+
+    A setting is ``(method, w_bits, a_bits[, kv_bits])`` (the method's recipe derived from ``base``
+    by :func:`~vtquant.config.method_recipe`) or a whole :class:`~vtquant.config.Recipe`, run as it is
+    (its weights, activations, key / value cache, rotation and sinks).
 
     Each row's extra fields: ``calib_seconds`` (copy + calibrate + quantize), ``eval_seconds`` and
     ``peak_rss_mb``: the peak resident memory of the whole process while that method ran (VmHWM
@@ -107,16 +113,18 @@ def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, setti
     from .peers import llmcompressor as llmc
 
     for setting in settings:
-        method, w_bits, a_bits, kv_bits = (tuple(setting) + (None,))[:4]
-        if method in llmc.METHODS:
-            row, result = _run_llmcompressor(fp_model, setup, method, model_name, quiet, log, keep_models)
-            rows.append(row)
-            results.append(result)
-            continue
-        recipe = None if method == "fp" else method_recipe(method, base, w_bits=w_bits, a_bits=a_bits,
-                                                           kv_bits=kv_bits)
-        label = "fp" if recipe is None else (f"{recipe.display_method} W{w_bits}A{a_bits}"
-                                             + (f"KV{kv_bits}" if kv_bits is not None else ""))
+        if isinstance(setting, Recipe):
+            recipe = None if setting.method == "fp" else setting
+        else:
+            method, w_bits, a_bits, kv_bits = (tuple(setting) + (None,))[:4]
+            if method in llmc.METHODS:
+                row, result = _run_llmcompressor(fp_model, setup, method, model_name, quiet, log, keep_models)
+                rows.append(row)
+                results.append(result)
+                continue
+            recipe = None if method == "fp" else method_recipe(method, base, w_bits=w_bits, a_bits=a_bits,
+                                                               kv_bits=kv_bits)
+        label = "fp" if recipe is None else f"{recipe.display_method} {setting_label(recipe)}"
         can_reset = reset_peak_rss()
         t0 = time.time()
         model = fp_model if recipe is None else copy.deepcopy(fp_model)
@@ -136,11 +144,19 @@ def run_methods(fp_model: torch.nn.Module, setup: TextSetup, base: Recipe, setti
                             peak_rss_mb=None if peak is None else round(peak, 1), **extra))
         results.append(MethodResult(recipe, ppl, calib_s, eval_s, report, model if keep_models else None, peak))
         log(f"{label:<28} perplexity {ppl:9.3f}   (calibrate+quantize {calib_s:5.1f} s, eval {eval_s:5.1f} s)")
-        if report is not None and recipe.method in ("insertquant", "prefix", "smoothquant") and not quiet:
+        if report is not None and (report.stages or report.notes) and not quiet:
             log("    " + report.summary().replace("\n", "\n    "))
         if model is not fp_model and not keep_models:
             del model
     return rows, results
+
+
+def setting_label(recipe: Recipe) -> str:
+    """``W4A8KV8``-style label of a recipe (``fp`` for bits it leaves in full precision)."""
+    w = recipe.weights.bits if recipe.weights else "fp"
+    a = recipe.activations.bits if recipe.activations else "fp"
+    kv = recipe.kv_cache.bits if getattr(recipe, "kv_cache", None) is not None else None
+    return f"W{w}A{a}" + (f"KV{kv}" if kv is not None else "")
 
 
 def _run_llmcompressor(fp_model: torch.nn.Module, setup: TextSetup, method: str, model_name: str, quiet: bool,
@@ -158,9 +174,11 @@ def _run_llmcompressor(fp_model: torch.nn.Module, setup: TextSetup, method: str,
     eval_s = time.time() - t1
     peak = peak_rss_mb() if can_reset else None
     dynamic = method.endswith("dynamic")
-    row = Row(model_name, method, 8, 8, "per-token" if dynamic else "per-tensor", not dynamic, "perplexity", ppl,
-              calib_s + eval_s, {"calib_seconds": round(calib_s, 2), "eval_seconds": round(eval_s, 2),
-                                 "peak_rss_mb": None if peak is None else round(peak, 1),
-                                 "w_algorithm": "gptq" if "gptq" in method else "rtn", "tool": "llmcompressor"})
+    row = Row(model=model_name, method=method, w_bits=8, a_bits=8,
+              act_granularity="per-token" if dynamic else "per-tensor", static=not dynamic, metric="perplexity",
+              value=ppl, seconds=calib_s + eval_s,
+              extra={"calib_seconds": round(calib_s, 2), "eval_seconds": round(eval_s, 2),
+                     "peak_rss_mb": None if peak is None else round(peak, 1),
+                     "w_algorithm": "gptq" if "gptq" in method else "rtn", "tool": "llmcompressor"})
     log(f"{method + ' W8A8':<28} perplexity {ppl:9.3f}   (calibrate+quantize {calib_s:5.1f} s, eval {eval_s:5.1f} s)")
     return row, MethodResult(None, ppl, calib_s, eval_s, None, model if keep_models else None, peak)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
+from .fileio import atomic_write_text
 from .config import (ActArgs, CalibConfig, ConfigError, Recipe, RotationConfig, SinkConfig,
                      WeightArgs)
 
@@ -94,7 +94,10 @@ def load_recipe(path: Union[str, os.PathLike]) -> Recipe:
         else:
             raise FileNotFoundError(f"recipe {str(path)!r} not found; shipped recipes (under {recipes_dir()}): {shipped}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                          "save the recipe as UTF-8 YAML") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return recipe_from_dict(data, source=str(path))
@@ -112,18 +115,3 @@ def save_recipe(recipe: Recipe, path: Union[str, os.PathLike]) -> None:
 def recipes_dir() -> Path:
     """The ``recipes/`` folder shipped beside the package (source checkout)."""
     return Path(__file__).resolve().parent.parent / "recipes"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from .recipe import atomic_write_text
+from .fileio import atomic_write_text
 
 
 def _plt():

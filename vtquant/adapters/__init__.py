@@ -1,6 +1,6 @@
 """Adapters: per-family knowledge (the core never imports a model library)."""
-from .base import (ModelAdapter, UnsupportedModelError, get_adapter, register_adapter,
+from .base import (ModelAdapter, UnsupportedModelError, get_adapter, register_adapter, register_fallback,
                    supported_architectures)
 
-__all__ = ["ModelAdapter", "UnsupportedModelError", "get_adapter", "register_adapter",
+__all__ = ["ModelAdapter", "UnsupportedModelError", "get_adapter", "register_adapter", "register_fallback",
            "supported_architectures"]

@@ -19,6 +19,7 @@ from ..core.hooks import HookManager
 from ..core.sinks import SinkState
 
 _REGISTRY: dict[str, type["ModelAdapter"]] = {}
+_FALLBACKS: list[tuple[Callable[[nn.Module], bool], type["ModelAdapter"], str]] = []
 
 
 def register_adapter(*class_names: str) -> Callable[[type], type]:
@@ -28,6 +29,19 @@ def register_adapter(*class_names: str) -> Callable[[type], type]:
         for name in class_names:
             _REGISTRY[name] = cls
         cls.supported = tuple(sorted(set(getattr(cls, "supported", ())) | set(class_names)))
+        return cls
+
+    return deco
+
+
+def register_fallback(accepts: Callable[[nn.Module], bool], description: str) -> Callable[[type], type]:
+    """Class decorator: the adapter also serves unlisted models for which ``accepts(model)`` is true.
+
+    Tried in registration order when no class name matches; the choice is logged by the adapter.
+    """
+
+    def deco(cls: type) -> type:
+        _FALLBACKS.append((accepts, cls, description))
         return cls
 
     return deco
@@ -48,7 +62,7 @@ class UnsupportedModelError(TypeError):
 
 
 def get_adapter(model: nn.Module) -> "ModelAdapter":
-    """The adapter for ``model``, chosen by its class name.
+    """The adapter for ``model``, chosen by its class name, else by a registered fallback (generic decoders).
 
     Raises:
         UnsupportedModelError: listing the supported classes and how to add an adapter.
@@ -58,8 +72,12 @@ def get_adapter(model: nn.Module) -> "ModelAdapter":
     # a "module.Class" key wins over the bare class name (timm and open_clip both have a VisionTransformer)
     cls = _REGISTRY.get(f"{type(model).__module__}.{name}") or _REGISTRY.get(name)
     if cls is None:
+        cls = next((fallback for accepts, fallback, _ in _FALLBACKS if accepts(model)), None)
+    if cls is None:
+        generic = "; ".join(f"{c.__name__} also takes {d}" for _, c, d in _FALLBACKS)
         raise UnsupportedModelError(
-            f"no vtquant adapter for model class {name!r}. Supported: {sorted(_REGISTRY)}. "
+            f"no vtquant adapter for model class {name!r}. Supported: {sorted(_REGISTRY)}"
+            f"{' (' + generic + ')' if generic else ''}. "
             "To add one, subclass vtquant.adapters.ModelAdapter (see vtquant/adapters/hf_decoder.py), "
             f"decorate it with @register_adapter({name!r}) and import it before calling vtquant."
         )
@@ -94,7 +112,8 @@ class ModelAdapter(abc.ABC):
     token_layout: str = "bsd"
     family: str = "generic"
     output_kind: str = "features"
-    """What the model returns: ``logits`` (a causal LM on token ids) or ``features`` (an encoder)."""
+    """What the model returns: ``logits`` (a causal LM on token ids), ``class-logits`` (a classifier
+    head on images) or ``features`` (an encoder)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -190,3 +209,56 @@ class ModelAdapter(abc.ABC):
     @classmethod
     def from_config_dict(cls, data: dict) -> nn.Module:
         raise NotImplementedError
+
+    # --- what applications read (vtquant.analyze, vtquant.vision); defaults: one tower --------------
+    def input_kind(self) -> str:
+        """What a batch holds: ``tokens`` (ids ``[B, T]``) or ``images`` (``[B, 3, H, W]``)."""
+        return "tokens"
+
+    def prefix_kinds(self) -> list[tuple[str, str, int]]:
+        """``[(kind, type name, position), ...]`` of prefix tokens at fixed positions (CLS, registers)."""
+        return []
+
+    def attention_spec(self) -> Any:
+        """The :class:`~vtquant.adapters.spec.AttentionSpec` of the blocks (q / k / v modules, heads,
+        RoPE), or ``None`` when this adapter cannot describe its attention."""
+        return None
+
+    def analysis_forward(self, batch: Any, attentions: bool = False) -> tuple[Optional[torch.Tensor], Optional[list]]:
+        """One forward of a one-sequence ``batch`` for ``vtquant analyze``.
+
+        Returns:
+            ``(next-token logits [T, V] or None, per-block attention probabilities [H, T, T] or None)``;
+            the default runs :meth:`forward` and returns neither.
+        """
+        self.forward(batch)
+        return None, None
+
+    @classmethod
+    def adapter_class(cls, model: nn.Module) -> type["ModelAdapter"]:
+        """The registered adapter class of ``model`` (without building it: a two-tower model's class
+        refuses to be built but still lists its :meth:`towers`).
+
+        Raises:
+            UnsupportedModelError: as :func:`get_adapter`.
+        """
+        _import_builtin_adapters()
+        found = _REGISTRY.get(f"{type(model).__module__}.{type(model).__name__}") or _REGISTRY.get(type(model).__name__)
+        if found is None:
+            get_adapter(model)  # raises the error that lists the supported classes
+        return found
+
+    @classmethod
+    def towers(cls, model: nn.Module) -> list:
+        """The towers the core quantizes one at a time (:class:`~vtquant.adapters.spec.Tower`); by
+        default the model itself, one tower named by what it reads (``visual`` or ``text``)."""
+        from .spec import Tower
+
+        adapter = cls(model)
+        kind = adapter.input_kind()
+        return [Tower("visual" if kind == "images" else "text", model, adapter, kind)]
+
+    @classmethod
+    def encoders(cls, model: nn.Module) -> Optional[tuple[Callable, Callable]]:
+        """``(encode_image, encode_text)`` of an image-text model (features ``[N, D]``), else ``None``."""
+        return None

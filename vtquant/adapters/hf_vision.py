@@ -139,6 +139,9 @@ class HFVisionAdapter(VisionAdapter):
         model_cls = getattr(transformers, name)
         return model_cls(model_cls.config_class.from_dict(data["config"])).eval()
 
+    def input_kind(self) -> str:
+        return "tokens" if self.spec["kind"] == "text" else "images"
+
 
 @register_adapter("CLIPModel", "SiglipModel")
 class _HFTwoTowers(HFVisionAdapter):
@@ -148,3 +151,19 @@ class _HFTwoTowers(HFVisionAdapter):
             "vtquant.vision.quantize_clip_(model, recipe, images=..., texts=...), or one tower with "
             "vtquant.quantize_(model.vision_model, recipe, calib=pixel_values)")
 
+    @classmethod
+    def towers(cls, model: nn.Module) -> list:
+        from .spec import Tower
+
+        return [Tower("visual", model.vision_model, HFVisionAdapter(model.vision_model), "images"),
+                Tower("text", model.text_model, HFVisionAdapter(model.text_model), "tokens")]
+
+    @classmethod
+    def encoders(cls, model: nn.Module) -> tuple:
+        """``get_image_features`` / ``get_text_features`` (a ``ModelOutput`` gives its pooled output)."""
+
+        def features(out: Any) -> torch.Tensor:
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+        return (lambda x: features(model.get_image_features(pixel_values=x)),
+                lambda ids: features(model.get_text_features(input_ids=ids)))

@@ -130,6 +130,9 @@ class OpenCLIPTextAdapter(_OpenCLIPTower):
         encode = getattr(self.model, "encode_text", None) or self.model
         return encode(ids.to(device))
 
+    def input_kind(self) -> str:
+        return "tokens"
+
 
 @register_adapter("open_clip.model.CLIP", "open_clip.model.CustomTextCLIP")
 class _OpenCLIPTwoTowers(OpenCLIPVisualAdapter):
@@ -140,3 +143,18 @@ class _OpenCLIPTwoTowers(OpenCLIPVisualAdapter):
             f"{type(model).__name__} has two towers with separate sinks: quantize it with "
             "vtquant.vision.quantize_clip_(model, recipe, images=..., texts=...), or one tower with "
             "vtquant.quantize_(model.visual, recipe, calib=images)")
+
+    @classmethod
+    def towers(cls, model: nn.Module) -> list:
+        """The image tower (``model.visual``) and the text tower (``model.text`` of a ``CustomTextCLIP``,
+        else the CLIP's own text modules, whose handle goes on ``model.transformer``)."""
+        from .spec import Tower
+
+        text_root = getattr(model, "text", None) or model
+        handle = text_root if text_root is not model else model.transformer
+        return [Tower("visual", model.visual, OpenCLIPVisualAdapter(model.visual), "images"),
+                Tower("text", handle, OpenCLIPTextAdapter(text_root), "tokens")]
+
+    @classmethod
+    def encoders(cls, model: nn.Module) -> tuple:
+        return model.encode_image, model.encode_text

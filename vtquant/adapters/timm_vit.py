@@ -88,6 +88,11 @@ class TimmViTAdapter(VisionAdapter):
             pos += 1
         return out
 
+    @property
+    def output_kind(self) -> str:  # type: ignore[override]
+        """``class-logits`` with a classifier head (``num_classes > 0``), else ``features``."""
+        return "class-logits" if int(getattr(self.model, "num_classes", 0) or 0) > 0 else "features"
+
     # --- io ---------------------------------------------------------------------------
     def config_dict(self) -> dict:
         """How to rebuild the (unquantized) model: the timm architecture name and/or constructor kwargs.

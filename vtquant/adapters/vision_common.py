@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.modules import replace_module
 from ..core.quant import QuantLinear
 from .base import KnownSinks, ModelAdapter
 
@@ -180,6 +181,17 @@ def structure_fingerprint(model: nn.Module) -> list:
             out.append([name, kind, None if eps is None else float(eps)])
     return out
 
+    # --- what applications read (vtquant.analyze, vtquant.vision) ------------------------------
+    def input_kind(self) -> str:
+        return "images"
+
+    def attention_spec(self) -> Any:
+        """Read from the blocks' module names (fused ``qkv`` or separate q / k / v Linears); text
+        towers (``input_kind() == "tokens"``) attend causally."""
+        from .spec import attention_spec_from_modules
+
+        return attention_spec_from_modules(self, causal=self.input_kind() == "tokens")
+
 
 class ExplicitMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` with explicit ``q_proj``/``k_proj``/``v_proj``/``out_proj`` Linears.
@@ -264,8 +276,6 @@ def make_attention_explicit_(root: nn.Module) -> int:
     count = 0
     for name, mod in list(root.named_modules()):
         if isinstance(mod, nn.MultiheadAttention):
-            parent_name, _, child = name.rpartition(".")
-            parent = root.get_submodule(parent_name) if parent_name else root
-            setattr(parent, child, ExplicitMultiheadAttention(mod))
+            replace_module(root, name, ExplicitMultiheadAttention(mod))
             count += 1
     return count

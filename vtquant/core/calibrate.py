@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn as nn
@@ -168,32 +168,48 @@ class _RestoreHook:
         return self.adapter.replace_block_output(output, module.vtquant_restore(self.adapter.block_output(output)))
 
 
+def _block_placement(block: nn.Module) -> tuple[Optional[torch.device], Optional[torch.dtype]]:
+    """Device and floating dtype of a block's first floating parameter (``None``: no parameter)."""
+    for p in block.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return None, None
+
+
 def install_sink_modules(adapter: "ModelAdapter", wrapped: Wrapped, plan: SinkPlan, state: SinkState,
                          hooks: HookManager) -> None:
-    """Create the detectors, guards and residual restore of ``plan``, all sharing ``state``."""
+    """Create the detectors, guards and residual restore of ``plan``, all sharing ``state``.
+
+    Every module is created where the Linear (block) it serves lives, in its compute dtype, so a
+    model calibrated on a GPU in bf16 gets GPU bf16 templates (a model moved later moves them along).
+    """
     state.num_types = plan.num_types
     state.num_known_types = plan.num_known_types
     probe = adapter.probe_name()
     stage_of_layer = {layer: stage for stage, layer in plan.stages.items()}
+    probe_device = {}
     for (li, name), q in wrapped.items():
         if name == probe and li in stage_of_layer:
             stage = stage_of_layer[li]
-            q.detector = SinkDetector(stage, plan.alphas[stage], plan.references[stage])
+            q.detector = SinkDetector(stage, plan.alphas[stage], plan.references[stage]).to(q.device)
             q.detector.state = state
+            probe_device[stage] = q.device
         mode = plan.guard_modes.get(q.name)
         if mode is not None:
             q.guard = SinkGuard(q.out_features, plan.num_types, mode,
-                                exclude_from_calibration=plan.exclude_from_calibration)
+                                exclude_from_calibration=plan.exclude_from_calibration,
+                                device=q.device, dtype=q.compute_dtype)
             q.guard.state = state
     adapter.install_known_sinks(state, list(plan.known_sinks), hooks)
     if plan.restore_layer is not None:
         block = adapter.blocks()[plan.restore_layer]
-        restore = ResidualRestore(adapter.hidden_size(), plan.num_types)
+        device, dtype = _block_placement(block)
+        restore = ResidualRestore(adapter.hidden_size(), plan.num_types, device=device, dtype=dtype)
         restore.state = state
         block.vtquant_restore = restore
         hooks.forward(block, _RestoreHook(adapter))
     for stage, det in plan.det_templates.items():
-        state.det_templates[stage] = torch.tensor(det)
+        state.det_templates[stage] = torch.tensor(det, device=probe_device.get(stage))
 
 
 class SinkCalibrator:
@@ -367,7 +383,9 @@ class SinkCalibrator:
                 f, t = torch.cat(feats), torch.cat(tys).clamp_min(0)
                 det = torch.stack([f[t == i].mean(0) if bool((t == i).any()) else torch.zeros(f.shape[1])
                                    for i in range(k)])
-                state.det_templates[stage] = det
+                detector = next(q.detector for q in self.wrapped.values()
+                                if q.detector is not None and q.detector.stage == stage)
+                state.det_templates[stage] = det.to(detector.reference.device)
         if restore_layer is not None:
             self._fit_restore(blocks[restore_layer].vtquant_restore, res_records, k, protected, restore_layer)
             report.restore_layer = restore_layer

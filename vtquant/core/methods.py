@@ -132,11 +132,24 @@ class SmoothQuant(QuantMethod):
     name = "smoothquant"
 
     def on_transform(self, ctx: "QuantContext") -> None:
-        from .smooth import smooth_model_
+        from .smooth import check_smoothable, smooth_model_
+        from .verify import check_equivalence, snapshot
 
-        info = smooth_model_(ctx.adapter.rotation_spec(), lambda: ctx.runner.run("smoothquant statistics"),
+        spec = ctx.adapter.rotation_spec()
+        check_smoothable(spec)  # refuse a layout with nowhere to fold before running anything
+        batch = ctx.runner.batches[0]
+        reference = snapshot(ctx.adapter, batch)
+        info = smooth_model_(spec, lambda: ctx.runner.run("smoothquant statistics"),
                              alpha=float(ctx.recipe.smoothquant_alpha))
+        check = check_equivalence(
+            ctx.adapter, reference, batch, "smoothquant smoothing",
+            hint=f"The adapter describes the model as {spec.layout or type(ctx.adapter).__name__}; if that is "
+                 "wrong, the layout is not supported by smoothquant: use another method (insertquant, naive-static, "
+                 "dynamic-token).")
+        info["equivalence"] = check.to_dict()
         ctx.smoothquant = info
+        ctx.report.equivalence["smoothquant"] = check.to_dict()
         ctx.report.notes.append(f"smoothquant: alpha={info['alpha']:g}, {info['groups']} norm->readers groups "
                                 f"smoothed, largest factor {info['max_factor']:g} (largest input |x| "
                                 f"{info['max_act_absmax']:g})")
+        ctx.report.notes.append(check.note())

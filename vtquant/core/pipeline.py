@@ -4,7 +4,8 @@
 (:mod:`vtquant.core.methods`) adds its steps at fixed hooks:
 
 1. optional rotation of the full-precision model (:mod:`vtquant.core.rotation`), then the
-   handler's ``on_transform`` (SmoothQuant's smoothing);
+   handler's ``on_transform`` (SmoothQuant's smoothing); each checks on one calibration batch that
+   the model's function is unchanged (:mod:`vtquant.core.verify`) and refuses it otherwise;
 2. every target Linear becomes a :class:`QuantLinear` (still full precision);
 3. the handler's ``on_sinks``: the sink calibrator (:mod:`vtquant.core.calibrate`) returns a
    :class:`~vtquant.core.plan.SinkPlan` and installs detectors, guards and the residual restore;
@@ -12,14 +13,18 @@
 5. activation (and KV-cache) quantizers; one pass calibrates static scales with sink rows
    excluded; the optional clip search and its structure check follow.
 
-All forward passes go through one :class:`PassRunner`.  The result is a frozen
+All forward passes go through one pass runner: :class:`PassRunner` (whole-model forwards) or
+:class:`~vtquant.core.sequential.SequentialRunner` (``pipeline="sequential"``: block by block, one block
+on the accelerator at a time, the same plan and weights); with GPTQ each layer's weights are quantized
+as soon as its Hessians are complete, so the sequential runner holds one block's Hessians at a time.
+The model is calibrated where it sits, in its dtype; every module added is created beside the Linear
+or block it serves.  The result is a frozen
 :class:`~vtquant.core.plan.QuantPlan` on ``model.vtquant``; :func:`apply_plan_` rebuilds that
 structure on a fresh model (for loading checkpoints).  On any failure the model is given back
 as it was (wrappers and hooks removed, transformed weights restored).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
@@ -40,6 +45,7 @@ from .plan import QuantPlan, SinkPlan
 from .quant import ActQuantizer, QuantLinear
 from .rotation import random_hadamard_factors, rotate_model_
 from .sinks import SinkState
+from .verify import check_equivalence, snapshot, unrotate
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
@@ -71,6 +77,7 @@ class QuantReport:
     type_names: list = field(default_factory=list)
     protected_types: list = field(default_factory=list)
     structure_recall: Optional[float] = None
+    equivalence: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -78,7 +85,7 @@ class QuantReport:
 
     def summary(self) -> str:
         lines = [f"method: {self.method} ({self.seconds:.1f} s)"]
-        if self.method.startswith(("insertquant", "prefix")):
+        if self.stages:  # sinks were handled
             lines.append(f"emergence layer: {self.emergence_layer}, cancellation layer: {self.cancellation_layer}, "
                          f"stages: {self.stages}, alphas: { {k: round(v, 2) for k, v in self.alphas.items()} }")
             lines.append(f"template types: {self.num_types}, known sinks: {self.known_sinks} "
@@ -143,14 +150,24 @@ class PassRunner:
         self.quiet = quiet
         self.passes = 0
 
-    def run(self, desc: str, after: Optional[Callable[[], None]] = None) -> None:
-        """One pass over every batch without gradients; ``after()`` runs after each batch."""
+    sequential = False
+
+    def run(self, desc: str, after: Optional[Callable[[], None]] = None,
+            after_block: Optional[Callable[[int], None]] = None) -> None:
+        """One pass over every batch without gradients; ``after()`` runs after each batch.
+
+        ``after_block(layer)`` runs for every block, in order, once the pass is over (the sequential
+        runner calls it as soon as that block has seen every batch).
+        """
         self.passes += 1
         with torch.no_grad():
             for batch in tqdm(self.batches, desc=desc, disable=self.quiet, leave=False):
                 self.adapter.forward(batch)
                 if after is not None:
                     after()
+            if after_block is not None:
+                for layer in range(len(self.adapter.blocks())):
+                    after_block(layer)
 
 
 @dataclass
@@ -285,11 +302,34 @@ def _check_batches(batches: Iterable) -> list:
 
 
 # ------------------------------------------------------------------------------------------
+PIPELINES = ("basic", "sequential")
+"""How calibration passes run: ``basic`` (whole-model forwards) or ``sequential`` (block by block)."""
+
+
+def make_runner(adapter: "ModelAdapter", batches: list, quiet: bool = False, pipeline: str = "basic",
+                device: Any = None, cache_device: Any = None) -> Any:
+    """The pass runner of ``pipeline`` (see :data:`PIPELINES`)."""
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"pipeline {pipeline!r}: choose one of {list(PIPELINES)}")
+    if pipeline == "basic":
+        if device is not None or cache_device is not None:
+            raise ConfigError("device / cache_device apply to pipeline='sequential' (block-by-block offload); "
+                              "with pipeline='basic' move the model with model.to(device) first")
+        return PassRunner(adapter, batches, quiet)
+    from .sequential import SequentialRunner
+
+    return SequentialRunner(adapter, batches, quiet, device=device, cache_device=cache_device)
+
+
 def quantize_model_(model: nn.Module, adapter: "ModelAdapter", recipe: Recipe, batches: Iterable,
-                    quiet: bool = False) -> QuantReport:
+                    quiet: bool = False, pipeline: str = "basic", device: Any = None,
+                    cache_device: Any = None) -> QuantReport:
     """Quantize ``model`` in place following ``recipe``, calibrating on ``batches``.
 
-    On any error the model is left as it was (see :class:`_Undo`) and the error is raised.
+    The model is calibrated where it sits (CPU or GPU) in its dtype (float32, bfloat16, float16);
+    every module the pipeline adds is created beside the Linear or block it serves, in its dtype
+    (statistics, scales and Hessians are kept in float32 / float64).  On any error the model is left
+    as it was (see :class:`_Undo`) and the error is raised.
 
     Args:
         model: the full-precision model (modified in place).
@@ -297,6 +337,12 @@ def quantize_model_(model: nn.Module, adapter: "ModelAdapter", recipe: Recipe, b
         recipe: the validated recipe.
         batches: calibration inputs, each accepted by ``adapter.forward``.
         quiet: no progress bars.
+        pipeline: ``basic`` (whole-model passes) or ``sequential`` (block by block, see
+            :mod:`vtquant.core.sequential`: the same plan and weights, one block's weights and Hessians
+            on the accelerator at a time).
+        device: sequential only: the device each block runs on (e.g. ``cuda`` for a model kept on the
+            CPU); default: where the model is.
+        cache_device: sequential only: where cached block inputs wait (default: ``device``).
     """
     start = time.time()
     handler = get_method(recipe.method)
@@ -308,7 +354,8 @@ def quantize_model_(model: nn.Module, adapter: "ModelAdapter", recipe: Recipe, b
         model.vtquant.report = report
         return report
     batches = _check_batches(batches)
-    ctx = QuantContext(model, adapter, recipe, PassRunner(adapter, batches, quiet), hooks, report)
+    runner = make_runner(adapter, batches, quiet, pipeline, device, cache_device)
+    ctx = QuantContext(model, adapter, recipe, runner, hooks, report)
     transforms = recipe.rotation.enabled or type(handler).on_transform is not QuantMethod.on_transform
     undo = _Undo(model, hooks, transforms=transforms)
     try:
@@ -335,8 +382,21 @@ def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, 
     rotation = None
     if recipe.rotation.enabled:
         rot = recipe.rotation
-        online = rotate_model_(adapter.rotation_spec(), seed=rot.seed, residual=rot.residual,
-                               online=rot.online, heads=rot.heads)["online"]
+        spec = adapter.rotation_spec()
+        reference = snapshot(adapter, runner.batches[0])
+        result = rotate_model_(spec, seed=rot.seed, residual=rot.residual, online=rot.online, heads=rot.heads)
+        online = result["online"]
+        report.notes.extend(result["notes"])
+        check = check_equivalence(
+            adapter, reference, runner.batches[0], "rotation",
+            basis=None if result["residual"] is None else unrotate(result["residual"]), input_rotations=online,
+            hint=f"The adapter describes the model as {spec.layout or type(adapter).__name__}; if that is wrong, the "
+                 "layout is not supported: set rotation.enabled: false (or rotation.residual: false, which keeps the "
+                 "online and per-head rotations that need no layout knowledge). In float16 / bfloat16 the rotation's own "
+                 "rounding can be the cause (a massive activation spread over every channel): quantizing in float32 "
+                 "tells the two apart.")
+        report.equivalence["rotation"] = {**check.to_dict(), "residual_folded": result["residual"] is not None}
+        report.notes.append(check.note())
         rotation = rot
     handler.on_transform(ctx)
 
@@ -358,26 +418,29 @@ def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, 
         return search.detected_sinks(lambda: state.positions(), lambda after: runner.run(desc, after=after))
 
     # 4. weights: RTN, or GPTQ / clip search from the Hessians of the inputs the Linears really see
+    # each layer's weights are quantized as soon as its Hessians are complete (after the whole pass,
+    # or, sequentially, after its block), from inputs computed with full-precision weights
     weight_info = None
-    if wargs is not None:
-        hessians = None
-        if wargs.algorithm == "gptq" or wargs.clip_search:
-            positions: list = []
+    weights = search.WeightQuantizer(wrapped, wargs, leaders, quiet=runner.quiet) if wargs is not None else None
+    if wargs is not None and (wargs.algorithm == "gptq" or wargs.clip_search):
+        positions: list = []
 
-            def run_hessian_pass() -> None:
-                if state is not None and clip_search and s_fp is None:
-                    positions.append(record_positions("Hessians (GPTQ)"))
-                else:
-                    runner.run("Hessians (GPTQ)")
+        def run_hessian_pass(after_block: Callable[[int], None]) -> None:
+            if state is not None and clip_search and s_fp is None:
+                positions.append(search.detected_sinks(
+                    lambda: state.positions(),
+                    lambda after: runner.run("Hessians (GPTQ)", after=after, after_block=after_block)))
+            else:
+                runner.run("Hessians (GPTQ)", after_block=after_block)
 
-            hessians = search.collect_hessians(wrapped, leaders, run_hessian_pass)
-            if positions:
-                s_fp = positions[0]
+        search.collect_hessians(wrapped, leaders, run_hessian_pass, on_layer=weights.quantize_layer)
+        if positions:
+            s_fp = positions[0]
     if state is not None and clip_search and s_fp is None:  # prefix with RTN weights: one more pass
         s_fp = record_positions("sink set (full precision)")
     if wargs is not None:
-        weight_info = search.quantize_weights(wrapped, wargs, hessians, leaders, quiet=runner.quiet)
-        del hessians
+        weights.quantize_rest()
+        weight_info = weights.info()
         if wargs.algorithm == "gptq":
             report.notes.append(f"weights: GPTQ W{wargs.bits} {wargs.granularity} (damp {wargs.gptq_damp:g}, "
                                 f"act_order {wargs.act_order}), Hessians from one calibration pass over the rows that "
@@ -391,7 +454,7 @@ def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, 
     # 5. activations (and the key / value cache)
     if acts is not None:
         for qlin in wrapped.values():
-            qlin.act = ActQuantizer(acts).to(qlin.dequantized_weight().device)
+            qlin.act = ActQuantizer(acts).to(qlin.device)
     if kv is not None:
         _install_kv_quantizers(adapter, wrapped, kv)
     clip_info = None
@@ -435,7 +498,7 @@ def _install_kv_quantizers(adapter: "ModelAdapter", wrapped: dict, kv: ActArgs) 
                           "or set kv_cache: null")
     for key in found:
         q = wrapped[key]
-        q.out_act = ActQuantizer(kv).to(q.dequantized_weight().device)
+        q.out_act = ActQuantizer(kv).to(q.device)
 
 
 def _clip_search(wrapped: dict, leaders: dict, samples: dict, state: Optional[SinkState], s_fp: Optional[set],
@@ -538,7 +601,7 @@ def apply_plan_(model: nn.Module, adapter: "ModelAdapter", plan: Union[QuantPlan
             signs, factors = random_hadamard_factors(q.in_features, plan.rotation.seed + 1)
             q.set_input_rotation(signs, factors)
         if plan.activations is not None:
-            q.act = ActQuantizer(plan.activations)
+            q.act = ActQuantizer(plan.activations).to(q.device)
             q.act.mode = "quant"
     if plan.kv_cache is not None:
         _install_kv_quantizers(adapter, wrapped, plan.kv_cache)

@@ -168,6 +168,8 @@ class QuantLinear(nn.Module):
         self.w_bits = weights.bits if weights else None
         self.w_granularity = weights.granularity if weights else None
         dev = linear.weight.device
+        # the dtype the Linear computes in (the model's dtype); follows .to() / .half() (see _apply)
+        self.compute_dtype = linear.weight.dtype
         if weights is not None:
             if skeleton:
                 groups = 1 if weights.granularity == "per-channel" else self.in_features // weights.group_size
@@ -194,7 +196,8 @@ class QuantLinear(nn.Module):
         self.input_observer = None
         self.detector = None
         self.guard = None
-        self._w_cache: Optional[torch.Tensor] = None
+        self._w_cache: Optional[torch.Tensor] = None  # float32 dequantized weight
+        self._w_cast: Optional[torch.Tensor] = None  # the same in a lower compute dtype (bf16 / fp16 models)
 
     def extra_repr(self) -> str:
         text = f"in_features={self.in_features}, out_features={self.out_features}"
@@ -218,6 +221,13 @@ class QuantLinear(nn.Module):
     def has_input_rotation(self) -> bool:
         return self.rot_signs is not None
 
+    @property
+    def device(self) -> torch.device:
+        """Where this Linear's weights live (modules the pipeline creates for it go there too)."""
+        if self.weight is not None:
+            return self.weight.device
+        return self.qweight.device
+
     def quantize_weights_(self, args: WeightArgs, clip: Optional[torch.Tensor] = None) -> None:
         """Replace the full-precision weight by RTN int8 codes + scales (in place)."""
         codes, scale = quantize_weight(self.weight, args, clip=clip)
@@ -233,23 +243,49 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_scale", scale)
         self.w_bits, self.w_granularity = args.bits, args.granularity
         self._w_cache = None
+        self._w_cast = None
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dequantized_weight(self, cache: bool = True) -> torch.Tensor:
+        """The weight in full precision: the float weight, or codes x scales in float32.
+
+        Args:
+            cache: keep the float32 dequantized weight for the next call (the fake-quant forward of
+                float32 models); one-off readers pass ``False`` so a large model does not hold a float32
+                copy of every weight.
+        """
         if self.weight is not None:
             return self.weight
-        if self._w_cache is None or self._w_cache.device != self.qweight.device:
-            self._w_cache = dequantize_weight(self.qweight, self.w_scale)
-        return self._w_cache
+        if self._w_cache is not None and self._w_cache.device == self.qweight.device:
+            return self._w_cache
+        w = dequantize_weight(self.qweight, self.w_scale)
+        if cache:
+            self._w_cache = w
+        return w
 
-    def _apply(self, fn, recurse=True):  # keep the cache coherent with .to()/.half()
+    def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the forward multiplies by, in ``dtype`` (cached once per dtype and device)."""
+        if self.weight is not None or dtype == torch.float32:
+            return self.dequantized_weight().to(dtype)
+        w = self._w_cast
+        if w is None or w.dtype != dtype or w.device != self.qweight.device:
+            w = self._w_cast = dequantize_weight(self.qweight, self.w_scale).to(dtype)  # = float32 then cast
+        return w
+
+    def _apply(self, fn, recurse=True):  # keep the caches coherent with .to()/.half()
         self._w_cache = None
+        self._w_cast = None
         result = super()._apply(fn, recurse)
         if self.rot_signs is not None:
             self.rot_factors = [f.to(self.rot_signs.device) for f in self.rot_factors]
+        if self.weight is not None:
+            self.compute_dtype = self.weight.dtype
+        else:  # what the conversion does to a floating tensor of the old compute dtype
+            self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=self.qweight.device)).dtype
         return result
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._w_cache = None
+        self._w_cast = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +296,7 @@ class QuantLinear(nn.Module):
         mask = state.mask_for(x) if (state is not None and guard.mode != "off") else None
         if self.rot_signs is not None:
             x = kron_apply(x, self.rot_signs, self.rot_factors)
-        weight = self.dequantized_weight().to(x.dtype)
+        weight = self._weight_for(x.dtype)
         rows = None
         if mask is not None:
             rows = state.rows(x)

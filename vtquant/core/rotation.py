@@ -8,6 +8,14 @@ folded away).  Inputs that cannot be folded (the MLP second-linear input, after
 the non-linearity) are rotated online by a :class:`QuantLinear`.  Attention value
 / output projections get a per-head rotation folded into both.
 
+Where the fold is impossible the layout says so and this module works it out:
+a *post-norm* (a norm on a sublayer's output before the residual add: Gemma-2/3's
+sandwich norms, OLMo-2) normalizes and then scales each channel; ``diag(g) Q`` is
+not ``Q diag(g')`` for any ``g'``, so ``Q`` cannot pass through it into the residual
+stream.  The residual rotation is then replaced by an online rotation of every
+Linear that reads the residual stream (the same quantized inputs get rotated, at
+the cost of one Hadamard transform per Linear at inference); the report says so.
+
 The adapter describes the model with a :class:`RotationSpec`; this module does
 only the linear algebra.  Hadamard matrices of non-power-of-two orders are built
 as Kronecker products of Sylvester and Paley constructions; an order with no known
@@ -161,13 +169,21 @@ class LayerRotation:
         norm_readers: pairs ``(norm module, [Linears reading its output])``.
         writers: Linears that add into the residual stream.
         online: Linears whose input is rotated online (MLP second linear).
-        value_output: ``(v_proj, o_proj, head_dim)`` for the per-head rotation, or ``None``.
+        value_output: ``(v_proj, o_proj, head_dim)`` for the per-head rotation, or ``None``;
+            a fused projection gives the value rows as a fourth item ``(start, stop)``
+            (Phi-3's ``qkv_proj``: the last ``kv_heads * head_dim`` rows).
+        raw_readers: Linears that read the residual stream with no norm in front of them
+            (OLMo-2's attention and MLP inputs).
+        post_norms: norms applied to a sublayer's output before the residual add
+            (Gemma-2/3's ``post_attention_layernorm`` / ``post_feedforward_layernorm``, OLMo-2's).
     """
 
     norm_readers: list = field(default_factory=list)
     writers: list = field(default_factory=list)
     online: list = field(default_factory=list)
     value_output: Optional[tuple] = None
+    raw_readers: list = field(default_factory=list)
+    post_norms: list = field(default_factory=list)
 
 
 @dataclass
@@ -182,6 +198,8 @@ class RotationSpec:
         norm_scale: returns the effective multiplicative scale vector of a norm module.
         set_norm_identity: makes a norm's scale the identity.
         untie: called first, to untie shared embedding / head weights.
+        layout: one line describing the model's layout (for messages).
+        names: ``{module: qualified name}`` (for messages).
     """
 
     hidden: int
@@ -191,20 +209,52 @@ class RotationSpec:
     norm_scale: Callable[[nn.Module], torch.Tensor]
     set_norm_identity: Callable[[nn.Module], None]
     untie: Callable[[], None] = lambda: None
+    layout: str = ""
+    names: dict = field(default_factory=dict)
+
+    def name(self, module: nn.Module) -> str:
+        return self.names.get(module, type(module).__name__)
+
+    def short_names(self, modules: list, limit: int = 4) -> str:
+        """``"layers.0.post_attention_layernorm, ... (n in all)"`` for messages."""
+        names = [self.name(m) for m in modules]
+        text = ", ".join(names[:limit])
+        return text + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def residual_fold_blocker(spec: RotationSpec) -> Optional[str]:
+    """Why the residual rotation cannot be folded into ``spec``'s model, or ``None`` when it can."""
+    post = [n for layer in spec.layers for n in layer.post_norms]
+    if post:
+        return (f"the sublayer outputs pass through post-norms ({spec.short_names(post)}) that normalize and then "
+                "scale each channel before the residual add; a rotation cannot be moved through a per-channel "
+                "scale, so the residual stream cannot be rotated by folding")
+    return None
 
 
 @torch.no_grad()
 def _fold_reader(linear: nn.Linear, scale: torch.Tensor, q: torch.Tensor) -> None:
     w = linear.weight.data.double()
+    scale, q = scale.to(w.device), q.to(w.device)  # the weight's device (a model on the GPU folds there)
     linear.weight.data = ((w * scale.double().unsqueeze(0)) @ q.double()).to(linear.weight.dtype)
 
 
 @torch.no_grad()
 def _fold_writer(linear: nn.Linear, q: torch.Tensor) -> None:
     w = linear.weight.data.double()
+    q = q.to(w.device)
     linear.weight.data = (q.double().T @ w).to(linear.weight.dtype)
     if linear.bias is not None:
         linear.bias.data = (linear.bias.data.double() @ q.double()).to(linear.bias.dtype)
+
+
+def _rotate_input_online(lin: nn.Linear, seed: int) -> tuple[torch.Tensor, list]:
+    """Absorb the online input rotation of seed ``seed + 1`` into ``lin``'s weight; returns its factors."""
+    signs, factors = random_hadamard_factors(lin.in_features, seed + 1)
+    dev = lin.weight.device
+    lin.weight.data = kron_apply(lin.weight.data.double(), signs.double().to(dev),
+                                 [f.double().to(dev) for f in factors]).to(lin.weight.dtype)
+    return signs, factors
 
 
 @torch.no_grad()
@@ -212,22 +262,30 @@ def rotate_model_(spec: RotationSpec, *, seed: int = 0, residual: bool = True, o
                   heads: bool = True) -> dict:
     """Apply the rotation in place (full-precision weights; the model's function is unchanged).
 
+    When the residual rotation cannot be folded (:func:`residual_fold_blocker`), the Linears that
+    read the residual stream are rotated online instead and ``notes`` says so.
+
     Returns:
-        ``{"online": {module: (signs, factors)}}``: the online input rotations to install in the
-        quantized Linears (their weights already absorbed them).
+        ``{"online": {module: (signs, factors)}, "residual": Q or None, "notes": [str]}``: the online
+        input rotations to install in the quantized Linears (their weights already absorbed them),
+        the folded residual rotation (rotated h = h @ Q; ``None`` when the residual stream is not
+        rotated) and what the report should say.
     """
     spec.untie()
-    result: dict = {"online": {}}
-    if residual:
+    result: dict = {"online": {}, "residual": None, "notes": []}
+    blocker = residual_fold_blocker(spec) if residual else None
+    if residual and blocker is None:
         q = random_hadamard(spec.hidden, seed)
         for emb in spec.embeddings:
-            emb.weight.data = (emb.weight.data.double() @ q.double()).to(emb.weight.dtype)
+            emb.weight.data = (emb.weight.data.double() @ q.double().to(emb.weight.device)).to(emb.weight.dtype)
         for layer in spec.layers:
             for norm, readers in layer.norm_readers:
                 scale = spec.norm_scale(norm).detach()
                 for lin in readers:
                     _fold_reader(lin, scale, q)
                 spec.set_norm_identity(norm)
+            for lin in layer.raw_readers:
+                _fold_reader(lin, torch.ones(spec.hidden), q)
             for lin in layer.writers:
                 _fold_writer(lin, q)
         if spec.final_norm_readers is not None:
@@ -236,24 +294,33 @@ def rotate_model_(spec: RotationSpec, *, seed: int = 0, residual: bool = True, o
             for lin in readers:
                 _fold_reader(lin, scale, q)
             spec.set_norm_identity(norm)
+        result["residual"] = q
+    elif residual:
+        readers = [lin for layer in spec.layers for _, group in layer.norm_readers for lin in group]
+        readers += [lin for layer in spec.layers for lin in layer.raw_readers]
+        for lin in readers:
+            result["online"][lin] = _rotate_input_online(lin, seed)
+        result["notes"].append(
+            f"rotation: residual rotation not folded ({spec.layout}): {blocker}; instead the inputs of the "
+            f"{len(readers)} Linears that read the residual stream ({spec.short_names(readers, 3)}) are rotated "
+            "online (one Hadamard transform each at inference)")
     if online:
-        for i, layer in enumerate(spec.layers):
+        for layer in spec.layers:
             for lin in layer.online:
-                signs, factors = random_hadamard_factors(lin.in_features, seed + 1)
-                lin.weight.data = kron_apply(lin.weight.data.double(), signs.double(),
-                                             [f.double() for f in factors]).to(lin.weight.dtype)
-                result["online"][lin] = (signs, factors)
+                result["online"][lin] = _rotate_input_online(lin, seed)
     if heads:
         for layer in spec.layers:
             if layer.value_output is None:
                 continue
-            v_proj, o_proj, head_dim = layer.value_output
-            hh = random_hadamard(head_dim, seed + 2).double()
-            wv = v_proj.weight.data.double().view(-1, head_dim, v_proj.in_features)
-            v_proj.weight.data = torch.einsum("dk,hdi->hki", hh, wv).reshape(v_proj.weight.shape).to(v_proj.weight.dtype)
+            v_proj, o_proj, head_dim = layer.value_output[:3]
+            start, stop = layer.value_output[3] if len(layer.value_output) > 3 else (0, v_proj.out_features)
+            hh = random_hadamard(head_dim, seed + 2).double().to(v_proj.weight.device)
+            wv = v_proj.weight.data[start:stop].double().view(-1, head_dim, v_proj.in_features)
+            v_proj.weight.data[start:stop] = torch.einsum("dk,hdi->hki", hh, wv).reshape(
+                stop - start, v_proj.in_features).to(v_proj.weight.dtype)
             if v_proj.bias is not None:
-                bv = v_proj.bias.data.double().view(-1, head_dim)
-                v_proj.bias.data = (bv @ hh).reshape(-1).to(v_proj.bias.dtype)
+                bv = v_proj.bias.data[start:stop].double().view(-1, head_dim)
+                v_proj.bias.data[start:stop] = (bv @ hh).reshape(-1).to(v_proj.bias.dtype)
             wo = o_proj.weight.data.double().view(o_proj.out_features, -1, head_dim)
             o_proj.weight.data = (wo @ hh).reshape(o_proj.weight.shape).to(o_proj.weight.dtype)
     return result

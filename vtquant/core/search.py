@@ -22,18 +22,20 @@ Hessian, one row sample and one activation clip ratio.
 
 GPTQ here is the "parallel" variant: all Hessians come from one pass over the model with
 full-precision weights (not layer after layer through already-quantized layers as in the
-GPTQ paper's sequential loop); it costs one forward pass instead of one per block.
+GPTQ paper's sequential loop); it costs one forward pass instead of one per block.  Each layer's
+weights are quantized (:class:`WeightQuantizer`) as soon as that layer's Hessians are complete
+(``collect_hessians(..., on_layer=...)``): at the end of a whole-model pass, or right after the block
+in a sequential pass, which then holds one block's Hessians at a time.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import ActArgs, WeightArgs
-from .quant import ActQuantizer, QuantLinear
+from ..config import WeightArgs
+from .quant import ActQuantizer
 
 CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(15))  # 1.0 ... 0.3
 
@@ -50,11 +52,31 @@ def input_group_leaders(adapter: Any, wrapped: dict) -> dict:
     return leaders
 
 
-def collect_hessians(wrapped: dict, leaders: dict, run: Callable[[], None]) -> dict:
-    """Run ``run()`` once with observers on the group leaders; returns ``{leader key: H [in, in]}``."""
+def collect_hessians(wrapped: dict, leaders: dict, run: Callable[..., None],
+                     on_layer: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Run one pass with observers on the group leaders; returns ``{leader key: H [in, in]}``.
+
+    Args:
+        wrapped: ``{(layer, name): QuantLinear}``.
+        leaders: from :func:`input_group_leaders`.
+        run: runs the pass: ``run()``, or with ``on_layer`` ``run(after_block)`` where the runner calls
+            ``after_block(layer)`` once that layer has seen every batch.
+        on_layer: ``on_layer(layer, {leader key: H})`` receives each layer's Hessians as soon as they are
+            complete; they are dropped afterwards, so a sequential runner holds one block's Hessians at
+            a time.  The return value is then ``{}``.
+    """
     from .gptq import HessianAccumulator
 
     accs = {key: HessianAccumulator() for key in set(leaders.values())}
+
+    def after_block(layer: int) -> None:
+        keys = sorted(key for key in accs if key[0] == layer)
+        for key in keys:
+            wrapped[key].input_observer = None
+        hessians = {key: accs[key].hessian() for key in keys if accs[key].num_rows > 0}
+        for key in keys:
+            del accs[key]
+        on_layer(layer, hessians)
 
     def observer(acc: Any) -> Callable:
         def fn(rows: torch.Tensor, keep: Optional[torch.Tensor], weighted_sinks: Optional[torch.Tensor]) -> None:
@@ -63,14 +85,92 @@ def collect_hessians(wrapped: dict, leaders: dict, run: Callable[[], None]) -> d
                 acc.add(weighted_sinks)  # full-precision sink rows that still meet the quantized weight
         return fn
 
+    observed = list(accs)
     try:
-        for key, acc in accs.items():
-            wrapped[key].input_observer = observer(acc)
-        run()
+        for key in observed:  # (no loop variable left holding an accumulator: each is freed after its layer)
+            wrapped[key].input_observer = observer(accs[key])
+        if on_layer is None:
+            run()
+        else:
+            run(after_block)
     finally:
-        for key in accs:
+        for key in observed:
             wrapped[key].input_observer = None
     return {key: acc.hessian() for key, acc in accs.items() if acc.num_rows > 0}
+
+
+class WeightQuantizer:
+    """Quantizes the wrapped Linears' weights group by group (RTN or GPTQ, optional clip search).
+
+    Linears that read the same input share one group (and one Hessian).  Groups can be quantized as
+    their layer's Hessians become available (:meth:`quantize_layer`, sequential pipelines) or all at
+    once (:meth:`quantize_rest`); either way each group is quantized once, and the summary statistics
+    are accumulated in the same (layer) order.
+    """
+
+    def __init__(self, wrapped: dict, args: WeightArgs, leaders: dict, quiet: bool = False) -> None:
+        self.wrapped = wrapped
+        self.args = args
+        self.groups: dict = {}
+        for key, leader in leaders.items():
+            self.groups.setdefault(leader, []).append(key)
+        self.done: set = set()
+        self.clips_sum, self.clips_n, self.clipped = 0.0, 0, 0
+        self.rtn_fallback: list = []
+        self.progress = tqdm(total=len(self.groups), desc=f"quantize weights ({args.algorithm})", disable=quiet,
+                             leave=False)
+
+    def quantize_layer(self, layer: int, hessians: Optional[dict]) -> None:
+        """Quantize every group led by a Linear of ``layer`` (``hessians``: ``{leader key: H}``)."""
+        for leader in self.groups:
+            if leader[0] == layer and leader not in self.done:
+                self._quantize_group(leader, hessians.get(leader) if hessians else None)
+
+    def quantize_rest(self, hessians: Optional[dict] = None) -> None:
+        """Quantize every group not quantized yet."""
+        for leader in self.groups:
+            if leader not in self.done:
+                self._quantize_group(leader, hessians.get(leader) if hessians else None)
+
+    def _quantize_group(self, leader: tuple, hess: Optional[torch.Tensor]) -> None:
+        from .gptq import gptq_quantize, search_weight_clip
+        from .quant import quantize_weight
+
+        args = self.args
+        # Linears reading the same input share H: GPTQ treats rows independently given H, so the
+        # group's weights are stacked and swept once
+        qs = [self.wrapped[k] for k in self.groups[leader]]
+        weight = torch.cat([q.weight.detach().float() for q in qs])
+        if hess is not None:
+            hess = hess.to(weight.device)
+        clip = search_weight_clip(weight, hess, args, diagonal=True) if args.clip_search else None
+        if clip is not None:
+            self.clips_sum += float(clip.sum())
+            self.clips_n += clip.numel()
+            self.clipped += int((clip < 1.0).sum())
+        if args.algorithm == "gptq" and hess is None:  # no calibration row met these weights: RTN
+            self.rtn_fallback += [q.name for q in qs]
+        if args.algorithm == "gptq" and hess is not None:
+            codes, scale = gptq_quantize(weight, hess, args, clip=clip, blocksize=args.gptq_block_size,
+                                         percdamp=args.gptq_damp, act_order=args.act_order)
+        else:
+            codes, scale = quantize_weight(weight, args, clip=clip)
+        start = 0
+        for q in qs:
+            stop = start + q.out_features
+            q.set_quantized_weight_(codes[start:stop].clone(), scale[start:stop].clone(), args)  # own storage
+            start = stop
+        self.done.add(leader)
+        self.progress.update(1)
+
+    def info(self) -> dict:
+        """``{"mean_clip", "clipped_share"}`` of the clip search and ``rtn_fallback`` where they apply."""
+        self.progress.close()
+        info: dict = {"rtn_fallback": self.rtn_fallback} if self.rtn_fallback else {}
+        if self.clips_n:
+            info.update(mean_clip=round(self.clips_sum / self.clips_n, 4),
+                        clipped_share=round(self.clipped / self.clips_n, 4))
+        return info
 
 
 def quantize_weights(wrapped: dict, args: WeightArgs, hessians: Optional[dict], leaders: dict,
@@ -82,45 +182,9 @@ def quantize_weights(wrapped: dict, args: WeightArgs, hessians: Optional[dict], 
     Returns:
         ``{"mean_clip", "clipped_share"}`` of the clip search and ``rtn_fallback`` where they apply.
     """
-    from .gptq import gptq_quantize, search_weight_clip
-
-    clips_sum, clips_n, clipped = 0.0, 0, 0
-    rtn_fallback: list = []
-    groups: dict = {}
-    for key, leader in leaders.items():
-        groups.setdefault(leader, []).append(key)
-    for leader, keys in tqdm(list(groups.items()), desc=f"quantize weights ({args.algorithm})", disable=quiet,
-                             leave=False):
-        # Linears reading the same input share H: GPTQ treats rows independently given H, so the
-        # group's weights are stacked and swept once
-        qs = [wrapped[k] for k in keys]
-        weight = torch.cat([q.weight.detach().float() for q in qs])
-        hess = hessians.get(leader) if hessians else None
-        if hess is not None:
-            hess = hess.to(weight.device)
-        clip = search_weight_clip(weight, hess, args, diagonal=True) if args.clip_search else None
-        if clip is not None:
-            clips_sum += float(clip.sum())
-            clips_n += clip.numel()
-            clipped += int((clip < 1.0).sum())
-        if args.algorithm == "gptq" and hess is None:  # no calibration row met these weights: RTN
-            rtn_fallback += [q.name for q in qs]
-        if args.algorithm == "gptq" and hess is not None:
-            codes, scale = gptq_quantize(weight, hess, args, clip=clip, blocksize=args.gptq_block_size,
-                                         percdamp=args.gptq_damp, act_order=args.act_order)
-        else:
-            from .quant import quantize_weight
-
-            codes, scale = quantize_weight(weight, args, clip=clip)
-        start = 0
-        for q in qs:
-            stop = start + q.out_features
-            q.set_quantized_weight_(codes[start:stop].clone(), scale[start:stop].clone(), args)  # own storage
-            start = stop
-    info: dict = {"rtn_fallback": rtn_fallback} if rtn_fallback else {}
-    if clips_n:
-        info.update(mean_clip=round(clips_sum / clips_n, 4), clipped_share=round(clipped / clips_n, 4))
-    return info
+    quantizer = WeightQuantizer(wrapped, args, leaders, quiet=quiet)
+    quantizer.quantize_rest(hessians)
+    return quantizer.info()
 
 
 # ------------------------------------------------------------------------------------------
@@ -189,10 +253,10 @@ def search_activation_clips(wrapped: dict, leaders: dict, samples: dict, grid: t
         if x is None or x.shape[0] == 0:
             continue
         qs = [wrapped[k] for k in keys]
-        dev = qs[0].dequantized_weight().device
+        dev = qs[0].device
         x = x.to(dev)
         # column energy of the readers' weights: sum_o W_oj^2 over every member of the group
-        col_energy = sum(q.dequantized_weight().float().pow(2).sum(dim=0) for q in qs)  # [in]
+        col_energy = sum(q.dequantized_weight(cache=False).float().pow(2).sum(dim=0) for q in qs)  # [in]
         lead_act = qs[0].act
         if lead_act is not None and lead_act.static and lead_act.mode != "off":
             def act_err(quantizer: ActQuantizer) -> float:
@@ -207,7 +271,7 @@ def search_activation_clips(wrapped: dict, leaders: dict, samples: dict, grid: t
                 out[q.name]["act_gain"] = round(err_one / max(err_best, 1e-30), 4)
         for q in qs:
             if q.out_act is not None and q.out_act.static:
-                y = x @ q.dequantized_weight().float().T
+                y = x @ q.dequantized_weight(cache=False).float().T
                 if q.bias is not None:
                     y = y + q.bias.float()
                 ratio, _, _ = _best_ratio(q.out_act, lambda quantizer: float((quantizer.fake_quant(y) - y).pow(2).sum()),

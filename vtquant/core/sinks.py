@@ -52,6 +52,12 @@ class SinkState:
         self.known_types: Optional[torch.Tensor] = None
         self.active = True
         self.is_prefill = True
+        self.generation = 0  # bumps whenever the sink set may change
+        self.mask: Optional[torch.Tensor] = None
+        self.types: Optional[torch.Tensor] = None
+        self.found_by: dict[str, torch.Tensor] = {}
+        self._index_key: Optional[tuple] = None
+        self._index: Optional[torch.Tensor] = None
         self.reset()
 
     def reset(self, known: Optional[torch.Tensor] = None, is_prefill: bool = True,
@@ -61,7 +67,7 @@ class SinkState:
         ``known_types`` (long ``[B, T]``) fixes the template type of each known sink (vision:
         CLS, each register); without it known sinks are typed by order, as in LLM prompts.
         """
-        self.generation = getattr(self, "generation", 0) + 1  # bumps whenever the sink set may change
+        self.generation += 1
         self.mask = None if known is None else known.clone()
         self.types = None
         self.known_types = None
@@ -148,7 +154,7 @@ class SinkState:
         if mask is None:
             return None
         key = (self.generation, mask._version)
-        if getattr(self, "_index_key", None) != key:
+        if self._index_key != key:
             self._index_key = key
             self._index = mask.reshape(-1).nonzero().squeeze(1)
         return self._index if self._index.numel() else None

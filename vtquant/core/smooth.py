@@ -15,7 +15,10 @@ Massive-activation channels get a large ``s_j`` (they shrink in X, grow in W).
 
 The module knows no model family: the spec says which modules form a group and how a norm's
 effective scale relates to its ``weight`` (``norm_scale``; assumed ``weight + constant``, true for
-RMSNorm, LayerNorm and Gemma's ``1 + w``).
+RMSNorm, LayerNorm and Gemma's ``1 + w``).  Post-norms (Gemma-2/3's sandwich norms) have no Linear
+readers and are left alone; the pre-norms in front of the readers carry the smoothing.  A layout
+whose Linears read the residual stream with no norm in front (OLMo-2) has nowhere to put ``1/s``:
+:func:`smoothing_blocker` says why and :func:`smooth_model_` refuses it before touching anything.
 """
 from __future__ import annotations
 
@@ -24,7 +27,28 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError
 from .rotation import RotationSpec
+
+
+def smoothing_blocker(spec: RotationSpec) -> "str | None":
+    """Why smoothing cannot be folded into ``spec``'s model, or ``None`` when it can."""
+    raw = [lin for layer in spec.layers for lin in layer.raw_readers]
+    if raw:
+        return (f"{spec.short_names(raw, 3)} read the residual stream with no norm in front of them "
+                f"({spec.layout}), so no norm scale can absorb the 1/s of smoothing (the residual stream itself "
+                "cannot be rescaled either: the final norm is not invariant to a per-channel scale)")
+    if not smoothing_groups(spec):
+        return f"no norm -> Linear readers group in this model ({spec.layout})"
+    return None
+
+
+def check_smoothable(spec: RotationSpec) -> None:
+    """Raise a :class:`~vtquant.config.ConfigError` naming why smoothing cannot fold, if it cannot."""
+    reason = smoothing_blocker(spec)
+    if reason is not None:
+        raise ConfigError(f"smoothquant is refused for this model: {reason}. Use another method (insertquant, "
+                          "naive-static, dynamic-token, rotate).")
 
 
 def smoothing_groups(spec: RotationSpec) -> list[tuple[nn.Module, list[nn.Linear]]]:
@@ -56,7 +80,7 @@ def smoothing_factors(act_absmax: torch.Tensor, readers: Iterable[nn.Linear], al
                       eps: float = 1e-5) -> torch.Tensor:
     """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (float64), clamped away from zero."""
     w_max = torch.stack([lin.weight.detach().abs().double().amax(dim=0) for lin in readers]).amax(dim=0)
-    a = act_absmax.double().clamp_min(eps)
+    a = act_absmax.double().to(w_max.device).clamp_min(eps)
     s = a.pow(alpha) / w_max.clamp_min(eps).pow(1.0 - alpha)
     return s.clamp_min(eps)
 
@@ -82,7 +106,11 @@ def smooth_model_(spec: RotationSpec, run: Callable[[], None], alpha: float) -> 
 
     Returns:
         ``{"alpha", "groups", "max_factor", "max_act_absmax"}`` for the report.
+
+    Raises:
+        ConfigError: the layout gives smoothing nowhere to fold (:func:`smoothing_blocker`).
     """
+    check_smoothable(spec)
     groups = smoothing_groups(spec)
     maxima = collect_input_absmax(groups, run)
     max_s, max_a = 0.0, 0.0

@@ -33,19 +33,23 @@ class SinkGuard(nn.Module):
         mode: ``template`` (insert pre-computed outputs for the types marked in ``template_ok``,
             full-precision rows for the others), ``fp-row`` (compute sink rows in full
             precision), ``clamp`` (zero them and insert nothing: ablation), ``off``.
+        device: where the buffers live (the guarded Linear's device).
+        dtype: dtype of the template outputs (the Linear's compute dtype; default float32).
     """
 
     def __init__(self, out_features: int, num_types: int, mode: str = "template",
-                 exclude_from_calibration: bool = True) -> None:
+                 exclude_from_calibration: bool = True, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if mode not in ("template", "fp-row", "clamp", "off"):
             raise ValueError(f"SinkGuard mode {mode!r}; use template, fp-row, clamp or off")
         self.mode = mode
         self.num_types = num_types
         self.exclude_from_calibration = exclude_from_calibration
-        self.register_buffer("template_out", torch.zeros(num_types, out_features))
-        self.register_buffer("template_cosine", torch.zeros(num_types))
-        self.register_buffer("template_ok", torch.ones(num_types, dtype=torch.bool))
+        self.register_buffer("template_out", torch.zeros(num_types, out_features, device=device,
+                                                         dtype=dtype or torch.float32))
+        self.register_buffer("template_cosine", torch.zeros(num_types, device=device))
+        self.register_buffer("template_ok", torch.ones(num_types, dtype=torch.bool, device=device))
         self.state: Optional[SinkState] = None
         self.recorder: Optional[list] = None
 
@@ -134,12 +138,20 @@ class SinkGuard(nn.Module):
 
 
 class ResidualRestore(nn.Module):
-    """Replaces the sinks' residual-stream rows by their calibrated template at a block output."""
+    """Replaces the sinks' residual-stream rows by their calibrated template at a block output.
 
-    def __init__(self, hidden: int, num_types: int) -> None:
+    Args:
+        hidden: residual width.
+        num_types: template types K.
+        device: where the buffers live (the block's device).
+        dtype: dtype of the residual template (the residual stream's dtype; default float32).
+    """
+
+    def __init__(self, hidden: int, num_types: int, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self.register_buffer("template", torch.zeros(num_types, hidden))
-        self.register_buffer("restore_type", torch.ones(num_types, dtype=torch.bool))
+        self.register_buffer("template", torch.zeros(num_types, hidden, device=device, dtype=dtype or torch.float32))
+        self.register_buffer("restore_type", torch.ones(num_types, dtype=torch.bool, device=device))
         self.state: Optional[SinkState] = None
         self.enabled = True
 

@@ -24,6 +24,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG")
 _WNID = re.compile(r"^n\d{8}$")
 SIMPLE_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
@@ -68,11 +70,11 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+        from ..data import load_image
 
         src, target = self.items[i]
-        img = Image.open(src) if isinstance(src, (str, Path)) else src
-        return self.transform(img.convert("RGB")), target
+        img = load_image(src) if isinstance(src, (str, Path)) else src.convert("RGB")
+        return self.transform(img), target
 
 
 def _image_folder(root: Path) -> Optional[tuple[list, list[str]]]:
@@ -84,7 +86,8 @@ def _image_folder(root: Path) -> Optional[tuple[list, list[str]]]:
         index = {w: i for i, w in enumerate(wnids)}
         unknown = [c for c in classes if c not in index]
         if unknown:
-            raise ValueError(f"{root}: folders {unknown[:5]} are not ImageNet-1k WordNet ids")
+            raise DataError(f"{root}: folders {unknown[:5]} are not ImageNet-1k WordNet ids; name class folders "
+                            "by WordNet id (n01440764...) or all by readable names")
         names = imagenet_class_names()
         targets = {c: index[c] for c in classes}
     else:
@@ -134,7 +137,7 @@ def load_imagenet(data: str, transform: Callable, split: str = "val", limit: Opt
         if limit:
             ds = ds.select(range(min(limit, len(ds))))
         if "label" not in ds.column_names or "image" not in ds.column_names:
-            raise ValueError(f"{root}: a datasets layout needs 'image' and 'label' columns, has {ds.column_names}")
+            raise DataError(f"{root}: a datasets layout needs 'image' and 'label' columns, has {ds.column_names}")
         try:
             names = list(ds.features["label"].names)
             if len(names) == 1000:
@@ -166,7 +169,7 @@ def topk_accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], data: torch
         correct5 += int(hits.any(dim=1).sum())
         total += len(targets)
     if total == 0:
-        raise ValueError("no evaluation images: check --data")
+        raise DataError("no evaluation images: check --data")
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
 
 

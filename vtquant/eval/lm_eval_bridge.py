@@ -224,7 +224,7 @@ def run_lm_eval(lm: VtquantLM, tasks: list[str], *, include_path: Optional[str] 
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path else [])
-    manager = TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR" if quiet else "WARNING")
+    manager = TaskManager(include_path=paths, include_defaults=False)
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                    bootstrap_iters=bootstrap_iters, log_samples=False,
                                    verbosity="ERROR" if quiet else "WARNING")

@@ -10,11 +10,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..recipe import atomic_write_text
+from ..fileio import atomic_write_text
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Row:
+    """One measured number: which model and quantization setting, which metric, its value.
+
+    Fields are keyword-only (``Row(model=..., method=..., metric=..., value=...)``): a row names
+    what it holds.  ``extra`` holds per-command fields (``kv_bits``, ``calib_seconds``, ``backend``...),
+    flattened into the JSON row.
+    """
+
     model: str
     method: str
     w_bits: Optional[int]
@@ -37,7 +44,8 @@ def row_for(recipe_or_none, model: str, metric: str, value: float, seconds: floa
     """A row describing ``recipe`` (``None`` = full precision)."""
     r = recipe_or_none
     if r is None or r.method == "fp":
-        return Row(model, "fp", None, None, None, None, metric, value, seconds, extra)
+        return Row(model=model, method="fp", w_bits=None, a_bits=None, act_granularity=None, static=None,
+                   metric=metric, value=value, seconds=seconds, extra=dict(extra))
     act = r.activations
     extra = dict(extra)
     if r.weights is not None:
@@ -46,8 +54,9 @@ def row_for(recipe_or_none, model: str, metric: str, value: float, seconds: floa
                          + ("+clip" if w.clip_search else ""))
     if getattr(r, "kv_cache", None) is not None:
         extra.setdefault("kv_bits", r.kv_cache.bits)
-    return Row(model, r.display_method, r.weights.bits if r.weights else None, act.bits if act else None,
-               act.granularity if act else None, act.static if act else None, metric, value, seconds, extra)
+    return Row(model=model, method=r.display_method, w_bits=r.weights.bits if r.weights else None,
+               a_bits=act.bits if act else None, act_granularity=act.granularity if act else None,
+               static=act.static if act else None, metric=metric, value=value, seconds=seconds, extra=extra)
 
 
 def setting_label(row: Row) -> str:

@@ -25,6 +25,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..data import load_image
+from ..errors import DataError
+
 KS = (1, 5, 10)
 
 
@@ -77,10 +80,57 @@ class RetrievalSet:
         return len(self.images)
 
 
-def _from_karpathy(json_path: Path, split: str, image_dir: Optional[Path]) -> RetrievalSet:
-    data = json.loads(json_path.read_text())
+KARPATHY_FORMAT = ("a Karpathy split file is a JSON object {\"images\": [{\"filename\": ..., \"split\": "
+                   "\"test\", \"sentences\": [{\"raw\": ...}, ...]}, ...]}")
+
+
+def _karpathy_field(json_path: Path, i: int, entry: Any, key: str, kind: type) -> Any:
+    """``entry[key]`` checked to be a ``kind``; else a :class:`DataError` naming the file, entry and field."""
+    if not isinstance(entry, dict):
+        raise DataError(f"{json_path}: images[{i}] is a {type(entry).__name__}, not an object; {KARPATHY_FORMAT}")
+    if key not in entry:
+        raise DataError(f"{json_path}: images[{i}] has no {key!r} field (it has {sorted(entry)}); {KARPATHY_FORMAT}")
+    value = entry[key]
+    if not isinstance(value, kind):
+        raise DataError(f"{json_path}: images[{i}].{key} is a {type(value).__name__}, not a {kind.__name__}; "
+                        f"{KARPATHY_FORMAT}")
+    return value
+
+
+def _caption(json_path: Path, i: int, j: int, sentence: Any) -> str:
+    if isinstance(sentence, str):
+        return sentence
+    if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
+        return sentence["raw"]
+    raise DataError(f"{json_path}: images[{i}].sentences[{j}] has no 'raw' caption text (got "
+                    f"{type(sentence).__name__} {str(sentence)[:60]!r}); {KARPATHY_FORMAT}")
+
+
+def read_karpathy(json_path: Path) -> list:
+    """The ``images`` list of a Karpathy split file, after checking the file is such a file.
+
+    Raises:
+        DataError: not UTF-8, not JSON, not an object, no ``images`` list (the message names the file).
+    """
+    try:
+        data = json.loads(Path(json_path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{json_path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                        f"{KARPATHY_FORMAT}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{json_path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                        f"{KARPATHY_FORMAT}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{json_path}: the top level is a {type(data).__name__}, not an object; {KARPATHY_FORMAT}")
     if "images" not in data:
-        raise ValueError(f"{json_path}: not a Karpathy split file (no 'images' list)")
+        raise DataError(f"{json_path}: no 'images' field (it has {sorted(data)[:10]}); {KARPATHY_FORMAT}")
+    if not isinstance(data["images"], list):
+        raise DataError(f"{json_path}: 'images' is a {type(data['images']).__name__}, not a list; {KARPATHY_FORMAT}")
+    return data["images"]
+
+
+def _from_karpathy(json_path: Path, split: str, image_dir: Optional[Path]) -> RetrievalSet:
+    entries = read_karpathy(json_path)
     root = image_dir
     if root is None:
         for cand in (json_path.parent / "flickr30k-images", json_path.parent / "images", json_path.parent):
@@ -88,20 +138,29 @@ def _from_karpathy(json_path: Path, split: str, image_dir: Optional[Path]) -> Re
                 root = cand
                 break
     images, captions, owner = [], [], []
-    for entry in data["images"]:
-        if entry.get("split") != split:
+    splits: set = set()
+    for i, entry in enumerate(entries):
+        entry_split = _karpathy_field(json_path, i, entry, "split", str)
+        splits.add(entry_split)
+        if entry_split != split:
             continue
-        path = root / entry.get("filepath", "") / entry["filename"]
+        filename = _karpathy_field(json_path, i, entry, "filename", str)
+        sentences = _karpathy_field(json_path, i, entry, "sentences", list)
+        if not sentences:
+            raise DataError(f"{json_path}: images[{i}] ({filename}) has an empty 'sentences' list; each image "
+                            "needs its captions (5 for Flickr30k)")
+        texts = [_caption(json_path, i, j, sentence) for j, sentence in enumerate(sentences[:5])]
+        subdir = entry.get("filepath", "")
+        path = root / (subdir if isinstance(subdir, str) else "") / filename
         if not path.exists():
-            raise FileNotFoundError(f"{json_path}: image {entry['filename']} not found under {root}; "
+            raise FileNotFoundError(f"{json_path}: image {filename} not found under {root}; "
                                     "put the photos in flickr30k-images/ beside the JSON or pass the image folder")
-        sents = [s["raw"] if isinstance(s, dict) else str(s) for s in entry["sentences"]][:5]
-        for s in sents:
-            captions.append(s)
-            owner.append(len(images))
+        captions += texts
+        owner += [len(images)] * len(texts)
         images.append(path)
     if not images:
-        raise ValueError(f"{json_path}: no images in split {split!r}")
+        raise DataError(f"{json_path}: no images in split {split!r} (splits in the file: {sorted(splits)}); "
+                        "pass --split with one of them")
     return RetrievalSet(images, captions, owner, f"Karpathy {json_path.name} ({split})")
 
 
@@ -119,7 +178,7 @@ def _from_datasets(root: Path, split: str) -> Optional[RetrievalSet]:
         ds = datasets.load_dataset("parquet", data_files=[str(s) for s in shards], split="train")
     cap_col = "caption" if "caption" in ds.column_names else ("captions" if "captions" in ds.column_names else None)
     if "image" not in ds.column_names or cap_col is None:
-        raise ValueError(f"{root}: a datasets retrieval layout needs 'image' and 'caption' columns, has {ds.column_names}")
+        raise DataError(f"{root}: a datasets retrieval layout needs 'image' and 'caption' columns, has {ds.column_names}")
     if "split" in ds.column_names:
         ds = ds.filter(lambda row: row["split"] == split)
     images, captions, owner = [], [], []
@@ -137,7 +196,8 @@ def load_flickr30k(data: str, split: str = "test") -> RetrievalSet:
     """Flickr30k (or any Karpathy-format set) from ``data`` (see the module docstring).
 
     Raises:
-        FileNotFoundError: neither layout was found (the message shows both).
+        FileNotFoundError: neither layout was found (the message shows both), or a listed image is missing.
+        DataError: a malformed split file (the message names the file, the entry and the field).
     """
     root = Path(data)
     if root.is_file() and root.suffix == ".json":
@@ -158,14 +218,12 @@ def load_flickr30k(data: str, split: str = "test") -> RetrievalSet:
 def encode_retrieval_set(rset: RetrievalSet, encode_image: Callable, encode_text: Callable, preprocess: Callable,
                          tokenizer: Callable, batch_size: int = 64, quiet: bool = False) -> tuple:
     """L2-normalized ``(image_feats [N, D], text_feats [M, D], caption_image [M])``."""
-    from PIL import Image
-
     feats_i, feats_t = [], []
     for s in tqdm(range(0, len(rset.images), batch_size), desc="encode images", disable=quiet, leave=False):
         batch = []
         for src in rset.images[s:s + batch_size]:
-            img = Image.open(src) if isinstance(src, (str, Path)) else src
-            batch.append(preprocess(img.convert("RGB")))
+            img = load_image(src) if isinstance(src, (str, Path)) else src.convert("RGB")
+            batch.append(preprocess(img))
         feats_i.append(encode_image(torch.stack(batch)).float())
     for s in tqdm(range(0, len(rset.captions), batch_size), desc="encode captions", disable=quiet, leave=False):
         feats_t.append(encode_text(tokenizer(rset.captions[s:s + batch_size])).float())

@@ -327,7 +327,8 @@ class RealQuantLinear(nn.Module):
                 scale_a = self._scale_a_cache[m] = self.a_scale.float().reshape(1, 1).expand(m, 1).contiguous()
             scale_b = self.w_scale_row if out_scale is self.out_scale else (
                 out_scale / self.a_scale).float().reshape(1, -1).contiguous()
-            return torch._scaled_mm(q, qweight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
+            return torch._scaled_mm(q, qweight.t(), scale_a=scale_a, scale_b=scale_b,
+                                    bias=None if bias is None else bias.to(torch.bfloat16),
                                     out_dtype=torch.bfloat16).to(out_dtype)
         if q.is_cuda:  # int8 GEMM with the rescale (and bias) fused in its epilogue (Triton)
             from .triton_quant import int8_matmul_scaled
@@ -397,7 +398,8 @@ class RealQuantLinear(nn.Module):
                 self._sink_out = guard.template_out.index_select(0, types).to(y.dtype)
             template_rows = self._sink_out
         out = guard.sink_outputs(types, None if x2 is None else x2.index_select(0, index),
-                                 lambda rows: F.linear(rows.float(), self.w_fp, self.bias), y.dtype,
+                                 lambda rows: F.linear(rows.float(), self.w_fp,
+                                                       None if self.bias is None else self.bias.float()), y.dtype,
                                  template_rows=template_rows)
         y.index_copy_(0, index, out)
 

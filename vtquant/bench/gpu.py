@@ -52,9 +52,9 @@ from ..config import ActArgs, WeightArgs
 from ..core.quant import QuantLinear
 from ..core.sinks import SinkState
 from ..core.templates import SinkGuard
-from .linear import RealQuantLinear
-from . import triton_quant as tq
-from .triton_quant import FP8_MAX, int8_matmul_scaled, quant_dynamic_rows
+from ..kernels.linear import RealQuantLinear
+from ..kernels import triton_quant as tq
+from ..kernels.triton_quant import FP8_MAX, int8_matmul_scaled, quant_dynamic_rows
 
 
 @dataclass
@@ -494,7 +494,7 @@ def format_comparison(rows: list[dict]) -> str:
 
 def check_quantizers() -> None:
     """The fused Triton quantizers against an eager reference, on fresh random data (fails loudly)."""
-    from . import triton_quant as tq
+    from ..kernels import triton_quant as tq
 
     x = torch.randn(1000, 4096, device="cuda", dtype=torch.bfloat16) * 3
     for dtype in (torch.int8, torch.float8_e4m3fn):
@@ -674,6 +674,25 @@ def kernel_bench(m: int, d: int = 4096, nh: int = 11008) -> list[dict]:
     return out
 
 
+def gpu_rows(results: list[dict]) -> list:
+    """Result rows of :func:`layer_bench`: three per method (prefill and decode tokens/s, peak MB)."""
+    from ..eval.results import Row
+
+    rows = []
+    for r in results:
+        method = r["method"]
+        quant = method not in ("bf16", "fp")
+        for metric in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_mem_mb"):
+            rows.append(Row(model=f"layer:{r['shape']}", method=method, w_bits=8 if quant else None,
+                            a_bits=8 if quant else None,
+                            act_granularity=("per-token" if method == "dynamic-token" else "per-tensor") if quant
+                            else None, static=(method != "dynamic-token") if quant else None, metric=metric,
+                            value=r[metric], seconds=r["prefill_seconds"],
+                            extra={"backend": r["backend"], "prefill_tflops": r["prefill_tflops"],
+                                   "rel_error": r.get("rel_error")}))
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -702,7 +721,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(format_rows(rows))
     print(format_comparison(rows))
     if args.results_file:
-        from ..recipe import atomic_write_text
+        from ..fileio import atomic_write_text
         from pathlib import Path
 
         atomic_write_text(Path(args.results_file), json.dumps({"rows": rows, "kernels": kernels}, indent=1))

@@ -1,0 +1,358 @@
+"""End-to-end prefill of a whole (truncated) decoder: bf16 vs dynamic and vtquant static low-bit kernels.
+
+Issue 13's measurement: a transformers ``LlamaForCausalLM`` with the shapes of a real model
+(``--model-shape``: llama-2-7b, llama-3-8b, llama-3-70b), truncated to ``--layers`` blocks, random
+weights, and an implanted massive-activation sink (the mechanism of ``tests/sinkmodels.py``: the
+sink token's embedding carries a trigger channel, one MLP neuron of the emergence layer writes
+``--spike`` into a residual channel, a later layer cancels it; keys read that channel, so the
+token is also an attention sink).  The model is calibrated *where it sits* (the GPU, in bf16) by
+``vtquant.quantize_`` (``--pipeline sequential`` runs the calibration block by block), then
+converted to real kernels.  Rows (each timed on the same prefill of ``--tokens`` tokens):
+
+* ``bf16``: the model as built;
+* ``dynamic-token``: every block Linear replaced by a per-token dynamic FP8 (int8) Linear (one fused
+  Triton kernel for the row scales, then a row-scaled ``_scaled_mm``), the usual peer;
+* ``insertquant``: ``quantize_`` (W8A8 per-tensor static, sinks clamped and inserted) +
+  ``convert_(model, "cuda-fp8")``;
+* ``insertquant+rotate``: the same with the QuaRot-style rotation (online Hadamard at ``down_proj``).
+
+Each row reports the median eager forward time of the decoder (``model.model``; no head) measured
+with CUDA events after warm-up, so Python overhead and host synchronisations of a module are part of
+the time (this is the model as users run it, not a CUDA graph of one layer as in the layer bench),
+TFLOP/s over the Linears and causal attention, the ratio to bf16 and to dynamic-token, the relative
+error of the logits of the last 256 tokens against bf16, and for calibrated rows the calibration time and the
+peak GPU memory of calibration.
+
+Usage::
+
+    python -m vtquant.bench_e2e --model-shape llama-2-7b --layers 8 --tokens 4096 --results-file out.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+SHAPES = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       vocab_size=32000),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       vocab_size=128256, rope_theta=500000.0),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                        vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
+}
+"""Model shapes (``tiny`` is for tests on the CPU)."""
+
+SINK_ID, TRIGGER_CHANNEL, SPIKE_CHANNEL = 1, 3, 7
+METHODS = ("bf16", "dynamic-token", "insertquant", "insertquant+rotate")
+
+
+@torch.no_grad()
+def implanted_llama(shape: str, layers: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                    spike: float = 4000.0, emergence: int = 1, cancellation: Optional[int] = None,
+                    seed: int = 0) -> nn.Module:
+    """A random ``LlamaForCausalLM`` of ``shape`` with ``layers`` blocks and an implanted sink (token ``SINK_ID``)."""
+    import transformers
+
+    if layers < 3:
+        raise ValueError("the implanted sink needs at least 3 layers (emergence, attention sink, cancellation)")
+    cancellation = layers - 1 if cancellation is None else cancellation
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(num_hidden_layers=layers, max_position_embeddings=16384,
+                                   tie_word_embeddings=False, **SHAPES[shape])
+    with torch.device(device):  # random init where the model will run (fast on a GPU)
+        model = transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    emb = model.model.embed_tokens.weight
+    emb[:, TRIGGER_CHANNEL] = 0.0
+    emb[:, SPIKE_CHANNEL] = 0.0
+    emb[SINK_ID, TRIGGER_CHANNEL] = 1.0
+    for block in model.model.layers:
+        for writer in (block.self_attn.o_proj, block.mlp.down_proj):
+            writer.weight[TRIGGER_CHANNEL] = 0.0
+            writer.weight[SPIKE_CHANNEL] = 0.0
+    probe_ids = torch.tensor([[SINK_ID, 5, 6, 7]], device=device)
+
+    def neuron_input(mlp: nn.Module, neuron: int, layer: nn.Module, channel: Optional[int] = None) -> tuple:
+        seen: dict = {}
+
+        def at_down(m: nn.Module, inputs: tuple) -> None:
+            seen.setdefault("x", float(inputs[0][0, 0, neuron]))
+
+        def at_layer(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.setdefault("h", float((args[0] if args else kwargs["hidden_states"])[0, 0, channel or 0]))
+
+        h1 = mlp.down_proj.register_forward_pre_hook(at_down)
+        h2 = layer.register_forward_pre_hook(at_layer, with_kwargs=True)
+        model(input_ids=probe_ids, use_cache=False)
+        h1.remove(), h2.remove()
+        return seen["x"], seen["h"]
+
+    gain, neuron = 4.0, 5
+    mlp = model.model.layers[emergence].mlp
+    for lin in (mlp.gate_proj, mlp.up_proj):
+        lin.weight[neuron] = 0.0
+        lin.weight[neuron, TRIGGER_CHANNEL] = gain
+    mlp.down_proj.weight[:, neuron] = 0.0
+    act, _ = neuron_input(mlp, neuron, model.model.layers[emergence])
+    mlp.down_proj.weight[SPIKE_CHANNEL, neuron] = spike / act
+    for block in model.model.layers[emergence + 1:cancellation + 1]:
+        k = block.self_attn.k_proj.weight
+        k[:, SPIKE_CHANNEL] = 0.5 * torch.sign(torch.randn(k.shape[0], device=device)).to(k.dtype)
+        block.self_attn.q_proj.weight[:, SPIKE_CHANNEL] = 0.0
+    neuron2 = 9
+    mlp = model.model.layers[cancellation].mlp
+    for lin in (mlp.gate_proj, mlp.up_proj):
+        lin.weight[neuron2] = 0.0
+        lin.weight[neuron2, SPIKE_CHANNEL] = 1.0
+    mlp.down_proj.weight[:, neuron2] = 0.0
+    act, resid = neuron_input(mlp, neuron2, model.model.layers[cancellation], SPIKE_CHANNEL)
+    mlp.down_proj.weight[SPIKE_CHANNEL, neuron2] = -0.95 * resid / act
+    return model
+
+
+def token_batches(n: int, seq: int, vocab: int, seed: int = 1, batch: int = 1) -> list[torch.Tensor]:
+    """Random token ids (>= 2) with the sink token first in every row."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, vocab, (batch, seq), generator=gen)
+        ids[:, 0] = SINK_ID
+        out.append(ids)
+    return out
+
+
+class DynamicTokenLinear(nn.Module):
+    """Per-token dynamic FP8 (int8) Linear: row absmax scales per call (fused Triton kernel), row-scaled GEMM."""
+
+    def __init__(self, linear: nn.Linear, backend: str = "cuda-fp8") -> None:
+        super().__init__()
+        from .kernels.triton_quant import FP8_MAX
+
+        self.backend = backend
+        w = linear.weight.detach().float()
+        qmax = FP8_MAX if backend == "cuda-fp8" else 127.0
+        w_scale = (w.abs().amax(dim=1) / qmax).clamp_min(1e-12)
+        codes = w / w_scale.unsqueeze(1)
+        self.dtype = torch.float8_e4m3fn if backend == "cuda-fp8" else torch.int8
+        self.register_buffer("qweight", (codes if backend == "cuda-fp8" else codes.round()).to(self.dtype).contiguous())
+        self.register_buffer("w_scale", w_scale.reshape(1, -1).contiguous())
+        self.bias = linear.bias
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels.triton_quant import int8_matmul_scaled, quant_dynamic_rows
+
+        x2 = x.reshape(-1, x.shape[-1])
+        q, s = quant_dynamic_rows(x2, self.dtype)
+        if self.backend == "cuda-fp8":
+            y = torch._scaled_mm(q, self.qweight.t(), scale_a=s, scale_b=self.w_scale, out_dtype=torch.bfloat16)
+            y = y.to(x.dtype)
+        else:
+            y = int8_matmul_scaled(q, self.qweight, self.w_scale.reshape(-1), s, None, x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def dynamic_token_(model: nn.Module, backend: str = "cuda-fp8") -> nn.Module:
+    """Replace every block Linear of a Llama-style model by a :class:`DynamicTokenLinear` (in place)."""
+    from .core.modules import replace_module
+
+    for block in model.model.layers:
+        for name, module in list(block.named_modules()):
+            if isinstance(module, nn.Linear):
+                replace_module(block, name, DynamicTokenLinear(module, backend))
+    return model
+
+
+def prefill_flops(cfg: Any, layers: int, tokens: int) -> float:
+    """Linears (2 x tokens x in x out) and causal attention (2 x tokens^2 x hidden, QK and PV halved)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    head_dim = d // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    linear = 2 * tokens * (d * (d + 2 * kv) + d * d + 3 * d * f)
+    attention = 2 * tokens * tokens * d  # 4 T^2 D, causal halves it
+    return float(layers * (linear + attention))
+
+
+def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _cast_outside_quantizers_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's floating parameters and buffers to ``dtype``, except inside vtquant's quantized
+    Linears (their scales, templates and biases stay float32 and are cast where they are used)."""
+    from .core.quant import QuantLinear
+
+    inside = {id(sub) for m in model.modules() if isinstance(m, QuantLinear) for sub in m.modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for name, p in m._parameters.items():
+            if p is not None and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in m._buffers.items():
+            if b is not None and b.is_floating_point():
+                m._buffers[name] = b.to(dtype)
+
+
+def e2e_bench(shape: str = "llama-2-7b", layers: int = 8, tokens: int = 4096, device: str = "cuda",
+              methods: tuple = METHODS, calib_batches: int = 16, calib_len: int = 2048, repeats: int = 10,
+              spike: float = 4000.0, pipeline: str = "basic", backend: Optional[str] = None,
+              offload: bool = False, quiet: bool = True, seed: int = 0) -> list[dict]:
+    """The rows of the module docstring (``backend``: ``cuda-fp8`` on a GPU, ``cpu-int8`` on the CPU).
+
+    ``offload``: calibrate with the model kept on the CPU and its blocks run one at a time on
+    ``device`` (``pipeline="sequential"``); the calibrated model then moves to ``device`` to be timed.
+    """
+    import vtquant
+    from .config import Recipe, method_recipe
+    from .kernels import convert_
+
+    dev = torch.device(device)
+    backend = backend or ("cuda-fp8" if dev.type == "cuda" else "cpu-int8")
+    dtype = torch.bfloat16
+    base = implanted_llama(shape, layers, device, dtype, spike=spike, seed=seed)
+    cfg = base.config
+    calib = token_batches(calib_batches, calib_len, cfg.vocab_size, seed=1)
+    x = token_batches(1, tokens, cfg.vocab_size, seed=2)[0].to(dev)
+    flops = prefill_flops(cfg, layers, tokens)
+
+    def hidden(model: nn.Module) -> torch.Tensor:
+        return model.model(input_ids=x, use_cache=False).last_hidden_state
+
+    def logits(model: nn.Module) -> torch.Tensor:  # the head undoes a rotation of the residual basis
+        return model.lm_head(hidden(model)[:, -256:]).float()
+
+    with torch.no_grad():
+        ref = logits(base)
+    rows: list[dict] = []
+    timings: dict = {}
+    for method in methods:
+        row: dict = {"model_shape": shape, "layers": layers, "tokens": tokens, "method": method,
+                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                     "backend": "bf16" if method == "bf16" else backend}
+        if method == "bf16":
+            model = base
+        else:
+            model = copy.deepcopy(base)
+            if method == "dynamic-token":
+                dynamic_token_(model, backend)
+            else:
+                recipe = method_recipe(method, Recipe())
+                # a rotation folded in bf16 spreads the 4,000 spike over every channel and loses the rest of the
+                # sink's state to rounding (the equivalence check refuses it): rotated methods calibrate in fp32
+                # and run in bf16 (vtquant's own quantizer buffers keep float32 scales)
+                calib_dtype = torch.float32 if recipe.rotation.enabled else dtype
+                row["calib_dtype"] = str(calib_dtype).replace("torch.", "")
+                if calib_dtype != dtype:
+                    model.to(calib_dtype)
+                if offload:
+                    model.cpu()
+                resident = 0
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    resident = torch.cuda.memory_allocated(dev)  # the bf16 reference model, kept for the rows
+                    torch.cuda.reset_peak_memory_stats(dev)
+                t0 = time.perf_counter()
+                report = vtquant.quantize_(model, recipe, calib, quiet=quiet,
+                                           pipeline="sequential" if offload else pipeline,
+                                           **({"device": dev} if offload else {}))
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    peak = torch.cuda.max_memory_allocated(dev)
+                    row["calib_peak_gib"] = round(peak / 2 ** 30, 2)
+                    row["calib_peak_extra_gib"] = round((peak - resident) / 2 ** 30, 2)  # what calibration added
+                if offload:
+                    model.to(dev)
+                if calib_dtype != dtype:
+                    _cast_outside_quantizers_(model, dtype)
+                row.update(calib_seconds=round(time.perf_counter() - t0, 2),
+                           pipeline="sequential+offload" if offload else pipeline,
+                           calib_tokens=calib_batches * calib_len, emergence_layer=report.emergence_layer,
+                           sinks_found=len(report.calib_sink_positions) > 0 and all(
+                               p[:1] == [0] for p in report.calib_sink_positions))
+                convert_(model, backend)
+        with torch.no_grad():
+            out = logits(model)
+            row["logit_err_vs_bf16"] = round(float((out - ref).norm() / ref.norm()), 5)
+            seconds = _time(lambda: hidden(model), dev, repeats)
+        timings[method] = seconds
+        row.update(seconds=round(seconds, 5), tflops=round(flops / seconds / 1e12, 1))
+        if "bf16" in timings:
+            row["x_bf16"] = round(timings["bf16"] / seconds, 3)
+        if "dynamic-token" in timings and method != "dynamic-token":
+            row["x_dynamic"] = round(timings["dynamic-token"] / seconds, 3)
+        rows.append(row)
+        if model is not base:
+            del model
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    cols = ["method", "backend", "seconds", "tflops", "x_bf16", "x_dynamic", "logit_err_vs_bf16", "calib_seconds",
+            "calib_peak_gib", "calib_peak_extra_gib"]
+    lines = [" | ".join(cols)]
+    for r in rows:
+        lines.append(" | ".join(str(r.get(c, "")) for c in cols))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-shape", default="llama-2-7b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--backend", default=None, help="cuda-fp8 (GPU default), cuda-int8, cpu-int8 (CPU default)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--calib-batches", type=int, default=16)
+    p.add_argument("--calib-len", type=int, default=2048)
+    p.add_argument("--pipeline", default="basic", choices=["basic", "sequential"])
+    p.add_argument("--offload", action="store_true",
+                   help="calibrate with the model on the CPU, blocks run one at a time on --device (sequential)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--spike", type=float, default=4000.0)
+    p.add_argument("--results-file", default=None, help="write the rows as JSON")
+    args = p.parse_args(argv)
+    rows = e2e_bench(args.model_shape, args.layers, args.tokens, args.device, tuple(args.methods.split(",")),
+                     args.calib_batches, args.calib_len, args.repeats, args.spike, args.pipeline, args.backend,
+                     offload=args.offload)
+    print(format_rows(rows))
+    if args.results_file:
+        with open(args.results_file, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
