@@ -1,11 +1,11 @@
 """compressed-tensors export (issue 14, part 2): folders that transformers loads with the
 compressed-tensors package in a process that never imports vtquant, against vtquant's own model.
 
-Every exported model computes exactly what vtquant's model computes on compressed-tensors' int grid
-(checked against vtquant run inside ``compressed_tensors_numerics()``).  Where the grids agree (weights; asymmetric activations)
-that is vtquant's own model; where they differ (symmetric scales: [-128, 127] there, [-127, 127] in
-vtquant; symmetric per-token dynamic scales: absmax / 127.5 there, / 127 in vtquant) the measured gap
-is bounded and stated in the export report.
+Every exported model computes exactly what vtquant's model computes inside
+``compressed_tensors_numerics()`` (compressed-tensors' int grid and rounding order).  Where the grids
+agree (weights; asymmetric activations) that is vtquant's own model; where they differ (symmetric
+scales: [-128, 127] there, [-127, 127] in vtquant; symmetric per-token dynamic scales: absmax / 127.5
+there, / 127 in vtquant) the measured gap is bounded and stated in the export report.
 """
 from __future__ import annotations
 

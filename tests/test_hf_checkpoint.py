@@ -234,3 +234,43 @@ def test_open_clip_towers_say_they_cannot_be_saved(tmp_path):
     with pytest.raises(NotImplementedError, match="timm ViTs and transformers towers are"):
         vtquant.save(visual, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_quantize_formats_and_checkpoint_eval_without_the_fp_model(fp_model, tmp_path, monkeypatch, capsys):
+    """`vtquant quantize` writes the hf layout with the tokenizer (and the FP reference) or a
+    compressed-tensors folder; `vtquant eval perplexity --checkpoint` then needs no --model."""
+    import vtquant.models
+    from vtquant.cli import main
+
+    loads = []
+
+    def fake_loader(spec, model_file=None, quiet=False, **kwargs):
+        loads.append(spec)
+        model = copy.deepcopy(fp_model)
+        model.vtquant_load_seconds = 0.0
+        return model, char_tokenizer(), "tiny"
+
+    monkeypatch.setattr(vtquant.models, "load_causal_lm", fake_loader)
+    text = tmp_path / "calib.txt"
+    text.write_text("Lady Susan Vernon to Mr. Vernon. My dear brother, I can no longer refuse myself. " * 30)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nmethod: naive-static\nweights: {{bits: 8}}\nactivations: {{bits: 8}}\n"
+                      f"calibration: {{dataset: {text}, num_samples: 4, seq_len: 32, batch_size: 2}}\n")
+    common = ["--recipe", str(recipe), "--quiet", "--threads", "1"]
+    assert main(["quantize", "--out", str(tmp_path / "hf"), *common]) == 0
+    files = set(os.listdir(tmp_path / "hf"))
+    assert {"config.json", "tokenizer.json", "vtquant.json"} <= files
+    meta = json.loads((tmp_path / "hf" / "vtquant.json").read_text())
+    assert "GGUF Q4_1" in meta["fp_reference"]  # the default --model is the SmolLM2 asset
+    assert main(["quantize", "--out", str(tmp_path / "ct"), "--format", "compressed-tensors", *common]) == 0
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    capsys.readouterr()
+
+    results = tmp_path / "rows.json"
+    loads.clear()
+    assert main(["eval", "perplexity", "--checkpoint", str(tmp_path / "hf"), "--eval-text", str(text), "--seq-len", "64",
+                 "--eval-chunks", "2", "--results-file", str(results), *common[2:]]) == 0
+    assert loads == []  # the tokenizer came from the checkpoint
+    row = json.loads(results.read_text())["rows"][0]
+    assert row["method"] == "naive-static" and row["fp_reference"] == meta["fp_reference"] and row["value"] > 1

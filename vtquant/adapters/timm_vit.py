@@ -142,6 +142,10 @@ class TimmViTAdapter(VisionAdapter):
         return model.eval()
 
 
+_TIMM_ACTIVATIONS = {"GELU": "gelu", "QuickGELU": "quick_gelu", "GELUTanh": "gelu_tanh", "SiLU": "silu", "ReLU": "relu"}
+"""Activation module class -> the name timm's ``act_layer`` takes."""
+
+
 def _vit_kwargs(model: nn.Module) -> dict[str, Any]:
     """Constructor kwargs of a timm ``VisionTransformer`` read off its modules (sizes and switches)."""
     block = model.blocks[0]
@@ -170,6 +174,12 @@ def _vit_kwargs(model: nn.Module) -> dict[str, Any]:
     }
     if mlp_in is not None:
         kwargs["mlp_ratio"] = mlp_in.out_features / model.embed_dim
+    act = getattr(block.mlp, "act", None)
+    name = type(act).__name__
+    if name == "GELU" and getattr(act, "approximate", "none") == "tanh":
+        name = "GELUTanh"
+    if name in _TIMM_ACTIVATIONS:  # e.g. CLIP towers built with act_layer="quick_gelu"
+        kwargs["act_layer"] = _TIMM_ACTIVATIONS[name]
     if not isinstance(getattr(block, "ls1", nn.Identity()), nn.Identity):
         kwargs["init_values"] = 1e-5  # layer scale present (its gamma is loaded from the checkpoint)
     return kwargs

@@ -1,0 +1,106 @@
+"""Issue 14: the real CLIP ViT-B/16 image tower (timm) quantized, saved, loaded in a new process.
+
+Quantizes the ``clip-vit-b16-openai`` tower (:func:`vtquant.models.load_clip_vit_b16`, timm build)
+with INSERTQUANT W8A8 on bundled photos, saves it with :func:`vtquant.save` (timm towers use the
+vtquant layout: architecture name + constructor kwargs + a norm / activation fingerprint), loads it
+with :func:`vtquant.load` in a new process and compares the 512-d image embeddings of held-out
+photos with the in-memory model's.
+
+Usage::
+
+    .venv/bin/python tools/deploy_clip_bench.py --threads 2 --out runs/deploy_clip_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import vtquant  # noqa: E402
+from vtquant.adapters import get_adapter  # noqa: E402
+from vtquant.models import load_clip_vit_b16, set_threads  # noqa: E402
+from vtquant.vision import default_vision_recipe, tower_recipe  # noqa: E402
+
+NEW_PROCESS = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+import vtquant
+from vtquant.convert.clip_onnx import image_embeds
+t0 = time.time()
+model = vtquant.load(sys.argv[1])
+load_s = time.time() - t0
+with torch.no_grad():
+    torch.save({"emb": image_embeds(model, torch.load(sys.argv[2])), "load_seconds": load_s,
+                "sinks": model.vtquant.sink_positions()}, sys.argv[2] + ".out")
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calib-images", type=int, default=12)
+    ap.add_argument("--eval-images", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/deploy_clip_bench.json")
+    args = ap.parse_args()
+    threads = set_threads(args.threads)
+    from vtquant.convert.clip_onnx import clip_preprocess, image_embeds
+    from vtquant.eval.fidelity import sample_photos
+
+    photos = sample_photos()
+    need = args.calib_images + args.eval_images
+    if len(photos) < need:
+        raise SystemExit(f"{len(photos)} bundled photos, {need} needed")
+    pre = clip_preprocess()
+    x = torch.stack([pre(img) for _, img in photos[:need]])
+    calib = list(torch.split(x[:args.calib_images], 4))
+    held_out = x[args.calib_images:]
+
+    fp = load_clip_vit_b16("timm", quiet=True)
+    q = copy.deepcopy(fp)
+    recipe = default_vision_recipe()
+    recipe = tower_recipe(recipe, get_adapter(q))
+    t0 = time.time()
+    report = vtquant.quantize_(q, recipe, calib, quiet=True)
+    calib_s = time.time() - t0
+    with torch.no_grad():
+        emb_fp = image_embeds(fp, held_out)
+        emb_q = image_embeds(q, held_out)
+    work = Path(tempfile.mkdtemp(prefix="vtquant-clip-"))
+    path = vtquant.save(q, work / "ckpt")
+    torch.save(held_out, work / "x.pt")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run([sys.executable, "-c", NEW_PROCESS, str(path), str(work / "x.pt"), str(threads)], check=True,
+                   env=env, cwd=tempfile.gettempdir())
+    loaded = torch.load(work / "x.pt.out")
+    cos = torch.nn.functional.cosine_similarity
+    result = {
+        "model": "clip-vit-b16-openai (timm vit_base_patch16_clip_224.openai; FP = the dequantized int8 ONNX)",
+        "recipe": recipe.to_dict(), "calib_images": args.calib_images, "eval_images": args.eval_images,
+        "calibrate_seconds": round(calib_s, 1), "threads": threads,
+        "report": {"emergence_layer": report.emergence_layer, "stages": report.stages, "num_types": report.num_types},
+        "files": sorted(p.name for p in path.iterdir()),
+        "model_safetensors_bytes": (path / "model.safetensors").stat().st_size,
+        "load_seconds_new_process": round(loaded["load_seconds"], 2),
+        "max_abs_embedding_diff_loaded_vs_in_memory": float((loaded["emb"] - emb_q).abs().max()),
+        "sink_positions_equal": loaded["sinks"] == q.vtquant.sink_positions(),
+        "cosine_quantized_vs_fp": [round(float(c), 5) for c in cos(emb_q, emb_fp)],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
