@@ -84,7 +84,8 @@ def fake_wheel(tmp_path: Path) -> Path:
 
 # --------------------------------------------------------------------------- registry / paths
 def test_registry_pins() -> None:
-    assert set(assets.ASSETS) == {"smollm2-135m", "austen-lady-susan", "shakespeare", "dinov2-s-imgfocus"}
+    assert set(assets.ASSETS) == {"smollm2-135m", "austen-lady-susan", "shakespeare", "dinov2-s-imgfocus",
+                                  "clip-vit-b16-openai"}
     for a in assets.ASSETS.values():
         assert len(a.sha256) == 64 and int(a.sha256, 16) >= 0
         assert a.dist_kind in ("wheel", "sdist")

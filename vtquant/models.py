@@ -3,6 +3,9 @@
 ``asset:smollm2-135m`` (the default) is the GGUF file of the ``smollm2-135m``
 asset, loaded by transformers (weights dequantized to fp32 on load).  A local
 ``.gguf`` file (``--model-file``) or a local transformers directory work the same.
+
+:func:`load_clip_vit_b16` returns the OpenAI CLIP ViT-B/16 vision tower of the
+``clip-vit-b16-openai`` asset (int8 ONNX, dequantized to fp32) in transformers, open_clip or timm.
 """
 from __future__ import annotations
 
@@ -78,3 +81,19 @@ def set_threads(threads: Optional[int] = None) -> int:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
+
+
+def load_clip_vit_b16(library: str = "hf", *, quiet: bool = False, onnx_path: Optional[str] = None) -> Any:
+    """OpenAI CLIP ViT-B/16 vision tower + 512-d projection (asset ``clip-vit-b16-openai``), fp32, eval mode.
+
+    "FP" is the dequantized int8 ONNX model (see :mod:`vtquant.convert.clip_onnx`).
+
+    Args:
+        library: ``"hf"`` (``CLIPVisionModelWithProjection``), ``"open_clip"`` (``ViT-B-16`` visual tower)
+            or ``"timm"`` (``vit_base_patch16_clip_224.openai``, quick_gelu).
+        quiet: no progress output.
+        onnx_path: the asset's ONNX file given by hand (offline use).
+    """
+    from .convert.clip_onnx import load_clip_vit_b16 as _load
+
+    return _load(library, quiet=quiet, onnx_path=onnx_path)  # type: ignore[arg-type]
