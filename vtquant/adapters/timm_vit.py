@@ -12,11 +12,13 @@ nobody here: the adapter reads the module tree only.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
 from .base import register_adapter
-from .vision_common import VisionAdapter
+from .vision_common import VisionAdapter, layer_scale, ln_layer_rotation
 
 TIMM_CLASSES = (
     "timm.models.vision_transformer.VisionTransformer",
@@ -70,6 +72,41 @@ class TimmViTAdapter(VisionAdapter):
 
     def hidden_size(self) -> int:
         return int(self.model.embed_dim)
+
+    def rotation_spec(self) -> Any:
+        """:class:`~vtquant.core.rotation_ln.LNRotationSpec` of a pre-norm timm ViT (``Block``: ViT, DeiT, DINOv2,
+        CLIP towers); EVA and other block shapes are refused."""
+        from ..core.rotation_ln import LNRotationSpec, check_layer_norms, is_identity, is_layer_norm
+
+        m = self.model
+        layers = []
+        for i, block in enumerate(self.blocks()):
+            kind = f"{type(block).__module__}.{type(block).__name__}"
+            if kind != "timm.models.vision_transformer.Block":
+                raise NotImplementedError(f"rotation of timm {type(m).__name__}: block {i} is a {type(block).__name__}, "
+                                          "only the pre-norm vision_transformer.Block can be rotated exactly; use "
+                                          "rotation.enabled: false")
+            attn, mlp = block.attn, block.mlp
+            fc2 = mlp.fc2
+            readers = [lin for name, lin in mlp.named_children() if isinstance(lin, nn.Linear) and lin is not fc2]
+            heads = is_identity(getattr(attn, "norm", None)) and getattr(attn, "gate", None) is None
+            head_dim = getattr(attn, "head_dim", None) or attn.proj.in_features // attn.num_heads
+            layers.append(ln_layer_rotation(
+                block.norm1, [attn.qkv], (attn.qkv, 2 * attn.proj.in_features, head_dim), attn.proj, block.norm2,
+                readers, fc2, scales=(layer_scale(block.ls1, attn.proj), layer_scale(block.ls2, fc2)), heads=heads))
+        start_params = [(m, n) for n in ("cls_token", "dist_token", "reg_token", "pos_embed")
+                        if isinstance(getattr(m, n, None), torch.Tensor)]
+        start_norms, start_linears = [], []
+        if is_layer_norm(getattr(m, "norm_pre", None)):
+            start_norms, start_params = [m.norm_pre], []
+        elif is_layer_norm(getattr(m.patch_embed, "norm", None)):
+            start_norms = [m.patch_embed.norm]
+        elif is_identity(getattr(m, "norm_pre", None)) and is_identity(getattr(m.patch_embed, "norm", None)):
+            start_linears = [m.patch_embed.proj]
+        else:
+            check_layer_norms([m.norm_pre, m.patch_embed.norm], "the stream start")
+        return LNRotationSpec(hidden=self.hidden_size(), root=m, layers=layers, start_params=start_params,
+                              start_linears=start_linears, start_norms=start_norms, end=("input", m.norm))
 
     def prefix_kinds(self) -> list[tuple[str, str, int]]:
         out, pos = [], 0

@@ -59,6 +59,37 @@ def unquantized_weights(module: nn.Module) -> list[str]:
     return left
 
 
+def ln_layer_rotation(norm1: nn.Module, attn_readers: list, value: tuple, out: nn.Module, norm2: nn.Module,
+                      mlp_readers: list, fc2: nn.Module, scales: tuple = (), heads: bool = True) -> Any:
+    """One pre-LayerNorm block for :class:`~vtquant.core.rotation_ln.LNRotationSpec`.
+
+    Args:
+        norm1, norm2: the block's LayerNorms (attention, MLP).
+        attn_readers: the q / k / v Linears (or one fused ``qkv``).
+        value: ``(value Linear, first value row, head_dim)``.
+        out: the attention output projection (a writer).
+        mlp_readers: the MLP's first Linear(s).
+        fc2: the MLP's second Linear (writer, rotated online).
+        scales: ``((module, parameter name, writer), ...)`` layer scales on the writers' outputs.
+        heads: the per-head value / output rotation is valid (no norm or gate between them).
+    """
+    from ..core.rotation_ln import LNLayerRotation, check_layer_norms
+
+    check_layer_norms([norm1, norm2], type(norm1).__name__)
+    v, offset, head_dim = value
+    return LNLayerRotation(norm_readers=[(norm1, list(attn_readers)), (norm2, list(mlp_readers))],
+                           writers=[out, fc2], online=[fc2],
+                           value_output=(v, offset, out, head_dim) if heads else None,
+                           layer_scales=[s for s in scales if s is not None])
+
+
+def layer_scale(module: Any, writer: nn.Module, name: str = "gamma") -> Optional[tuple]:
+    """``(module, name, writer)`` when ``module`` is a layer scale holding ``name``, else ``None``."""
+    if module is None or isinstance(module, nn.Identity) or not isinstance(getattr(module, name, None), torch.Tensor):
+        return None
+    return (module, name, writer)
+
+
 def text_known_sinks(ids: torch.Tensor, names: list[str], eot_positions) -> tuple[torch.Tensor, torch.Tensor]:
     """Known-sink mask and fixed template types of a text tower's tokens ``ids`` ``[B, T]``.
 
