@@ -15,7 +15,7 @@ RECIPE_VERSION = 1
 
 METHOD_NAMES = ("fp", "naive-static", "dynamic-token", "smoothquant", "prefix", "rotate", "insertquant",
                 "insertquant+rotate")
-"""Names accepted by :func:`method_recipe` (the peers of METHOD.md side by side)."""
+"""Names accepted by :func:`method_recipe` (the peers of docs/method.md side by side)."""
 
 
 def __getattr__(name: str) -> Any:
@@ -143,7 +143,7 @@ class ActArgs:
 
 @dataclass
 class SinkConfig:
-    """Sink detection, clamping and template insertion (METHOD.md, steps 2-5).
+    """Sink detection, clamping and template insertion (docs/method.md, steps 2-5).
 
     Attributes:
         enabled: handle sinks at all (``false`` = plain per-tensor quantization).

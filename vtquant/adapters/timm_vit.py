@@ -4,7 +4,7 @@ timm builds the token sequence as ``[CLS, (distillation), registers..., patches]
 (``num_prefix_tokens`` in total, ``num_reg_tokens`` registers).  Each prefix token
 is a known sink kind with its own template type (``cls``, ``dist``, ``register0``...);
 high-norm background patches of models trained without registers are found by
-content per image (METHOD.md "Vision").  The blocks run batch-first
+content per image (docs/method.md "Vision").  The blocks run batch-first
 (``[B, T, C]``); attention uses one fused ``qkv`` Linear (EVA may use separate
 ``q_proj``/``k_proj``/``v_proj``), the MLP ``fc1 -> act -> fc2`` (or SwiGLU
 ``fc1_g``/``fc1_x`` -> ``fc2``); the probe is ``mlp.fc2``.  timm is imported by

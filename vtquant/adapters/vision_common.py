@@ -1,6 +1,6 @@
 """Shared pieces of the vision / CLIP adapters (timm, open_clip, transformers towers).
 
-Vision towers differ from LLM decoders in how their sinks are known (METHOD.md
+Vision towers differ from LLM decoders in how their sinks are known (docs/method.md
 "Vision"): prefix tokens (CLS, distillation, registers) sit at fixed positions
 and each gets its *own* fixed template type, while content-detected sinks (the
 high-norm background patches of ViTs trained without registers, whose
@@ -12,7 +12,7 @@ restore.
 
 Also here: :class:`ExplicitMultiheadAttention`, an output-identical drop-in for
 ``nn.MultiheadAttention`` with explicit q / k / v / out Linears, so a
-Linear-only quantizer covers all of attention (DESIGN.md "Things that bite").
+Linear-only quantizer covers all of attention (docs/design.md "Things that bite").
 """
 from __future__ import annotations
 

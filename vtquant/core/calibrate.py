@@ -1,6 +1,6 @@
 """The sink calibrator: statistics -> detection -> templates, returning a :class:`SinkPlan`.
 
-METHOD.md steps 1-4, model-family free (the adapter says where blocks, probes and known sinks
+docs/method.md steps 1-4, model-family free (the adapter says where blocks, probes and known sinks
 are).  Three parts, each small:
 
 1. :meth:`SinkCalibrator.collect_statistics` - one full-precision pass: per layer, the per-token
@@ -95,7 +95,7 @@ def _probes(adapter: "ModelAdapter", wrapped: Wrapped, ignore: list) -> dict[int
 
 def _relative_detection(stats: ProbeStatistics, ratios: torch.Tensor, references: torch.Tensor, cfg: SinkConfig,
                         known_flat: Optional[torch.Tensor], report: "QuantReport") -> Optional[dict]:
-    """The model-relative rule over every probe (METHOD.md: probes where the spike is, thresholds from the model).
+    """The model-relative rule over every probe (docs/method.md: probes where the spike is, thresholds from the model).
 
     Probes, in forward order: each layer's probe-Linear input (token peak / median token peak) and
     each block output but the last (``||h - mu||`` / its median, ``mu`` the per-channel median).  Per

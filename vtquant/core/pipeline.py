@@ -1,4 +1,4 @@
-"""prepare -> calibrate -> convert, model-family free (torchao's static flow, METHOD.md steps 1-6).
+"""prepare -> calibrate -> convert, model-family free (torchao's static flow, docs/method.md steps 1-6).
 
 :func:`quantize_model_` runs one pipeline for every method; the method's handler
 (:mod:`vtquant.core.methods`) adds its steps at fixed hooks:

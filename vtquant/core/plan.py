@@ -30,7 +30,7 @@ def _tuple(values: Any) -> tuple:
 
 @dataclass(frozen=True)
 class SinkPlan:
-    """Sink handling decided by calibration (METHOD.md steps 2-5).
+    """Sink handling decided by calibration (docs/method.md steps 2-5).
 
     Attributes:
         stages: detection stage name -> layer index (``stage1`` optional, ``stage2`` the emergence layer).

@@ -1,4 +1,4 @@
-"""Sink-token detection and the per-forward sink state (METHOD.md step 2 and 4; paper App. on detection).
+"""Sink-token detection and the per-forward sink state (docs/method.md step 2 and 4; paper App. on detection).
 
 A *sink* is a token whose peak |activation| at a probe point (the input of an
 MLP's second Linear) is ``alpha`` times the typical token peak.  The typical
@@ -236,7 +236,7 @@ def residual_scores(rows: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
 
 
 def robust_fence(ratios: torch.Tensor, k: float, floor: float, min_sigma: float = 0.05) -> tuple[float, float, float]:
-    """The model-relative outlier threshold of one probe (METHOD.md: thresholds from the model's own data).
+    """The model-relative outlier threshold of one probe (docs/method.md: thresholds from the model's own data).
 
     ``tau = max(floor, exp(median(log r) + k * sigma))`` with ``sigma = 1.4826 * MAD(log r)`` (at least
     ``min_sigma``): a token is an outlier when its log ratio lies ``k`` robust standard deviations
