@@ -97,7 +97,7 @@ def test_smoothquant_vs_naive_static_on_the_implanted_sink(sink_model, capsys):
     """The implanted sink's spike sits at the MLP down-projection input (after the GLU), which has no
     norm in front of it, so SmoothQuant cannot smooth it: its static scale there is still set by the
     sink, and its error stays at naive-static's level, far above insertquant / prefix.  This is the
-    METHOD.md distinction (smoothing fixes always-on outlier channels, not sink tokens); the next test
+    docs/method.md distinction (smoothing fixes always-on outlier channels, not sink tokens); the next test
     shows the case smoothing does fix."""
     evals = token_batches(n=3, seed=21)
     naive, smooth = _quantized(sink_model, "naive-static"), _quantized(sink_model, "smoothquant")

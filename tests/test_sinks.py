@@ -1,4 +1,4 @@
-"""Sink detection, templates and clamp-and-insert (METHOD.md steps 2-5) on implanted tiny decoders.
+"""Sink detection, templates and clamp-and-insert (docs/method.md steps 2-5) on implanted tiny decoders.
 
 The implanted models (``tests/sinkmodels.py``) make token ``SINK_ID`` a massive-activation
 sink at a chosen emergence layer and cancel it at a chosen layer, so every expectation

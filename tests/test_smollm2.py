@@ -35,7 +35,7 @@ def test_smollm2_insertquant_rotate_w8a8(smollm2):
     report = vtquant.quantize_(iq, method_recipe("insertquant+rotate", base), calib, quiet=True)
     ppl_iq = perplexity(iq, chunks, quiet=True)
     print(f"fp {fp:.2f} naive-static {ppl_naive:.2f} insertquant+rotate {ppl_iq:.2f}")
-    # the spike is born in layer 11's MLP and removed in layer 28 (ASSETS.md): found from data
+    # the spike is born in layer 11's MLP and removed in layer 28 (docs/assets.md): found from data
     assert report.emergence_layer == 11
     assert report.cancellation_layer in (28, 29)
     assert all(p[:1] == [0] for p in report.calib_sink_positions)

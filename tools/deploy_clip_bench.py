@@ -2,7 +2,7 @@
 
 Quantizes the ``clip-vit-b16-openai`` tower (:func:`vtquant.models.load_clip_vit_b16`, timm build)
 with INSERTQUANT W8A8 on bundled photos, saves it with :func:`vtquant.save` (timm towers use the
-vtquant layout: architecture name + constructor kwargs + a norm / activation fingerprint), loads it
+vtquant layout: architecture name + constructor kwargs + a activation fingerprint), loads it
 with :func:`vtquant.load` in a new process and compares the 512-d image embeddings of held-out
 photos with the in-memory model's.
 

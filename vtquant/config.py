@@ -15,7 +15,7 @@ RECIPE_VERSION = 1
 
 METHOD_NAMES = ("fp", "naive-static", "dynamic-token", "smoothquant", "prefix", "rotate", "insertquant",
                 "insertquant+rotate")
-"""Names accepted by :func:`method_recipe` (the peers of METHOD.md side by side)."""
+"""Names accepted by :func:`method_recipe` (the peers of docs/method.md side by side)."""
 
 
 def __getattr__(name: str) -> Any:
@@ -143,13 +143,22 @@ class ActArgs:
 
 @dataclass
 class SinkConfig:
-    """Sink detection, clamping and template insertion (METHOD.md, steps 2-5).
+    """Sink detection, clamping and template insertion (docs/method.md, steps 2-5).
 
     Attributes:
         enabled: handle sinks at all (``false`` = plain per-tensor quantization).
         insert: insert templates for clamped sinks (``false`` = clamp only; an ablation that breaks the model).
         alpha: stage-2 threshold on a token's peak |x| over the calibrated median token peak,
             at the MLP second-linear input of the emergence layer (prototype: 64).
+        detect: ``auto``: the fixed ``alpha`` rule at the probe Linears when any token exceeds it
+            (massive activations, the paper's regime), otherwise the model-relative rule below;
+            ``alpha``: the fixed rule only; ``relative``: the model-relative rule only.
+        fence_k: model-relative rule: at every probe (each layer's probe-Linear input and block output)
+            a token is an outlier when its log ratio to the probe's median lies ``fence_k`` robust
+            standard deviations (1.4826 x MAD of the log ratios) above the median.
+        min_ratio: model-relative rule: the threshold is never below this ratio.
+        max_share: model-relative rule: a probe whose outliers exceed this share of the tokens shows
+            no sink (sinks are a few tokens; a wide tail is an outlier *feature*).
         stage1: find an earlier detection layer from calibration data (``auto``) or not (``off``).
         stage1_margin: the stage-1 threshold is this factor above the largest non-sink ratio seen.
         stage1_min_recall: the stage-1 layer must catch at least this share of the calibration sinks.
@@ -164,6 +173,10 @@ class SinkConfig:
     enabled: bool = True
     insert: bool = True
     alpha: float = 64.0
+    detect: str = "auto"
+    fence_k: float = 8.0
+    min_ratio: float = 4.0
+    max_share: float = 0.25
     stage1: str = "auto"
     stage1_margin: float = 2.0
     stage1_min_recall: float = 0.9
@@ -174,6 +187,10 @@ class SinkConfig:
 
     def __post_init__(self) -> None:
         _check_choice("sinks", "stage1", self.stage1, ("auto", "off"))
+        _check_choice("sinks", "detect", self.detect, ("auto", "alpha", "relative"))
+        if float(self.fence_k) <= 0 or float(self.min_ratio) <= 1.0 or not (0.0 < float(self.max_share) <= 1.0):
+            raise ConfigError(f"sinks: fence_k = {self.fence_k!r} must be > 0, min_ratio = {self.min_ratio!r} > 1 and "
+                              f"max_share = {self.max_share!r} in (0, 1]")
         if not all(isinstance(k, str) for k in (self.known_sinks if isinstance(self.known_sinks, list) else [])):
             raise ConfigError(f"sinks.known_sinks = {self.known_sinks!r}: give a list of names, e.g. [first_token]")
         if float(self.alpha) <= 1.0:

@@ -1,4 +1,4 @@
-"""The errors vtquant raises for things a user can fix (DESIGN.md "Errors name the thing").
+"""The errors vtquant raises for things a user can fix (docs/design.md "Errors name the thing").
 
 :class:`VtquantError` is the base: its message names what is wrong (a file, a field, a value)
 and what to do about it, in one line.  The ``vtquant`` command prints any of them as

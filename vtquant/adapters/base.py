@@ -1,4 +1,4 @@
-"""The adapter interface: the only place that knows model families (DESIGN.md).
+"""The adapter interface: the only place that knows model families (docs/design.md).
 
 An adapter turns a concrete model into generic pieces the core works on:
 blocks in forward order, the quantizable Linears of each block, the probe Linear

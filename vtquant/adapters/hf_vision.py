@@ -3,7 +3,8 @@
 Per-class knowledge in the small :data:`TOWERS` table (llm-compressor's mapping idea):
 where the blocks are, the probe Linear, and the prefix tokens.  All run batch-first.
 
-* ``CLIPVisionTransformer`` / ``CLIPVisionModel``: CLS at 0 (pooled: protected).
+* ``CLIPVisionTransformer`` / ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``: CLS at 0
+  (pooled: protected).
 * ``SiglipVisionTransformer`` / ``SiglipVisionModel``: no CLS (attention-pooling head
   reads every token): content-based detection only.
 * ``CLIPTextTransformer`` / ``CLIPTextModel``: first token and the pooled end-of-text
@@ -23,11 +24,12 @@ import torch
 import torch.nn as nn
 
 from .base import KnownSinks, UnsupportedModelError, register_adapter
-from .vision_common import VisionAdapter, text_known_sinks
+from .vision_common import VisionAdapter, layer_scale, ln_layer_rotation, text_known_sinks
 
 TOWERS = {
     "CLIPVisionTransformer": {"kind": "vision", "cls": True},
     "CLIPVisionModel": {"kind": "vision", "cls": True, "inner": "vision_model"},
+    "CLIPVisionModelWithProjection": {"kind": "vision", "cls": True, "inner": "vision_model"},
     "SiglipVisionTransformer": {"kind": "vision", "cls": False},
     "SiglipVisionModel": {"kind": "vision", "cls": False, "inner": "vision_model"},
     "Dinov2Model": {"kind": "dinov2", "cls": True},
@@ -69,6 +71,47 @@ class HFVisionAdapter(VisionAdapter):
 
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
+
+    # --- rotation -----------------------------------------------------------------------
+    def rotation_spec(self) -> Any:
+        """:class:`~vtquant.core.rotation_ln.LNRotationSpec` of the tower (pre-norm encoder layers)."""
+        from ..core.rotation_ln import LNRotationSpec, is_layer_norm
+
+        t, kind = self.tower, self.spec["kind"]
+        heads = int(self.config.num_attention_heads)
+        head_dim = self.hidden_size() // heads
+        layers = []
+        for block in self.blocks():
+            if kind == "dinov2":
+                attn, mlp = block.attention, block.mlp
+                fc2 = getattr(mlp, "fc2", None) or mlp.weights_out
+                readers = [lin for lin in mlp.children() if isinstance(lin, nn.Linear) and lin is not fc2]
+                layers.append(ln_layer_rotation(
+                    block.norm1, [attn.q_proj, attn.k_proj, attn.v_proj], (attn.v_proj, 0, head_dim), attn.o_proj,
+                    block.norm2, readers, fc2, scales=(layer_scale(block.layer_scale1, attn.o_proj, "lambda1"),
+                                                      layer_scale(block.layer_scale2, fc2, "lambda1"))))
+            else:
+                attn, mlp = block.self_attn, block.mlp
+                layers.append(ln_layer_rotation(
+                    block.layer_norm1, [attn.q_proj, attn.k_proj, attn.v_proj], (attn.v_proj, 0, head_dim),
+                    attn.out_proj, block.layer_norm2, [mlp.fc1], mlp.fc2))
+        emb = t.embeddings
+        start: dict = {}
+        if kind == "text":
+            start["start_params"] = [(emb.token_embedding, "weight")] + (
+                [(emb.position_embedding, "weight")] if getattr(emb, "position_embedding", None) is not None else [])
+        elif is_layer_norm(getattr(t, "pre_layrnorm", None)):  # CLIP: the pre-norm output starts the stream
+            start["start_norms"] = [t.pre_layrnorm]
+        elif kind == "dinov2":
+            start["start_linears"] = [emb.patch_embeddings.projection]
+            start["start_params"] = [(emb, n) for n in ("cls_token", "mask_token", "register_tokens",
+                                                         "position_embeddings")
+                                     if isinstance(getattr(emb, n, None), torch.Tensor)]
+        else:  # SigLIP
+            start["start_linears"] = [emb.patch_embedding]
+            start["start_params"] = [(emb.position_embedding, "weight")]
+        return LNRotationSpec(hidden=self.hidden_size(), root=self.model, layers=layers, end=("output", t.encoder),
+                              **start)
 
     # --- known sinks ------------------------------------------------------------------
     def prefix_kinds(self) -> list[tuple[str, str, int]]:

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from .base import KnownSinks, UnsupportedModelError, register_adapter
-from .vision_common import VisionAdapter, make_attention_explicit_, text_known_sinks
+from .vision_common import (VisionAdapter, layer_scale, ln_layer_rotation, make_attention_explicit_,
+                            text_known_sinks)
 
 
 def _transformer_layout(transformer: nn.Module) -> str:
@@ -37,8 +38,9 @@ def _prepare_tower(transformer: nn.Module) -> int:
     its first LayerNorm's dtype (the model's float dtype) instead.
     """
     for block in transformer.resblocks:
-        if hasattr(block, "ln_1"):
-            block.get_weight_dtype = lambda block=block: block.ln_1.weight.dtype
+        if hasattr(block, "ln_1"):  # (after rotation ln_1 holds no weight: any float parameter of the block)
+            block.get_weight_dtype = lambda block=block: next(
+                (p.dtype for p in block.parameters() if p.is_floating_point()), torch.float32)
     return make_attention_explicit_(transformer)
 
 
@@ -59,6 +61,28 @@ class _OpenCLIPTower(VisionAdapter):
     def hidden_size(self) -> int:
         return int(self.model.transformer.width)
 
+    def _start(self) -> dict:
+        raise NotImplementedError
+
+    def rotation_spec(self) -> Any:
+        """:class:`~vtquant.core.rotation_ln.LNRotationSpec` of the tower (``ResidualAttentionBlock`` blocks)."""
+        from ..core.rotation_ln import LNRotationSpec
+
+        layers = []
+        for i, block in enumerate(self.blocks()):
+            if type(block).__name__ != "ResidualAttentionBlock" or hasattr(block, "ln_1_kv"):
+                raise NotImplementedError(f"rotation of open_clip: block {i} is a {type(block).__name__}; only the "
+                                          "pre-norm ResidualAttentionBlock self-attention block can be rotated exactly; "
+                                          "use rotation.enabled: false")
+            attn, mlp = block.attn, block.mlp
+            head_dim = attn.embed_dim // attn.num_heads
+            layers.append(ln_layer_rotation(
+                block.ln_1, [attn.q_proj, attn.k_proj, attn.v_proj], (attn.v_proj, 0, head_dim), attn.out_proj,
+                block.ln_2, [mlp.c_fc], mlp.c_proj,
+                scales=(layer_scale(block.ls_1, attn.out_proj), layer_scale(block.ls_2, mlp.c_proj))))
+        return LNRotationSpec(hidden=self.hidden_size(), root=self.model, layers=layers,
+                              end=("output", self.model.transformer), **self._start())
+
 
 @register_adapter("open_clip.transformer.VisionTransformer")
 class OpenCLIPVisualAdapter(_OpenCLIPTower):
@@ -68,6 +92,16 @@ class OpenCLIPVisualAdapter(_OpenCLIPTower):
 
     def prefix_kinds(self) -> list[tuple[str, str, int]]:
         return [("cls", "cls", 0)] if getattr(self.model, "class_embedding", None) is not None else []
+
+    def _start(self) -> dict:
+        from ..core.rotation_ln import is_layer_norm
+
+        m = self.model
+        if is_layer_norm(getattr(m, "ln_pre", None)):
+            return {"start_norms": [m.ln_pre]}
+        return {"start_linears": [m.conv1],
+                "start_params": [(m, n) for n in ("class_embedding", "positional_embedding")
+                                 if isinstance(getattr(m, n, None), torch.Tensor)]}
 
     def protected_type_names(self) -> set[str]:
         return {"cls"} if getattr(self.model, "pool_type", "tok") == "tok" else set()
@@ -100,6 +134,12 @@ class OpenCLIPTextAdapter(_OpenCLIPTower):
 
     def known_sink_kinds(self) -> tuple[str, ...]:
         return ("first_token", "eot")
+
+    def _start(self) -> dict:
+        m = self.model
+        params = [(m.token_embedding, "weight")] + [(m, n) for n in ("positional_embedding", "cls_emb")
+                                                    if isinstance(getattr(m, n, None), torch.Tensor)]
+        return {"start_params": params}
 
     def _pool(self) -> tuple[str, Any]:
         pool = getattr(self.model, "text_pool_type", None) or getattr(self.model, "pool_type", "argmax")

@@ -4,7 +4,7 @@ timm builds the token sequence as ``[CLS, (distillation), registers..., patches]
 (``num_prefix_tokens`` in total, ``num_reg_tokens`` registers).  Each prefix token
 is a known sink kind with its own template type (``cls``, ``dist``, ``register0``...);
 high-norm background patches of models trained without registers are found by
-content per image (METHOD.md "Vision").  The blocks run batch-first
+content per image (docs/method.md "Vision").  The blocks run batch-first
 (``[B, T, C]``); attention uses one fused ``qkv`` Linear (EVA may use separate
 ``q_proj``/``k_proj``/``v_proj``), the MLP ``fc1 -> act -> fc2`` (or SwiGLU
 ``fc1_g``/``fc1_x`` -> ``fc2``); the probe is ``mlp.fc2``.  timm is imported by
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .base import register_adapter
-from .vision_common import VisionAdapter, structure_fingerprint
+from .vision_common import VisionAdapter, layer_scale, ln_layer_rotation, structure_fingerprint
 
 TIMM_CLASSES = (
     "timm.models.vision_transformer.VisionTransformer",
@@ -73,6 +73,41 @@ class TimmViTAdapter(VisionAdapter):
     def hidden_size(self) -> int:
         return int(self.model.embed_dim)
 
+    def rotation_spec(self) -> Any:
+        """:class:`~vtquant.core.rotation_ln.LNRotationSpec` of a pre-norm timm ViT (``Block``: ViT, DeiT, DINOv2,
+        CLIP towers); EVA and other block shapes are refused."""
+        from ..core.rotation_ln import LNRotationSpec, check_layer_norms, is_identity, is_layer_norm
+
+        m = self.model
+        layers = []
+        for i, block in enumerate(self.blocks()):
+            kind = f"{type(block).__module__}.{type(block).__name__}"
+            if kind != "timm.models.vision_transformer.Block":
+                raise NotImplementedError(f"rotation of timm {type(m).__name__}: block {i} is a {type(block).__name__}, "
+                                          "only the pre-norm vision_transformer.Block can be rotated exactly; use "
+                                          "rotation.enabled: false")
+            attn, mlp = block.attn, block.mlp
+            fc2 = mlp.fc2
+            readers = [lin for name, lin in mlp.named_children() if isinstance(lin, nn.Linear) and lin is not fc2]
+            heads = is_identity(getattr(attn, "norm", None)) and getattr(attn, "gate", None) is None
+            head_dim = getattr(attn, "head_dim", None) or attn.proj.in_features // attn.num_heads
+            layers.append(ln_layer_rotation(
+                block.norm1, [attn.qkv], (attn.qkv, 2 * attn.proj.in_features, head_dim), attn.proj, block.norm2,
+                readers, fc2, scales=(layer_scale(block.ls1, attn.proj), layer_scale(block.ls2, fc2)), heads=heads))
+        start_params = [(m, n) for n in ("cls_token", "dist_token", "reg_token", "pos_embed")
+                        if isinstance(getattr(m, n, None), torch.Tensor)]
+        start_norms, start_linears = [], []
+        if is_layer_norm(getattr(m, "norm_pre", None)):
+            start_norms, start_params = [m.norm_pre], []
+        elif is_layer_norm(getattr(m.patch_embed, "norm", None)):
+            start_norms = [m.patch_embed.norm]
+        elif is_identity(getattr(m, "norm_pre", None)) and is_identity(getattr(m.patch_embed, "norm", None)):
+            start_linears = [m.patch_embed.proj]
+        else:
+            check_layer_norms([m.norm_pre, m.patch_embed.norm], "the stream start")
+        return LNRotationSpec(hidden=self.hidden_size(), root=m, layers=layers, start_params=start_params,
+                              start_linears=start_linears, start_norms=start_norms, end=("input", m.norm))
+
     def prefix_kinds(self) -> list[tuple[str, str, int]]:
         out, pos = [], 0
         if getattr(self.model, "cls_token", None) is not None:
@@ -99,8 +134,8 @@ class TimmViTAdapter(VisionAdapter):
 
         A model made by ``timm.create_model(NAME, ...)`` is rebuilt with ``timm.create_model(NAME,
         pretrained=False, **kwargs)``; a ``VisionTransformer`` built directly, from its class with the
-        kwargs read off its modules.  Either way the loader checks the rebuilt model's norm layers and
-        activations against a fingerprint taken here, and every tensor shape when it loads the weights.
+        kwargs read off its modules.  Either way the loader checks the rebuilt model's activations against a
+        fingerprint taken here, and every tensor shape when it loads the weights.
         """
         import timm
 
@@ -138,7 +173,7 @@ class TimmViTAdapter(VisionAdapter):
         if expected is not None and structure_fingerprint(model) != expected:
             raise ValueError(f"the rebuilt timm model ({data.get('architecture') or data.get('class')}, timm "
                              f"{timm.__version__}; saved with timm {data.get('timm_version')}) differs from the saved "
-                             "one in its norm layers or activations; load it with the timm version that saved it")
+                             "one in its activations; load it with the timm version that saved it")
         return model.eval()
 
 

@@ -1,6 +1,6 @@
 """Shared pieces of the vision / CLIP adapters (timm, open_clip, transformers towers).
 
-Vision towers differ from LLM decoders in how their sinks are known (METHOD.md
+Vision towers differ from LLM decoders in how their sinks are known (docs/method.md
 "Vision"): prefix tokens (CLS, distillation, registers) sit at fixed positions
 and each gets its *own* fixed template type, while content-detected sinks (the
 high-norm background patches of ViTs trained without registers, whose
@@ -12,7 +12,7 @@ restore.
 
 Also here: :class:`ExplicitMultiheadAttention`, an output-identical drop-in for
 ``nn.MultiheadAttention`` with explicit q / k / v / out Linears, so a
-Linear-only quantizer covers all of attention (DESIGN.md "Things that bite").
+Linear-only quantizer covers all of attention (docs/design.md "Things that bite").
 """
 from __future__ import annotations
 
@@ -57,6 +57,37 @@ def unquantized_weights(module: nn.Module) -> list[str]:
         if not any(owner == o or owner.startswith(o + ".") for o in owned):
             left.append(pname)
     return left
+
+
+def ln_layer_rotation(norm1: nn.Module, attn_readers: list, value: tuple, out: nn.Module, norm2: nn.Module,
+                      mlp_readers: list, fc2: nn.Module, scales: tuple = (), heads: bool = True) -> Any:
+    """One pre-LayerNorm block for :class:`~vtquant.core.rotation_ln.LNRotationSpec`.
+
+    Args:
+        norm1, norm2: the block's LayerNorms (attention, MLP).
+        attn_readers: the q / k / v Linears (or one fused ``qkv``).
+        value: ``(value Linear, first value row, head_dim)``.
+        out: the attention output projection (a writer).
+        mlp_readers: the MLP's first Linear(s).
+        fc2: the MLP's second Linear (writer, rotated online).
+        scales: ``((module, parameter name, writer), ...)`` layer scales on the writers' outputs.
+        heads: the per-head value / output rotation is valid (no norm or gate between them).
+    """
+    from ..core.rotation_ln import LNLayerRotation, check_layer_norms
+
+    check_layer_norms([norm1, norm2], type(norm1).__name__)
+    v, offset, head_dim = value
+    return LNLayerRotation(norm_readers=[(norm1, list(attn_readers)), (norm2, list(mlp_readers))],
+                           writers=[out, fc2], online=[fc2],
+                           value_output=(v, offset, out, head_dim) if heads else None,
+                           layer_scales=[s for s in scales if s is not None])
+
+
+def layer_scale(module: Any, writer: nn.Module, name: str = "gamma") -> Optional[tuple]:
+    """``(module, name, writer)`` when ``module`` is a layer scale holding ``name``, else ``None``."""
+    if module is None or isinstance(module, nn.Identity) or not isinstance(getattr(module, name, None), torch.Tensor):
+        return None
+    return (module, name, writer)
 
 
 def text_known_sinks(ids: torch.Tensor, names: list[str], eot_positions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,30 +198,14 @@ _ACTIVATIONS = ("GELU", "QuickGELU", "SiLU", "ReLU", "GELUTanh", "Tanh", "Sigmoi
 
 
 def structure_fingerprint(model: nn.Module) -> list:
-    """``[[name, class, eps], ...]`` of the norm layers and activation modules of ``model``.
+    """``[[name, class], ...]`` of the activation modules of ``model``.
 
     What a rebuilt skeleton must share with the saved model beyond tensor shapes (which loading
-    checks): quantization wraps Linears and attention, never these, so the fingerprint of a
-    quantized model equals that of its full-precision original.
+    checks) and is not visible in them: quantization wraps Linears and attention and a rotation
+    replaces LayerNorms, never the activations, so a quantized model's fingerprint equals that of a
+    fresh build of its full-precision original.
     """
-    out = []
-    for name, mod in model.named_modules():
-        kind = type(mod).__name__
-        if "Norm" in kind or kind in _ACTIVATIONS:
-            eps = getattr(mod, "eps", None)
-            out.append([name, kind, None if eps is None else float(eps)])
-    return out
-
-    # --- what applications read (vtquant.analyze, vtquant.vision) ------------------------------
-    def input_kind(self) -> str:
-        return "images"
-
-    def attention_spec(self) -> Any:
-        """Read from the blocks' module names (fused ``qkv`` or separate q / k / v Linears); text
-        towers (``input_kind() == "tokens"``) attend causally."""
-        from .spec import attention_spec_from_modules
-
-        return attention_spec_from_modules(self, causal=self.input_kind() == "tokens")
+    return [[name, type(mod).__name__] for name, mod in model.named_modules() if type(mod).__name__ in _ACTIVATIONS]
 
 
 class ExplicitMultiheadAttention(nn.Module):

@@ -1,6 +1,6 @@
 """The sink calibrator: statistics -> detection -> templates, returning a :class:`SinkPlan`.
 
-METHOD.md steps 1-4, model-family free (the adapter says where blocks, probes and known sinks
+docs/method.md steps 1-4, model-family free (the adapter says where blocks, probes and known sinks
 are).  Three parts, each small:
 
 1. :meth:`SinkCalibrator.collect_statistics` - one full-precision pass: per layer, the per-token
@@ -29,8 +29,8 @@ from ..config import ConfigError, SinkConfig
 from .hooks import HookManager
 from .plan import SinkPlan
 from .quant import QuantLinear
-from .sinks import (SinkDetector, SinkState, choose_stage1, find_cancellation_layer, find_emergence_layer,
-                    token_peaks)
+from .sinks import (ResidualDetector, SinkDetector, SinkState, choose_stage1, find_cancellation_layer,
+                    find_emergence_layer, residual_scores, robust_fence, token_peaks)
 from .templates import ResidualRestore, SinkGuard, template_statistics
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ class ProbeStatistics:
         shapes: ``[(B, T), ...]`` of each batch (to split N back into sequences).
         residual_norms: ``[n_layers, N]`` per-token residual norm at every block output.
         known: ``[N]`` bool of adapter-known sinks, or ``None`` when no kinds are configured.
+        residual_scores: ``[n_layers, N]`` per-token ``||h - baseline||`` at every block output.
+        baselines: ``[n_layers, C]`` per-channel median of each block output (over the first batch).
     """
 
     layers: list
@@ -57,6 +59,8 @@ class ProbeStatistics:
     shapes: list
     residual_norms: torch.Tensor
     known: Optional[torch.Tensor]
+    residual_scores: Optional[torch.Tensor] = None
+    baselines: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -72,6 +76,9 @@ class Detection:
     protected_types: list
     emergence_layer: int
     cancellation_layer: Optional[int]
+    sites: dict = dataclasses.field(default_factory=dict)
+    baselines: dict = dataclasses.field(default_factory=dict)
+    rule: str = "alpha"
 
 
 def _probes(adapter: "ModelAdapter", wrapped: Wrapped, ignore: list) -> dict[int, QuantLinear]:
@@ -86,22 +93,132 @@ def _probes(adapter: "ModelAdapter", wrapped: Wrapped, ignore: list) -> dict[int
     return probes
 
 
+def _relative_detection(stats: ProbeStatistics, ratios: torch.Tensor, references: torch.Tensor, cfg: SinkConfig,
+                        known_flat: Optional[torch.Tensor], report: "QuantReport") -> Optional[dict]:
+    """The model-relative rule over every probe (docs/method.md: probes where the spike is, thresholds from the model).
+
+    Probes, in forward order: each layer's probe-Linear input (token peak / median token peak) and
+    each block output but the last (``||h - mu||`` / its median, ``mu`` the per-channel median).  Per
+    probe, over the content tokens (known sinks left out), the fence :func:`robust_fence`
+    (``fence_k`` robust standard deviations of the log ratios above their median, at least
+    ``min_ratio``); a probe *fires* when some token passes it and at most ``max_share`` of the
+    tokens do.  The main stage (``stage2``) is the firing probe whose largest ratio is furthest
+    above its fence; every earlier firing probe whose outliers are mostly (>= 50 %) sinks of the
+    main stage too becomes an extra stage (``stage1.<site><layer>``): the sink set of an input is the
+    union of all stages.  Every probe's numbers and decision go to ``report.probes``.
+    """
+    n_tok = ratios.shape[1]
+    content = ~known_flat if known_flat is not None else torch.ones(n_tok, dtype=torch.bool)
+    n_content = int(content.sum())
+    if n_content == 0:
+        return None
+    candidates = [(2 * li, "probe", li, ratios[i], float(references[i]), None) for i, li in enumerate(stats.layers)]
+    if stats.residual_scores is not None:
+        for li in range(stats.residual_scores.shape[0] - 1):  # the last block output feeds no quantized Linear
+            sc = stats.residual_scores[li]
+            ref = float(sc.median().clamp_min(1e-12))
+            candidates.append((2 * li + 1, "residual", li, sc / ref, ref, stats.baselines[li]))
+    candidates.sort(key=lambda c: c[0])
+    rows = []
+    for order, site, li, r, ref, base in candidates:
+        rc = r[content]
+        tau, _med, sigma = robust_fence(rc, cfg.fence_k, cfg.min_ratio)
+        above_all = r > tau  # known tokens above the fence confirm them; the rule itself counts content tokens
+        above = above_all & content
+        count = int(above.sum())
+        share = count / n_content
+        top = float(rc.max())
+        fired = count > 0 and share <= cfg.max_share
+        if count == 0:
+            decision = "no outlier"
+        elif not fired:
+            decision = (f"{100 * share:.0f} % of the tokens above the fence: a wide tail (outlier feature), "
+                        "not a few sinks")
+        else:
+            decision = "fires"
+        rows.append({"order": order, "site": site, "layer": li, "reference": ref, "baseline": base, "fence": tau,
+                     "sigma": sigma, "above": above, "above_all": above_all, "count": count, "share": share,
+                     "max": top, "fired": fired, "decision": decision})
+    fired = [row for row in rows if row["fired"]]
+    main = max(fired, key=lambda row: row["max"] / row["fence"]) if fired else None
+    stages: dict = {}
+    if main is not None:
+        main["decision"] = "stage2 (main: largest ratio over its fence)"
+        stages["stage2"] = main
+        for row in fired:
+            if row["order"] >= main["order"]:
+                if row is not main:
+                    row["decision"] = "fires, after the main probe (its sinks are already known there)"
+                continue
+            precision = float((row["above"] & main["above"]).sum()) / row["count"]
+            if precision >= 0.5:
+                name = f"stage1.{row['site']}{row['layer']}"
+                row["decision"] = f"{name} ({100 * precision:.0f} % of its outliers are main-stage sinks)"
+                stages[name] = row
+            else:
+                row["decision"] = (f"fires, not used: only {100 * precision:.0f} % of its outliers are sinks at "
+                                   "the main probe (another phenomenon)")
+    report.probes = [{"site": row["site"], "layer": row["layer"], "max_ratio": round(row["max"], 2),
+                      "fence": round(row["fence"], 2), "sigma_log": round(row["sigma"], 3),
+                      "outliers": row["count"], "share": round(row["share"], 4), "decision": row["decision"]}
+                     for row in rows]
+    if main is None:
+        return None
+    sink_flat = torch.zeros(n_tok, dtype=torch.bool)
+    for row in stages.values():
+        sink_flat |= row["above_all"]
+    return {"stages": {n: row["layer"] for n, row in stages.items()},
+            "alphas": {n: float(row["fence"]) for n, row in stages.items()},
+            "references": {n: float(row["reference"]) for n, row in stages.items()},
+            "sites": {n: row["site"] for n, row in stages.items()},
+            "baselines": {n: row["baseline"] for n, row in stages.items() if row["site"] == "residual"},
+            "sink_flat": sink_flat, "emergence": main["layer"]}
+
+
 def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAdapter",
                      report: "QuantReport") -> Optional[Detection]:
-    """Thresholds, stages and template types from the statistics pass (``None``: no massive activation)."""
+    """Thresholds, stages and template types from the statistics pass (``None``: no sink).
+
+    Two rules (``sinks.detect``): the fixed one (a token whose peak at the probe Linear exceeds
+    ``alpha`` x the median token peak; the emergence layer is the probe with the largest ratio) and,
+    when no token anywhere exceeds ``alpha`` (``auto``), the model-relative one of
+    :func:`_relative_detection`.
+    """
     layers = stats.layers
     references = stats.peaks.median(dim=1).values.clamp_min(1e-12)
     ratios = stats.peaks / references.unsqueeze(1)
     report.probe_max_ratio = [round(float(r), 2) for r in ratios.max(dim=1).values]
-    emergence_idx = find_emergence_layer(ratios.max(dim=1).values, cfg.alpha)
-    if emergence_idx is None:
-        report.notes.append(f"no token exceeds alpha={cfg.alpha:g} x the median token peak at any probe: "
-                            "no massive activations, sink handling disabled (plain per-tensor quantization)")
-        return None
-    emergence = layers[emergence_idx]
     known_kinds = list(cfg.known_sinks)
-    sink_flat = ratios[emergence_idx] > cfg.alpha
     known_flat = stats.known if known_kinds else None
+    emergence_idx = (find_emergence_layer(ratios.max(dim=1).values, cfg.alpha)
+                     if cfg.detect in ("auto", "alpha") else None)
+    sites: dict = {}
+    baselines: dict = {}
+    if emergence_idx is not None:
+        rule = "alpha"
+        emergence = layers[emergence_idx]
+        sink_flat = ratios[emergence_idx] > cfg.alpha
+        stages = {"stage2": emergence}
+        alphas = {"stage2": float(cfg.alpha)}
+        refs = {"stage2": float(references[emergence_idx])}
+    else:
+        found = (_relative_detection(stats, ratios, references, cfg, known_flat, report)
+                 if cfg.detect in ("auto", "relative") else None)
+        if found is None:
+            why = {"alpha": f"no token exceeds alpha={cfg.alpha:g} x the median token peak at any probe",
+                   "relative": f"no probe has a few tokens {cfg.fence_k:g} robust standard deviations above its bulk",
+                   "auto": f"no token exceeds alpha={cfg.alpha:g} x the median token peak at any probe, and no probe "
+                           f"(probe-Linear inputs and block outputs) has a few tokens {cfg.fence_k:g} robust standard "
+                           "deviations above its bulk"}[cfg.detect]
+            report.notes.append(f"{why}: no massive activations, sink handling disabled (plain per-tensor "
+                                "quantization)")
+            return None
+        rule = "relative"
+        emergence = found["emergence"]
+        sink_flat = found["sink_flat"]
+        stages, alphas, refs = found["stages"], found["alphas"], found["references"]
+        sites, baselines = found["sites"], found["baselines"]
+    report.detection_rule = rule
     fixed_types = adapter.known_sink_types(known_kinds)  # None: LLM-style types by order
     if known_flat is not None and bool(known_flat.any()):
         report.known_confirmed = float((sink_flat & known_flat).sum() / known_flat.sum())
@@ -136,10 +253,7 @@ def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAda
     sink_norm = stats.residual_norms[:, all_sinks].mean(dim=1)
     report.sink_residual_norm = [round(float(v), 2) for v in sink_norm]
     cancellation = find_cancellation_layer(sink_norm, emergence)
-    stages = {"stage2": emergence}
-    alphas = {"stage2": float(cfg.alpha)}
-    refs = {"stage2": float(references[emergence_idx])}
-    if cfg.stage1 == "auto":
+    if rule == "alpha" and cfg.stage1 == "auto":
         found = choose_stage1(ratios, sink_flat, emergence_idx, cfg.stage1_margin, cfg.stage1_min_recall)
         if found is not None:
             idx, alpha0, recall = found
@@ -151,7 +265,7 @@ def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAda
     report.stages, report.alphas, report.known_sinks = stages, alphas, known_kinds
     return Detection(stages=stages, alphas=alphas, references=refs, num_types=k, known_sinks=known_kinds,
                      num_known_types=num_known, protected_types=protected, emergence_layer=emergence,
-                     cancellation_layer=cancellation)
+                     cancellation_layer=cancellation, sites=sites, baselines=baselines, rule=rule)
 
 
 class _RestoreHook:
@@ -176,18 +290,47 @@ def _block_placement(block: nn.Module) -> tuple[Optional[torch.device], Optional
     return None, None
 
 
+class _DetectHook:
+    """Forward hook of a block whose output a :class:`ResidualDetector` reads (``vtquant_detect``).
+
+    A callable object reading the detector from the hooked block, so deep copies stay separate.
+    """
+
+    def __init__(self, adapter: "ModelAdapter") -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        module.vtquant_detect(self.adapter.block_output(output))
+
+
 def install_sink_modules(adapter: "ModelAdapter", wrapped: Wrapped, plan: SinkPlan, state: SinkState,
-                         hooks: HookManager) -> None:
+                         hooks: HookManager, baselines: Optional[dict] = None) -> None:
     """Create the detectors, guards and residual restore of ``plan``, all sharing ``state``.
 
     Every module is created where the Linear (block) it serves lives, in its compute dtype, so a
     model calibrated on a GPU in bf16 gets GPU bf16 templates (a model moved later moves them along).
+    ``baselines`` (stage -> ``[C]``) fill the residual detectors' per-channel baselines at calibration;
+    when loading a checkpoint they come from the state dict instead.
     """
     state.num_types = plan.num_types
     state.num_known_types = plan.num_known_types
     probe = adapter.probe_name()
-    stage_of_layer = {layer: stage for stage, layer in plan.stages.items()}
-    probe_device = {}
+    blocks = adapter.blocks()
+    probe_device: dict = {}
+    for stage, layer in plan.stages.items():
+        if plan.site(stage) != "residual":
+            continue
+        det = ResidualDetector(stage, plan.alphas[stage], plan.references[stage], adapter.hidden_size())
+        if baselines and stage in baselines:
+            det.baseline.copy_(baselines[stage].float())
+        device, _dtype = _block_placement(blocks[layer])
+        if device is not None:
+            det.to(device)
+            probe_device[stage] = device
+        det.state = state
+        blocks[layer].vtquant_detect = det
+        hooks.forward(blocks[layer], _DetectHook(adapter))
+    stage_of_layer = {layer: stage for stage, layer in plan.stages.items() if plan.site(stage) == "probe"}
     for (li, name), q in wrapped.items():
         if name == probe and li in stage_of_layer:
             stage = stage_of_layer[li]
@@ -245,16 +388,26 @@ class SinkCalibrator:
         adapter, blocks = self.adapter, self.adapter.blocks()
         peaks: dict[int, list] = {li: [] for li in self.probes}
         res_norms: dict[int, list] = {li: [] for li in range(len(blocks))}
+        res_scores: dict[int, list] = {li: [] for li in range(len(blocks))}
+        baselines: dict[int, torch.Tensor] = {}
         state = SinkState(layout=adapter.token_layout)
         known_masks: list = []
+
+        def on_block(li: int, out: Any) -> None:
+            h = adapter.block_output(out)
+            rows = state.rows(h).detach().float()
+            shape = state.batch_tokens(h)
+            res_norms[li].append(rows.norm(dim=-1).view(*shape).cpu())
+            if li not in baselines:  # per-channel median of the first batch: the channel baseline
+                baselines[li] = rows.median(dim=0).values
+            res_scores[li].append(residual_scores(rows, baselines[li]).view(*shape).cpu())
+
         with HookManager() as tmp:
             for li, q in self.probes.items():
                 tmp.pre_forward(q, lambda m, inp, li=li: peaks[li].append(
                     token_peaks(state.rows(inp[0])).view(*state.batch_tokens(inp[0])).float().cpu()))
             for li, block in enumerate(blocks):
-                tmp.forward(block, lambda m, inp, out, li=li: res_norms[li].append(
-                    state.rows(adapter.block_output(out)).float().norm(dim=-1).view(
-                        *state.batch_tokens(adapter.block_output(out))).cpu()))
+                tmp.forward(block, lambda m, inp, out, li=li: on_block(li, out))
             adapter.install_known_sinks(state, list(self.cfg.known_sinks), tmp)
             tmp.pre_forward(blocks[0], lambda m, inp: known_masks.append(
                 None if state.mask is None else state.mask.cpu()))
@@ -271,7 +424,10 @@ class SinkCalibrator:
             shapes=shapes,
             residual_norms=torch.stack([torch.cat([r.flatten() for r in res_norms[li]])
                                         for li in range(len(blocks))]),
-            known=known)
+            known=known,
+            residual_scores=torch.stack([torch.cat([r.flatten() for r in res_scores[li]])
+                                         for li in range(len(blocks))]),
+            baselines=torch.stack([baselines[li].cpu() for li in range(len(blocks))]))
 
     # ---- the whole calibration ---------------------------------------------------------------
     def calibrate(self) -> tuple[Optional[SinkPlan], Optional[SinkState]]:
@@ -288,9 +444,9 @@ class SinkCalibrator:
                         protected_types=tuple(d.protected_types), first_guard_layer=first_guard,
                         emergence_layer=d.emergence_layer, cancellation_layer=d.cancellation_layer,
                         restore_layer=restore, exclude_from_calibration=self.cfg.exclude_from_calibration,
-                        guard_modes=modes, inserts_templates=self.templates)
+                        guard_modes=modes, inserts_templates=self.templates, sites=dict(d.sites), rule=d.rule)
         state = SinkState(layout=self.adapter.token_layout)
-        install_sink_modules(self.adapter, self.wrapped, plan, state, self.hooks)
+        install_sink_modules(self.adapter, self.wrapped, plan, state, self.hooks, baselines=d.baselines)
         if not self.templates:  # prefix: full-precision sink rows everywhere, nothing more to calibrate
             self.report.layer_modes = {li: "fp-row" for (li, _name) in self.wrapped}
             return plan, state
@@ -311,14 +467,19 @@ class SinkCalibrator:
         det_records: dict[str, list] = {s: [] for s in plan.stages}
         res_records: list = []
         restore_layer = plan.restore_layer
+        def record(stage: str, x: torch.Tensor) -> None:
+            det_records[stage].append((state.rows(x).float().cpu(),
+                                       None if state.mask is None else state.mask.reshape(-1).cpu(),
+                                       None if state.types is None else state.types.reshape(-1).cpu()))
+
         with HookManager() as tmp:
             for q in self.wrapped.values():
                 if q.detector is not None:
-                    stage = q.detector.stage
-                    tmp.forward(q, lambda m, inp, out, stage=stage: det_records[stage].append(
-                        (state.rows(inp[0]).float().cpu(),
-                         None if state.mask is None else state.mask.reshape(-1).cpu(),
-                         None if state.types is None else state.types.reshape(-1).cpu())))
+                    tmp.forward(q, lambda m, inp, out, stage=q.detector.stage: record(stage, inp[0]))
+            for block in blocks:
+                det = getattr(block, "vtquant_detect", None)
+                if det is not None:  # after the detector's own hook: the mask holds its detections
+                    tmp.forward(block, lambda m, inp, out, stage=det.stage: record(stage, adapter.block_output(out)))
             if restore_layer is not None:
                 blocks[restore_layer].vtquant_restore.enabled = False
                 tmp.forward(blocks[restore_layer], lambda m, inp, out: res_records.append(
@@ -383,9 +544,8 @@ class SinkCalibrator:
                 f, t = torch.cat(feats), torch.cat(tys).clamp_min(0)
                 det = torch.stack([f[t == i].mean(0) if bool((t == i).any()) else torch.zeros(f.shape[1])
                                    for i in range(k)])
-                detector = next(q.detector for q in self.wrapped.values()
-                                if q.detector is not None and q.detector.stage == stage)
-                state.det_templates[stage] = det.to(detector.reference.device)
+                device = _block_placement(blocks[plan.stages[stage]])[0]  # where that stage's detector runs
+                state.det_templates[stage] = det if device is None else det.to(device)
         if restore_layer is not None:
             self._fit_restore(blocks[restore_layer].vtquant_restore, res_records, k, protected, restore_layer)
             report.restore_layer = restore_layer

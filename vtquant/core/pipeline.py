@@ -1,4 +1,4 @@
-"""prepare -> calibrate -> convert, model-family free (torchao's static flow, METHOD.md steps 1-6).
+"""prepare -> calibrate -> convert, model-family free (torchao's static flow, docs/method.md steps 1-6).
 
 :func:`quantize_model_` runs one pipeline for every method; the method's handler
 (:mod:`vtquant.core.methods`) adds its steps at fixed hooks:
@@ -44,6 +44,7 @@ from .modules import replace_module
 from .plan import QuantPlan, SinkPlan
 from .quant import ActQuantizer, QuantLinear
 from .rotation import random_hadamard_factors, rotate_model_
+from .rotation_ln import LNRotationSpec, apply_ln_rotation_structure_, rotate_ln_model_
 from .sinks import SinkState
 from .verify import check_equivalence, snapshot, unrotate
 
@@ -78,6 +79,8 @@ class QuantReport:
     protected_types: list = field(default_factory=list)
     structure_recall: Optional[float] = None
     equivalence: dict = field(default_factory=dict)
+    detection_rule: Optional[str] = None
+    probes: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -87,7 +90,8 @@ class QuantReport:
         lines = [f"method: {self.method} ({self.seconds:.1f} s)"]
         if self.stages:  # sinks were handled
             lines.append(f"emergence layer: {self.emergence_layer}, cancellation layer: {self.cancellation_layer}, "
-                         f"stages: {self.stages}, alphas: { {k: round(v, 2) for k, v in self.alphas.items()} }")
+                         f"stages: {self.stages}, alphas: { {k: round(v, 2) for k, v in self.alphas.items()} }"
+                         + (f", rule: {self.detection_rule}" if self.detection_rule else ""))
             lines.append(f"template types: {self.num_types}, known sinks: {self.known_sinks} "
                          f"(confirmed by content in {self.known_confirmed if self.known_confirmed is None else round(100 * self.known_confirmed)} % of inputs)")
             modes = {}
@@ -96,6 +100,11 @@ class QuantReport:
             lines.append("guard modes by layer: " + "; ".join(f"{m}: {_ranges(v)}" for m, v in modes.items()))
             if self.restore_layer is not None:
                 lines.append(f"residual restored after layer {self.restore_layer}")
+            used = [p for p in self.probes if p["decision"].startswith("stage")]
+            if used:
+                lines.append("detection probes (model-relative): " + "; ".join(
+                    f"{p['site']} {p['layer']}: max {p['max_ratio']:g} > fence {p['fence']:g}, "
+                    f"{p['outliers']} tokens ({p['decision'].split(' ')[0]})" for p in used))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -232,6 +241,7 @@ def _wrap_linears(adapter: "ModelAdapter", ignore: Iterable[str], skeleton_weigh
                   notes: Optional[list] = None) -> dict[tuple[int, str], QuantLinear]:
     online = online or {}
     wrapped = {}
+    rotated: set = set()
     for li, name, block, lin in _target_linears(adapter, ignore, notes):
         if isinstance(lin, QuantLinear):
             wrapped[(li, name)] = lin
@@ -240,10 +250,16 @@ def _wrap_linears(adapter: "ModelAdapter", ignore: Iterable[str], skeleton_weigh
                         skeleton=skeleton_weights is not None)
         if lin in online:
             q.set_input_rotation(*online[lin])
+            rotated.add(id(lin))
         old = replace_module(block, name, q)
         if undo is not None:
             undo.replaced.append((block, name, old))
         wrapped[(li, name)] = q
+    left = [lin for lin in online if id(lin) not in rotated]
+    if left:
+        raise ConfigError(f"rotation.online folded an input rotation into {len(left)} Linear(s) that `ignore` keeps "
+                          "unwrapped, so nothing would rotate their input; remove the MLP second Linears from ignore "
+                          "or set rotation.online: false")
     return wrapped
 
 
@@ -285,8 +301,9 @@ class _Undo:
             if hasattr(self.model, "_tied_weights_keys"):
                 self.model._tied_weights_keys = self.tied
         for module in self.model.modules():
-            if "vtquant_restore" in module._modules:
-                del module._modules["vtquant_restore"]
+            for key in ("vtquant_restore", "vtquant_detect", "vtquant_unrotate"):
+                if key in module._modules:
+                    del module._modules[key]
         if "vtquant" in vars(self.model):
             del self.model.vtquant
 
@@ -384,13 +401,18 @@ def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, 
         rot = recipe.rotation
         spec = adapter.rotation_spec()
         reference = snapshot(adapter, runner.batches[0])
-        result = rotate_model_(spec, seed=rot.seed, residual=rot.residual, online=rot.online, heads=rot.heads)
+        if isinstance(spec, LNRotationSpec):  # LayerNorm towers (ViT, CLIP): projected norms, un-rotated at the end
+            result = rotate_ln_model_(spec, seed=rot.seed, residual=rot.residual, online=rot.online, heads=rot.heads,
+                                      hooks=ctx.hooks, replaced=undo.replaced)
+        else:
+            result = rotate_model_(spec, seed=rot.seed, residual=rot.residual, online=rot.online, heads=rot.heads)
         online = result["online"]
         report.notes.extend(result["notes"])
+        layout = getattr(spec, "layout", None) or type(adapter).__name__
         check = check_equivalence(
             adapter, reference, runner.batches[0], "rotation",
             basis=None if result["residual"] is None else unrotate(result["residual"]), input_rotations=online,
-            hint=f"The adapter describes the model as {spec.layout or type(adapter).__name__}; if that is wrong, the "
+            hint=f"The adapter describes the model as {layout}; if that is wrong, the "
                  "layout is not supported: set rotation.enabled: false (or rotation.residual: false, which keeps the "
                  "online and per-head rotations that need no layout knowledge). In float16 / bfloat16 the rotation's own "
                  "rounding can be the cause (a massive activation spread over every channel): quantizing in float32 "
@@ -587,7 +609,10 @@ def apply_plan_(model: nn.Module, adapter: "ModelAdapter", plan: Union[QuantPlan
     if not get_method(plan.method).quantizes:
         model.vtquant = QuantHandle(plan, None, hooks, adapter)
         return
-    if plan.rotation is not None:
+    if plan.rotation is not None and isinstance(adapter.rotation_spec(), LNRotationSpec):
+        if plan.rotation.residual:
+            apply_ln_rotation_structure_(adapter.rotation_spec(), hooks)
+    elif plan.rotation is not None:
         adapter.rotation_spec().untie()
         spec = adapter.rotation_spec()
         for layer in spec.layers:

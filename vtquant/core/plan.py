@@ -30,7 +30,7 @@ def _tuple(values: Any) -> tuple:
 
 @dataclass(frozen=True)
 class SinkPlan:
-    """Sink handling decided by calibration (METHOD.md steps 2-5).
+    """Sink handling decided by calibration (docs/method.md steps 2-5).
 
     Attributes:
         stages: detection stage name -> layer index (``stage1`` optional, ``stage2`` the emergence layer).
@@ -48,6 +48,9 @@ class SinkPlan:
         guard_modes: Linear name -> one of :data:`GUARD_MODES`.
         det_templates: stage name -> ``[K][C]`` detection templates (least-squares type assignment).
         inserts_templates: templates are inserted (insertquant) rather than full-precision rows only (prefix).
+        sites: stage name -> where its detector reads: ``probe`` (the probe Linear's input, the default
+            for stages not listed) or ``residual`` (the block output, :class:`~vtquant.core.sinks.ResidualDetector`).
+        rule: how the thresholds were chosen: ``alpha`` (fixed ratio) or ``relative`` (model-relative fences).
     """
 
     stages: dict = field(default_factory=dict)
@@ -65,8 +68,13 @@ class SinkPlan:
     guard_modes: dict = field(default_factory=dict)
     det_templates: dict = field(default_factory=dict)
     inserts_templates: bool = True
+    sites: dict = field(default_factory=dict)
+    rule: str = "alpha"
 
     def __post_init__(self) -> None:
+        bad_sites = {k: v for k, v in self.sites.items() if k not in self.stages or v not in ("probe", "residual")}
+        if bad_sites:
+            raise ConfigError(f"sink plan: sites {bad_sites} must name stages and be 'probe' or 'residual'")
         bad = {name: mode for name, mode in self.guard_modes.items() if mode not in GUARD_MODES}
         if bad:
             raise ConfigError(f"sink plan: unknown guard modes {bad}; valid: {list(GUARD_MODES)}")
@@ -79,6 +87,10 @@ class SinkPlan:
     @property
     def last_stage_layer(self) -> Optional[int]:
         return max(self.stages.values()) if self.stages else None
+
+    def site(self, stage: str) -> str:
+        """Where the detector of ``stage`` reads (``probe`` or ``residual``)."""
+        return self.sites.get(stage, "probe")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -3,7 +3,7 @@
 * weights: symmetric round-to-nearest, per output channel or per group of input columns,
   stored as int8 codes plus scales (so checkpoints are small);
 * activations: per-tensor static (scale from calibration, symmetric or asymmetric) or
-  per-token dynamic; sink rows are excluded from the observers (METHOD.md step 6).
+  per-token dynamic; sink rows are excluded from the observers (docs/method.md step 6).
 
 A :class:`QuantLinear` optionally carries an online input rotation, a
 :class:`~vtquant.core.sinks.SinkDetector` (on probe Linears) and a

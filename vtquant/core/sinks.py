@@ -1,4 +1,4 @@
-"""Sink-token detection and the per-forward sink state (METHOD.md step 2 and 4; paper App. on detection).
+"""Sink-token detection and the per-forward sink state (docs/method.md step 2 and 4; paper App. on detection).
 
 A *sink* is a token whose peak |activation| at a probe point (the input of an
 MLP's second Linear) is ``alpha`` times the typical token peak.  The typical
@@ -201,6 +201,56 @@ class SinkDetector(nn.Module):
             state.add(self.stage, new, features=feats)
 
 
+class ResidualDetector(SinkDetector):
+    """Detects sinks from the residual stream at a block output (a norm-based, channel-baselined score).
+
+    The score of a token is ``||h_t - mu|| / reference``: ``mu`` is the per-channel median of the
+    block output over calibration tokens (so an always-on outlier channel, large on every token,
+    neither hides nor fakes a sink) and ``reference`` the median score.  The norm makes the score
+    invariant to a rotation of the residual stream (it is computed in whatever basis the stream is in).
+
+    Args:
+        stage: name of the stage.
+        alpha: ratio threshold (the model-relative fence of this probe).
+        reference: median calibration score.
+        hidden: residual width (size of ``baseline``).
+    """
+
+    def __init__(self, stage: str, alpha: float, reference: float, hidden: int) -> None:
+        super().__init__(stage, alpha, reference)
+        self.register_buffer("baseline", torch.zeros(hidden))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", site=residual"
+
+    def ratios(self, x: torch.Tensor, state: SinkState) -> torch.Tensor:
+        b, t = state.batch_tokens(x)
+        rows = state.rows(x).detach()
+        scores = (rows.float() - self.baseline.to(rows.device)).norm(dim=-1)
+        return (scores / self.reference.clamp_min(1e-12)).view(b, t)
+
+
+def residual_scores(rows: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """``||h_t - baseline||`` of residual rows ``[N, C]`` (float32)."""
+    return (rows.detach().float() - baseline.to(rows.device)).norm(dim=-1)
+
+
+def robust_fence(ratios: torch.Tensor, k: float, floor: float, min_sigma: float = 0.05) -> tuple[float, float, float]:
+    """The model-relative outlier threshold of one probe (docs/method.md: thresholds from the model's own data).
+
+    ``tau = max(floor, exp(median(log r) + k * sigma))`` with ``sigma = 1.4826 * MAD(log r)`` (at least
+    ``min_sigma``): a token is an outlier when its log ratio lies ``k`` robust standard deviations
+    above the bulk of this probe's tokens.
+
+    Returns:
+        ``(tau, median of log r, sigma)``.
+    """
+    lr = ratios.double().clamp_min(1e-12).log()
+    med = float(lr.median())
+    sigma = max(float((lr - med).abs().median()) * 1.4826, min_sigma)
+    return max(float(floor), float(torch.tensor(med + k * sigma).exp())), med, sigma
+
+
 def find_emergence_layer(sink_peak_ratio: torch.Tensor, alpha: float) -> Optional[int]:
     """The layer whose probe ratio is largest, if that ratio exceeds ``alpha``.
 
@@ -211,8 +261,14 @@ def find_emergence_layer(sink_peak_ratio: torch.Tensor, alpha: float) -> Optiona
     return best if float(sink_peak_ratio[best]) > alpha else None
 
 
-def find_cancellation_layer(sink_residual_peak: torch.Tensor, emergence: int) -> Optional[int]:
+def find_cancellation_layer(sink_residual_peak: torch.Tensor, emergence: int,
+                            min_drop: float = 0.5) -> Optional[int]:
     """The layer (after emergence) whose block output lowers the sinks' residual peak the most.
+
+    It must really cancel the spike: the drop must remove at least ``min_drop`` of the sinks'
+    residual norm before it (SmolLM2 and the implanted models: > 90 %).  A spike that only fades
+    (the real CLIP ViT-B/16: 61 -> 56 at the last layer) has no cancellation layer, so no residual
+    is restored.
 
     Args:
         sink_residual_peak: ``[L]`` mean over calibration sinks of the peak |h| at each block output.
@@ -220,9 +276,10 @@ def find_cancellation_layer(sink_residual_peak: torch.Tensor, emergence: int) ->
     if emergence is None or emergence + 1 >= len(sink_residual_peak):
         return None
     drops = sink_residual_peak[emergence:-1] - sink_residual_peak[emergence + 1:]
-    if float(drops.max()) <= 0:
+    best = int(torch.argmax(drops))
+    if float(drops[best]) <= min_drop * float(sink_residual_peak[emergence + best]):
         return None
-    return emergence + 1 + int(torch.argmax(drops))
+    return emergence + 1 + best
 
 
 def choose_stage1(

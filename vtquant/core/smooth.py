@@ -33,13 +33,13 @@ from .rotation import RotationSpec
 
 def smoothing_blocker(spec: RotationSpec) -> "str | None":
     """Why smoothing cannot be folded into ``spec``'s model, or ``None`` when it can."""
-    raw = [lin for layer in spec.layers for lin in layer.raw_readers]
+    raw = [lin for layer in spec.layers for lin in getattr(layer, "raw_readers", ())]  # LN towers have none
     if raw:
         return (f"{spec.short_names(raw, 3)} read the residual stream with no norm in front of them "
                 f"({spec.layout}), so no norm scale can absorb the 1/s of smoothing (the residual stream itself "
                 "cannot be rescaled either: the final norm is not invariant to a per-channel scale)")
     if not smoothing_groups(spec):
-        return f"no norm -> Linear readers group in this model ({spec.layout})"
+        return f"no norm -> Linear readers group in this model ({getattr(spec, 'layout', None) or 'unknown layout'})"
     return None
 
 

@@ -1,4 +1,4 @@
-"""Templates, clamp-and-insert and residual restoration (METHOD.md steps 3-5).
+"""Templates, clamp-and-insert and residual restoration (docs/method.md steps 3-5).
 
 For every quantized Linear in the insertion range a :class:`SinkGuard` holds the
 pre-computed output of that Linear for each template type ``k``:

@@ -1,4 +1,4 @@
-"""Feature fidelity of a quantized vision model, and the DINOv2-S real control (ASSETS.md).
+"""Feature fidelity of a quantized vision model, and the DINOv2-S real control (docs/assets.md).
 
 * :func:`token_cosine`: per-image cosine similarity between full-precision and quantized
   features, separately for the CLS token and for the patch tokens.
