@@ -1,7 +1,7 @@
 """Issue 14: the real CLIP ViT-B/16 image tower (timm) quantized, saved, loaded in a new process.
 
 Quantizes the ``clip-vit-b16-openai`` tower (:func:`vtquant.models.load_clip_vit_b16`, timm build)
-with INSERTQUANT W8A8 on bundled photos, saves it with :func:`vtquant.save` (timm towers use the
+with its recipe (insertquant+rotate W8A8, LayerNorm-tower rotation) on bundled photos, saves it with :func:`vtquant.save` (timm towers use the
 vtquant layout: architecture name + constructor kwargs + a activation fingerprint), loads it
 with :func:`vtquant.load` in a new process and compares the 512-d image embeddings of held-out
 photos with the in-memory model's.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import vtquant  # noqa: E402
 from vtquant.adapters import get_adapter  # noqa: E402
 from vtquant.models import load_clip_vit_b16, set_threads  # noqa: E402
-from vtquant.vision import default_vision_recipe, tower_recipe  # noqa: E402
+from vtquant.vision import tower_recipe  # noqa: E402
 
 NEW_PROCESS = """
 import sys, time, torch
@@ -48,6 +48,8 @@ with torch.no_grad():
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=str(REPO / "recipes/timm/vit_base_patch16_clip_224.openai.yaml"),
+                    help="default: %(default)s (insertquant+rotate W8A8, the real-CLIP recipe)")
     ap.add_argument("--calib-images", type=int, default=12)
     ap.add_argument("--eval-images", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
@@ -68,8 +70,9 @@ def main() -> int:
 
     fp = load_clip_vit_b16("timm", quiet=True)
     q = copy.deepcopy(fp)
-    recipe = default_vision_recipe()
-    recipe = tower_recipe(recipe, get_adapter(q))
+    from vtquant.recipe import load_recipe
+
+    recipe = tower_recipe(load_recipe(args.recipe), get_adapter(q))
     t0 = time.time()
     report = vtquant.quantize_(q, recipe, calib, quiet=True)
     calib_s = time.time() - t0
@@ -88,7 +91,9 @@ def main() -> int:
         "model": "clip-vit-b16-openai (timm vit_base_patch16_clip_224.openai; FP = the dequantized int8 ONNX)",
         "recipe": recipe.to_dict(), "calib_images": args.calib_images, "eval_images": args.eval_images,
         "calibrate_seconds": round(calib_s, 1), "threads": threads,
-        "report": {"emergence_layer": report.emergence_layer, "stages": report.stages, "num_types": report.num_types},
+        "report": {"emergence_layer": report.emergence_layer, "stages": report.stages, "num_types": report.num_types,
+                   "notes": report.notes},
+        "recipe_file": args.recipe,
         "files": sorted(p.name for p in path.iterdir()),
         "model_safetensors_bytes": (path / "model.safetensors").stat().st_size,
         "load_seconds_new_process": round(loaded["load_seconds"], 2),
