@@ -193,6 +193,17 @@ class VisionAdapter(ModelAdapter):
             "towers are): re-run vtquant.quantize_ (calibration takes seconds) or save the fake-quantized model "
             "with torch.save")
 
+    # --- what applications read (vtquant.analyze, vtquant.vision) ------------------------------
+    def input_kind(self) -> str:
+        return "images"
+
+    def attention_spec(self) -> Any:
+        """Read from the blocks' module names (fused ``qkv`` or separate q / k / v Linears); text
+        towers (``input_kind() == "tokens"``) attend causally."""
+        from .spec import attention_spec_from_modules
+
+        return attention_spec_from_modules(self, causal=self.input_kind() == "tokens")
+
 
 _ACTIVATIONS = ("GELU", "QuickGELU", "SiLU", "ReLU", "GELUTanh", "Tanh", "Sigmoid")
 
