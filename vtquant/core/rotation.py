@@ -248,6 +248,24 @@ def _fold_writer(linear: nn.Linear, q: torch.Tensor) -> None:
         linear.bias.data = (linear.bias.data.double() @ q.double()).to(linear.bias.dtype)
 
 
+@torch.no_grad()
+def rotate_value_heads_(v_proj: nn.Linear, o_proj: nn.Linear, head_dim: int, hh: torch.Tensor,
+                        rows: Optional[tuple[int, int]] = None) -> None:
+    """Per-head rotation ``hh`` of the value states: folded into ``v_proj``'s output rows ``rows``
+    (default: all; a fused qkv Linear names its value rows) and ``o_proj``'s input columns.
+    Grouped-query attention is fine: each side is viewed in its own number of heads."""
+    start, stop = rows if rows is not None else (0, v_proj.out_features)
+    hh = hh.double().to(v_proj.weight.device)
+    wv = v_proj.weight.data[start:stop].double().view(-1, head_dim, v_proj.in_features)
+    v_proj.weight.data[start:stop] = torch.einsum("dk,hdi->hki", hh, wv).reshape(
+        stop - start, v_proj.in_features).to(v_proj.weight.dtype)
+    if v_proj.bias is not None:
+        bv = v_proj.bias.data[start:stop].double().view(-1, head_dim)
+        v_proj.bias.data[start:stop] = (bv @ hh.to(bv.device)).reshape(-1).to(v_proj.bias.dtype)
+    wo = o_proj.weight.data.double().view(o_proj.out_features, -1, head_dim)
+    o_proj.weight.data = (wo @ hh.to(wo.device)).reshape(o_proj.weight.shape).to(o_proj.weight.dtype)
+
+
 def _rotate_input_online(lin: nn.Linear, seed: int) -> tuple[torch.Tensor, list]:
     """Absorb the online input rotation of seed ``seed + 1`` into ``lin``'s weight; returns its factors."""
     signs, factors = random_hadamard_factors(lin.in_features, seed + 1)
@@ -314,13 +332,5 @@ def rotate_model_(spec: RotationSpec, *, seed: int = 0, residual: bool = True, o
                 continue
             v_proj, o_proj, head_dim = layer.value_output[:3]
             start, stop = layer.value_output[3] if len(layer.value_output) > 3 else (0, v_proj.out_features)
-            hh = random_hadamard(head_dim, seed + 2).double().to(v_proj.weight.device)
-            wv = v_proj.weight.data[start:stop].double().view(-1, head_dim, v_proj.in_features)
-            v_proj.weight.data[start:stop] = torch.einsum("dk,hdi->hki", hh, wv).reshape(
-                stop - start, v_proj.in_features).to(v_proj.weight.dtype)
-            if v_proj.bias is not None:
-                bv = v_proj.bias.data[start:stop].double().view(-1, head_dim)
-                v_proj.bias.data[start:stop] = (bv @ hh).reshape(-1).to(v_proj.bias.dtype)
-            wo = o_proj.weight.data.double().view(o_proj.out_features, -1, head_dim)
-            o_proj.weight.data = (wo @ hh).reshape(o_proj.weight.shape).to(o_proj.weight.dtype)
+            rotate_value_heads_(v_proj, o_proj, head_dim, random_hadamard(head_dim, seed + 2), rows=(start, stop))
     return result

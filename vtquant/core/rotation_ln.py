@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .rotation import _rotate_input_online, random_hadamard
+from .rotation import _rotate_input_online, random_hadamard, rotate_value_heads_
 
 
 class ProjectedRMSNorm(nn.Module):
@@ -250,21 +250,6 @@ def _fold_layer_scale(module: nn.Module, name: str, writer: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def _rotate_heads(v: nn.Linear, offset: int, o: nn.Linear, head_dim: int, hh: torch.Tensor) -> None:
-    width = o.in_features
-    heads = width // head_dim
-    wv = v.weight.data.double()
-    block = wv[offset:offset + width].view(heads, head_dim, v.in_features)
-    wv[offset:offset + width] = torch.einsum("dk,hdi->hki", hh.to(wv.device), block).reshape(width, v.in_features)
-    v.weight.data = wv.to(v.weight.dtype)
-    if v.bias is not None:
-        bv = v.bias.data.double()
-        bv[offset:offset + width] = (bv[offset:offset + width].view(heads, head_dim) @ hh.to(bv.device)).reshape(-1)
-        v.bias.data = bv.to(v.bias.dtype)
-    wo = o.weight.data.double().view(o.out_features, heads, head_dim)
-    o.weight.data = (wo @ hh.to(wo.device)).reshape(o.out_features, width).to(o.weight.dtype)
-
-
 def install_unrotate(spec: LNRotationSpec, q: torch.Tensor, hooks: Any) -> nn.Module:
     """Put a :class:`StreamUnrotate` where the stream leaves the blocks, hooked through ``hooks``."""
     kind, module = spec.end
@@ -348,7 +333,8 @@ def rotate_ln_model_(spec: LNRotationSpec, *, seed: int = 0, residual: bool = Tr
             if layer.value_output is None:
                 continue
             v, offset, o, head_dim = layer.value_output
-            _rotate_heads(v, offset, o, head_dim, random_hadamard(head_dim, seed + 2).double())
+            rotate_value_heads_(v, o, head_dim, random_hadamard(head_dim, seed + 2),
+                                rows=(offset, offset + o.in_features))
     return result
 
 
