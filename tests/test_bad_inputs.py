@@ -167,3 +167,29 @@ def test_unknown_method_names_the_registered_ones():
     from vtquant.config import METHODS
 
     assert {"fp", "naive-static", "dynamic-token", "insertquant", "smoothquant", "prefix"} <= set(METHODS)
+
+
+def test_clamp_and_insert_is_measured_and_a_broken_insertion_refused(fp_model, monkeypatch):
+    """Clamp-and-insert with quantization off is compared with FP on a calibration batch: measured in
+    the report; templates that do not restore the sinks' function are refused and the model is kept."""
+    q = copy.deepcopy(fp_model)
+    report = vtquant.quantize_(q, method_recipe("insertquant", Recipe()), token_batches(), quiet=True)
+    check = report.equivalence["sinks"]
+    assert check["output_error"] < 1e-3  # the implanted first-token sink is restored exactly
+    assert any(n.startswith("clamp-and-insert with quantization off") for n in report.notes)
+
+    from vtquant.core import templates
+    from vtquant.core.verify import EquivalenceError
+
+    real = templates.SinkGuard.sink_outputs
+
+    def zero_templates(self, types, sink_inputs, linear, dtype, template_rows=None):
+        out = real(self, types, sink_inputs, linear, dtype, template_rows)
+        return None if out is None else torch.zeros_like(out)  # "inserted" rows that carry nothing
+
+    monkeypatch.setattr(templates.SinkGuard, "sink_outputs", zero_templates)
+    m = copy.deepcopy(fp_model)
+    before, modules = _state(m), [type(x).__name__ for x in m.modules()]
+    with pytest.raises(EquivalenceError, match="clamp-and-insert"):
+        vtquant.quantize_(m, method_recipe("insertquant", Recipe()), token_batches(), quiet=True)
+    _same_model(m, before, modules)

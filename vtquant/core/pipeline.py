@@ -46,7 +46,7 @@ from .quant import ActQuantizer, QuantLinear
 from .rotation import random_hadamard_factors, rotate_model_
 from .rotation_ln import LNRotationSpec, apply_ln_rotation_structure_, rotate_ln_model_
 from .sinks import SinkState
-from .verify import check_equivalence, snapshot, unrotate
+from .verify import EquivalenceError, check_equivalence, compare, snapshot, unrotate
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
@@ -386,6 +386,33 @@ def quantize_model_(model: nn.Module, adapter: "ModelAdapter", recipe: Recipe, b
     return report
 
 
+SINK_CHECK_LIMIT = 1.0
+"""Largest per-row relative error of the final output that clamp-and-insert (quantization off) may
+cause before quantization is refused: templates are means, so a few per cent is normal where the
+sinks' inputs are nearly constant; a model whose sinks are clamped but not restored is off by far
+more than 100 % (the clamp-only ablation, ``sinks.insert: false``, is not checked)."""
+
+
+def _check_clamp_and_insert(adapter: "ModelAdapter", reference: Any, batch: Any, report: QuantReport) -> None:
+    """Clamp-and-insert with quantization off against the full-precision model on one calibration batch."""
+    result = compare(adapter, reference, batch, "clamp-and-insert (quantization off)")
+    report.equivalence["sinks"] = {**result.to_dict(), "limit": SINK_CHECK_LIMIT}
+    worst = result.worst_block
+    where = "" if worst is None else f", worst block {worst} ({result.block_errors[worst]:.2e})"
+    if result.output_error is None:
+        report.notes.append(f"clamp-and-insert with quantization off{where} (no tensor output to compare)")
+        return
+    report.notes.append(f"clamp-and-insert with quantization off: final output {result.output_error:.2e}{where} "
+                        f"({result.measure}; refused above {SINK_CHECK_LIMIT:g})")
+    if result.output_error > SINK_CHECK_LIMIT:
+        raise EquivalenceError(
+            f"clamp-and-insert with quantization off changes the output of {type(adapter.model).__name__} by "
+            f"{result.output_error:.3g} ({result.measure}; limit {SINK_CHECK_LIMIT:g}){where}: the inserted templates do not "
+            "restore what the clamped sinks carried. The model is left unchanged. Try sinks.template_min_cosine "
+            "closer to 1 (more full-precision sink rows), sinks.restore_residual: true, or method naive-static.",
+            "clamp-and-insert", result)
+
+
 def _base_plan(recipe: Recipe) -> QuantPlan:
     return QuantPlan(method=recipe.method, display_method=recipe.display_method, weights=recipe.weights,
                      activations=recipe.activations, kv_cache=recipe.kv_cache, ignore=tuple(recipe.ignore))
@@ -423,12 +450,16 @@ def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, 
     handler.on_transform(ctx)
 
     # 2. wrap every target Linear (full precision for now)
+    check_sinks = handler.handles_sinks and recipe.sinks.enabled and recipe.sinks.insert
+    before_sinks = snapshot(adapter, runner.batches[0], input_rotations=online) if check_sinks else None
     ignore_notes: list = []
     wrapped = _wrap_linears(adapter, recipe.ignore, online=online, undo=undo, notes=ignore_notes)
     ctx.wrapped = wrapped
 
     # 3. sinks (the method's calibrator installs detectors, guards and the residual restore)
     sink_plan, state = handler.on_sinks(ctx)
+    if before_sinks is not None and sink_plan is not None:
+        _check_clamp_and_insert(adapter, before_sinks, runner.batches[0], report)
 
     leaders = search.input_group_leaders(adapter, wrapped)
     acts, kv = recipe.activations, recipe.kv_cache
