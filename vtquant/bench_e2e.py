@@ -40,6 +40,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from .bench.gpu import DynamicRowLinear
+
 SHAPES = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                        vocab_size=32000),
@@ -129,37 +131,17 @@ def token_batches(n: int, seq: int, vocab: int, seed: int = 1, batch: int = 1) -
     return out
 
 
-class DynamicTokenLinear(nn.Module):
-    """Per-token dynamic FP8 (int8) Linear: row absmax scales per call (fused Triton kernel), row-scaled GEMM."""
+class DynamicTokenLinear(DynamicRowLinear):
+    """The layer bench's per-token dynamic Linear (row absmax scales per call, row-scaled GEMM) with
+    the Linear's bias, for whole models."""
 
     def __init__(self, linear: nn.Linear, backend: str = "cuda-fp8") -> None:
-        super().__init__()
-        from .kernels.triton_quant import FP8_MAX
-
-        self.backend = backend
-        w = linear.weight.detach().float()
-        qmax = FP8_MAX if backend == "cuda-fp8" else 127.0
-        w_scale = (w.abs().amax(dim=1) / qmax).clamp_min(1e-12)
-        codes = w / w_scale.unsqueeze(1)
-        self.dtype = torch.float8_e4m3fn if backend == "cuda-fp8" else torch.int8
-        self.register_buffer("qweight", (codes if backend == "cuda-fp8" else codes.round()).to(self.dtype).contiguous())
-        self.register_buffer("w_scale", w_scale.reshape(1, -1).contiguous())
+        super().__init__(linear, backend)
         self.bias = linear.bias
-        self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels.triton_quant import int8_matmul_scaled, quant_dynamic_rows
-
-        x2 = x.reshape(-1, x.shape[-1])
-        q, s = quant_dynamic_rows(x2, self.dtype)
-        if self.backend == "cuda-fp8":
-            y = torch._scaled_mm(q, self.qweight.t(), scale_a=s, scale_b=self.w_scale, out_dtype=torch.bfloat16)
-            y = y.to(x.dtype)
-        else:
-            y = int8_matmul_scaled(q, self.qweight, self.w_scale.reshape(-1), s, None, x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        y = super().forward(x).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def dynamic_token_(model: nn.Module, backend: str = "cuda-fp8") -> nn.Module:
