@@ -278,3 +278,15 @@ def test_cli_analyze_arguments():
     args = build_parser().parse_args(["analyze", "--recipe", "r.yaml", "--out", "d", "--calib-windows", "4",
                                       "--no-restoration"])
     assert args.recipe == "r.yaml" and args.calib_windows == 4 and args.no_restoration and not math.isnan(args.alpha)
+
+
+@pytest.mark.parametrize("arch", ["Phi3ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM"])
+def test_analyze_runs_on_other_decoder_layouts(arch, tmp_path):
+    """Fused q/k/v (Phi-3, split into row slices), per-layer-type rotary (Gemma-3: RoPE section skipped
+    and said why), q/k norms (Qwen3): the report is built and finds the implanted sink."""
+    m = implanted_decoder(arch, attn_implementation="eager")
+    ids = torch.cat(token_batches(n=1, batch=2, seq=32, seed=3))
+    f = analyze_model(m, ids, recipe=method_recipe("insertquant", Recipe()), calib_batches=token_batches())
+    assert f["emergence_layer"] is not None and f["spikes"]["sink_tokens"]
+    write_report(f, tmp_path)
+    assert (tmp_path / "report.html").exists()

@@ -257,20 +257,35 @@ class HFDecoderAdapter(ModelAdapter):
     def attention_spec(self) -> Any:
         """q / k / v / gate projections of each decoder layer, grouped-query shape and the rotary
         embedding's inverse frequencies (LLaMA's "rotate half" convention)."""
-        from .spec import AttentionSpec
+        from .spec import AttentionSpec, RowSlice
 
         cfg = self.model.config
         heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         blocks = self.blocks()
+        layout = self.layout
         rotary = getattr(self.decoder, "rotary_emb", None)
         inv_freq = getattr(rotary, "inv_freq", None) if rotary is not None else None
+        inputs = None
+        if layout.fused_qkv:  # Phi-3: one qkv_proj, split into row slices [q | k | v]
+            qkv = [b.get_submodule(layout.attn_readers[0]) for b in blocks]
+            hq, hk = heads * head_dim, kv_heads * head_dim
+            q = [RowSlice(m, 0, hq) for m in qkv]
+            k = [RowSlice(m, hq, hq + hk) for m in qkv]
+            v = [RowSlice(m, hq + hk, hq + 2 * hk) for m in qkv]
+            inputs = qkv
+        else:
+            q, k, v = ([b.get_submodule(name) for b in blocks] for name in layout.attn_readers)
+        rope_note = None
+        if inv_freq is None and rotary is not None:
+            rope_note = f"{type(rotary).__name__} keeps no single inv_freq (per-layer-type rotary): RoPE section skipped"
         return AttentionSpec(
-            q=[b.self_attn.q_proj for b in blocks], k=[b.self_attn.k_proj for b in blocks],
-            v=[b.self_attn.v_proj for b in blocks], mlp_in=[b.mlp.gate_proj for b in blocks],
-            num_heads=heads, num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+            q=q, k=k, v=v, mlp_in=[b.get_submodule(layout.mlp_readers[0]) for b in blocks],
+            num_heads=heads, num_kv_heads=kv_heads,
             head_dim=head_dim, inv_freq=None if inv_freq is None else inv_freq.detach().float().cpu(),
-            rope_scaling=float(getattr(rotary, "attention_scaling", 1.0) or 1.0), causal=True)
+            rope_scaling=float(getattr(rotary, "attention_scaling", 1.0) or 1.0), causal=True, inputs=inputs,
+            rope_note=rope_note)
 
     def analysis_forward(self, batch: Any, attentions: bool = False) -> tuple:
         """Logits ``[T, V]`` and, with ``attentions`` (eager attention), the maps ``[H, T, T]`` per layer."""
