@@ -317,3 +317,26 @@ def test_rotation_tolerance_follows_dtype():
     model = copy.deepcopy(_model("Gemma2ForCausalLM")).to(torch.bfloat16)
     with pytest.raises(verify.EquivalenceError, match="95th percentile"):
         vtquant.quantize_(model, ROTATE_ONLY, token_batches(n=1), quiet=True, adapter=_GemmaAsLlama(model))
+
+
+def test_layer_errors_compare_in_the_right_basis_when_the_residual_is_not_folded():
+    """Gemma-2: rotation.residual is set but the residual stream stays unrotated (online rotations
+    instead): the analysis must not un-rotate it (that gave wrong hidden-state errors silently)."""
+    import copy
+
+    import vtquant
+    from vtquant.analyze import residual_rotation
+    from vtquant.config import Recipe, method_recipe
+
+    from sinkmodels import implanted_decoder, token_batches
+
+    m = implanted_decoder("Gemma2ForCausalLM")
+    recipe = method_recipe("insertquant+rotate", Recipe())
+    q = copy.deepcopy(m)
+    vtquant.quantize_(q, recipe, token_batches(), quiet=True)
+    assert q.vtquant.report.equivalence["rotation"]["residual_folded"] is False
+    assert residual_rotation(recipe, m.config.hidden_size, q) is None
+    llama = implanted_decoder()
+    ql = copy.deepcopy(llama)
+    vtquant.quantize_(ql, recipe, token_batches(), quiet=True)
+    assert residual_rotation(recipe, llama.config.hidden_size, ql) is not None

@@ -152,9 +152,17 @@ def logit_drift(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: in
     return (logits[:, 1:] - logits[:, :1]).abs().mean(0)
 
 
-def residual_rotation(recipe: Any, hidden: int) -> Optional[torch.Tensor]:
-    """The residual rotation ``Q`` a recipe applies (rotated h = h @ Q), or ``None``."""
+def residual_rotation(recipe: Any, hidden: int, model: Any = None) -> Optional[torch.Tensor]:
+    """The residual rotation ``Q`` a recipe applied (rotated h = h @ Q), or ``None``.
+
+    With the quantized ``model``, its report decides: where the residual rotation could not be folded
+    (post-norm layouts: Gemma-2/3, OLMo-2) the residual stream is not rotated and ``None`` is returned.
+    """
     if recipe is None or not recipe.rotation.enabled or not recipe.rotation.residual or recipe.method == "fp":
+        return None
+    report = getattr(getattr(model, "vtquant", None), "report", None)
+    rotation = (getattr(report, "equivalence", None) or {}).get("rotation")
+    if rotation is not None and not rotation.get("residual_folded", True):
         return None
     from .core.rotation import random_hadamard
 
@@ -695,7 +703,7 @@ def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, reci
             t0 = time.time()
             qmodel = copy.deepcopy(model)
             report = vtquant.quantize_(qmodel, rec, calib_batches, quiet=quiet)
-            rot = residual_rotation(rec, fp["h"].shape[-1])
+            rot = residual_rotation(rec, fp["h"].shape[-1], qmodel)
             v = _pass_variant(qmodel, adapter.__class__(qmodel), chunks, fp, sinks, rot, crop, quiet)
             v["report"] = report.to_dict()
             v["rotated"] = rot is not None

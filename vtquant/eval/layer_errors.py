@@ -89,7 +89,7 @@ def layer_error_breakdown(fp_model: torch.nn.Module, recipe: Recipe, calib_batch
         model = copy.deepcopy(fp_model)
         api.quantize_(model, part, calib_batches, quiet=quiet)
         h_q = block_outputs(model, get_adapter(model), chunks)
-        rot = residual_rotation(part, h_q[0].shape[-1])
+        rot = residual_rotation(part, h_q[0].shape[-1], model)
         if rot is not None:  # a rotated model's residual stream is h @ Q: compare in the model's own basis
             h_q = [h @ rot.T for h in h_q]
         errs = relative_errors(h_q, h_fp, keep)
