@@ -37,7 +37,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..fileio import sha256_file
+from ..fileio import atomic_output, sha256_file
 
 __all__ = [
     "ASSET",
@@ -353,20 +352,11 @@ def convert_clip_onnx(onnx_path: Union[str, os.PathLike], out_path: Union[str, o
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     source_sha256 = source_sha256 or sha256_file(onnx_path)
     state, spec = clip_vision_state_dict_from_onnx(onnx_path, num_heads=num_heads)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(out_path) as tmp:
         meta = {"source_sha256": source_sha256, "converter_version": str(CONVERTER_VERSION),
                 "format": "transformers CLIPVisionModelWithProjection, fp32 (dequantized int8)", **spec.to_metadata()}
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=meta)
-        digest = sha256_file(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+        digest = sha256_file(tmp)
     return {"sha256": digest, "source_sha256": source_sha256, "converter_version": CONVERTER_VERSION,
             "spec": dataclasses.asdict(spec), "tensors": len(state)}
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_output, atomic_write_text
 
 
 @dataclass(kw_only=True)
@@ -112,9 +112,6 @@ def format_compare_table(rows: Iterable[Row], reference: Optional[float] = None)
 
 def plot_compare(rows: Iterable[Row], path: str, title: str = "") -> None:
     """Bar chart of perplexity per method, one bar per bit setting (log scale), written atomically (PNG)."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,16 +146,8 @@ def plot_compare(rows: Iterable[Row], path: str, title: str = "") -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp.png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        with atomic_output(target) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
