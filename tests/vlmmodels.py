@@ -78,10 +78,16 @@ def implant_language(run: Callable[[], object], lm: nn.Module) -> None:
     mlp.up_proj.weight[n1] = 0.0
     mlp.down_proj.weight[:, n1] = 0.0
     trig = _capture(mlp, run)[:, LM_TRIGGER]
-    sinks = trig.abs() > trig.abs().max() / 4
+    sinks = trig > trig.max() / 2
     gain = 4.0
     mlp.gate_proj.weight[n1, LM_TRIGGER] = gain
     mlp.up_proj.weight[n1, LM_TRIGGER] = gain
+    if mlp.gate_proj.bias is not None:  # MLP biases (mlp_bias): a threshold, silent below it
+        thr = (float(trig[sinks].min()) + float(trig[~sinks].max())) / 2
+        mlp.gate_proj.weight[n1, LM_TRIGGER] = 4 * gain  # steep, as below
+        mlp.gate_proj.bias[n1] = -4 * gain * thr
+        mlp.up_proj.bias[n1] = 0.0
+        mlp.down_proj.bias[[LM_TRIGGER, LM_SPIKE]] = 0.0
     act = _capture(mlp.down_proj, run)[:, n1][sinks]
     mlp.down_proj.weight[LM_SPIKE, n1] = LM_SPIKE_VALUE / float(act.mean())
     for block in layers[LM_EMERGENCE + 1:LM_CANCELLATION + 1]:  # keys read the spike: attention sinks
@@ -96,6 +102,13 @@ def implant_language(run: Callable[[], object], lm: nn.Module) -> None:
     mlp.down_proj.weight[:, n2] = 0.0
     mlp.gate_proj.weight[n2, LM_SPIKE] = 1.0
     mlp.up_proj.weight[n2, LM_SPIKE] = 1.0
+    if mlp.gate_proj.bias is not None:
+        spike_in = _capture(mlp, run)[:, LM_SPIKE]
+        big = spike_in > spike_in.max() / 2
+        mlp.gate_proj.weight[n2, LM_SPIKE] = 4.0  # steep: SiLU's negative tail stays ~0 below the threshold
+        mlp.gate_proj.bias[n2] = -4.0 * (float(spike_in[big].min()) + float(spike_in[~big].max())) / 2
+        mlp.up_proj.bias[n2] = 0.0
+        mlp.down_proj.bias[[LM_TRIGGER, LM_SPIKE]] = 0.0
     h = _capture(layers[LM_CANCELLATION], run)[:, LM_SPIKE]
     sinks = h.abs() > LM_SPIKE_VALUE / 4
     act2 = _capture(mlp.down_proj, run)[:, n2][sinks]
@@ -104,21 +117,20 @@ def implant_language(run: Callable[[], object], lm: nn.Module) -> None:
 
 @torch.no_grad()
 def implant_projector(first: nn.Linear, second: nn.Linear, features: torch.Tensor, value: float = 1.0,
-                      channel: int = vm.TRIGGER, gelu: bool = True) -> None:
+                      channel: int = vm.TRIGGER, out_channel: int = LM_TRIGGER, clear: bool = True) -> None:
     """One projector neuron that fires on the vision trigger (``features``: the projector's input rows
     on a probe batch, vision ``channel`` large on painted patches) and writes ``value`` into ``LM_TRIGGER``.
 
     ``first`` reads the vision features (its columns of the mechanism channels are cleared, so nothing
     else reacts to them), ``second`` writes the image-token embeddings (its mechanism rows cleared)."""
     n = 3
-    cols = [c for c in range(first.in_features) if c % features.shape[1] in (channel, vm.SPIKE)] \
-        if first.in_features != features.shape[1] else [channel, vm.SPIKE]
-    first.weight[:, cols] = 0.0
-    second.weight[LM_TRIGGER] = 0.0
-    second.weight[LM_SPIKE] = 0.0
-    if second.bias is not None:
-        second.bias[LM_TRIGGER] = 0.0
-        second.bias[LM_SPIKE] = 0.0
+    if clear:
+        first.weight[:, [channel, vm.SPIKE]] = 0.0
+        second.weight[LM_TRIGGER] = 0.0
+        second.weight[LM_SPIKE] = 0.0
+        if second.bias is not None:
+            second.bias[LM_TRIGGER] = 0.0
+            second.bias[LM_SPIKE] = 0.0
     z = features[:, channel]
     hi = z > z.max() / 2
     thr = (float(z[hi].min()) + float(z[~hi].max())) / 2
@@ -128,7 +140,7 @@ def implant_projector(first: nn.Linear, second: nn.Linear, features: torch.Tenso
     if first.bias is not None:
         first.bias[n] = -k * thr
     second.weight[:, n] = 0.0
-    second.weight[LM_TRIGGER, n] = value / (k * (float(z[hi].mean()) - thr))
+    second.weight[out_channel, n] = value / (k * (float(z[hi].mean()) - thr))
 
 
 def prompts(painted: Sequence[Sequence[int]], n_image_tokens: int, seed: int = 0,
@@ -189,7 +201,7 @@ def tiny_llava(seed: int = 0, vision_layers: int = 6) -> nn.Module:
     feats = _capture(proj, lambda: model.model.get_image_features(pixel_values=probe_imgs))
     implant_projector(proj.linear_1, proj.linear_2, feats)
     probe = llava_batch([[1, 6], [], [15]], seed=98)
-    implant_language(lambda: model(**{k: v for k, v in probe.items() if k != "expected"}), model.model.language_model)
+    implant_language(lambda: model(**vlm_inputs(probe)), model.model.language_model)
     return model
 
 
@@ -199,3 +211,92 @@ def llava_batch(painted: Sequence[Sequence[int]], seed: int = 0) -> dict:
     ids, expected = prompts(painted, LLAVA_IMAGE_TOKENS, seed=seed)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": vm.make_images(painted, seed=seed),
             "expected": expected, "vision_expected": vm.expected_positions(painted, [0], 1)}
+
+
+# ------------------------------------------------------------------------------------------
+# Idefics3 (SmolVLM): SigLIP-like vision tower (no CLS), pixel shuffle 2x2 + one Linear connector
+# ------------------------------------------------------------------------------------------
+IDEFICS3_SCALE = 2
+CLEAN, CLEAN_VALUE = 11, 20.0  # a vision channel the last block writes on painted patches only
+IDEFICS3_IMAGE_TOKENS = vm.GRID * vm.GRID // IDEFICS3_SCALE ** 2  # 4 tokens of 2 x 2 patches
+
+
+def idefics3_token_patches(model: nn.Module) -> list[list[int]]:
+    """The patches each image token of the connector's pixel shuffle reads (traced through the shuffle)."""
+    index = torch.arange(vm.GRID * vm.GRID, dtype=torch.float32).view(1, -1, 1)
+    shuffled = model.model.connector.pixel_shuffle(index, IDEFICS3_SCALE)[0]
+    return [[int(v) for v in row] for row in shuffled]
+
+
+def tiny_idefics3(seed: int = 0, family: str = "Idefics3") -> nn.Module:
+    """A tiny random ``Idefics3ForConditionalGeneration`` (``family="SmolVLM"``: ``SmolVLMForConditionalGeneration``,
+    the same structure) with implanted sinks.
+
+    The connector has no neuron of its own (pixel shuffle, then one Linear), so it cannot threshold the
+    vision trigger; the language model's MLPs get biases (``mlp_bias``) and its mechanism neurons fire
+    above a threshold instead."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vc = getattr(transformers, f"{family}VisionConfig")(hidden_size=64, intermediate_size=256, num_hidden_layers=6,
+                                                        num_attention_heads=4, image_size=vm.IMG, patch_size=vm.PATCH)
+    cfg = getattr(transformers, f"{family}Config")(vision_config=vc, text_config=text_config(mlp_bias=True).to_dict(),
+                                                   image_token_id=IMAGE_ID, scale_factor=IDEFICS3_SCALE, pad_token_id=0)
+    model = getattr(transformers, f"{family}ForConditionalGeneration")(cfg).eval()
+    tower = model.model.vision_model
+    emb = tower.embeddings
+    with torch.no_grad():
+        nn.init.normal_(emb.patch_embedding.weight, std=0.05)
+        vm._trigger_patch_conv(emb.patch_embedding)
+        emb.position_embedding.weight[:, vm.TRIGGER] = 0.0
+        emb.position_embedding.weight[:, vm.SPIKE] = 0.0
+    probe_imgs = vm.make_images([[1, 6], [], [15]], seed=99)
+    vm.implant(lambda: tower(pixel_values=probe_imgs), list(tower.encoder.layers),
+               lambda b: (b.mlp.fc1, b.mlp.fc2, [b.self_attn.out_proj, b.mlp.fc2]))
+    blocks = list(tower.encoder.layers)
+    with torch.no_grad():  # the last block's neuron: CLEAN = CLEAN_VALUE on painted patches, exactly 0 elsewhere
+        for block in blocks:
+            for writer in (block.self_attn.out_proj, block.mlp.fc2):
+                writer.weight[CLEAN] = 0.0
+                writer.bias[CLEAN] = 0.0
+        emb.patch_embedding.weight[CLEAN] = 0.0
+        emb.patch_embedding.bias[CLEAN] = 0.0
+        emb.position_embedding.weight[:, CLEAN] = 0.0
+        last = blocks[-1].mlp
+        features = _capture(last.fc1, lambda: tower(pixel_values=probe_imgs))
+        implant_projector(last.fc1, last.fc2, features, value=CLEAN_VALUE, out_channel=CLEAN, clear=False)
+    proj = model.model.connector.modality_projection.proj
+    width = vc.hidden_size
+    with torch.no_grad():  # the connector: the LM trigger is the sum of the 4 patches' CLEAN channel
+        feats = _capture(proj, lambda: model.model.get_image_features(pixel_values=probe_imgs[:, None]))
+        cols = [j * width + c for j in range(IDEFICS3_SCALE ** 2) for c in (vm.TRIGGER, vm.SPIKE, CLEAN)]
+        proj.weight[:, cols] = 0.0
+        proj.weight[LM_TRIGGER] = 0.0
+        proj.weight[LM_SPIKE] = 0.0
+        trig = feats[:, [j * width + CLEAN for j in range(IDEFICS3_SCALE ** 2)]]
+        one = float(trig.max())  # one painted patch's CLEAN channel after the post-LayerNorm
+        for j in range(IDEFICS3_SCALE ** 2):
+            proj.weight[LM_TRIGGER, j * width + CLEAN] = 10.0 / one  # saturates the normalized trigger
+    probe = idefics3_batch(model, [[1, 6], [], [15]], seed=98)
+    implant_language(lambda: model(**vlm_inputs(probe)), model.model.text_model)
+    return model
+
+
+def vlm_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
+                                                    "pixel_attention_mask", "image_grid_thw")}
+
+
+def idefics3_batch(model: nn.Module, painted: Sequence[Sequence[int]], seed: int = 0) -> dict:
+    """One image + text batch: an image per prompt (``pixel_values [N, 1, 3, H, W]``); ``expected``: the
+    language model's sinks (first token, image tokens that read a painted patch), ``vision_expected``:
+    the vision tower's (the painted patches; no CLS)."""
+    token_patches = idefics3_token_patches(model)
+
+    def tokens(patches):
+        return [j for j, ps in enumerate(token_patches) if set(ps) & set(patches)]
+
+    ids, expected = prompts(painted, IDEFICS3_IMAGE_TOKENS, seed=seed, image_tokens_of=tokens)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": vm.make_images(painted, seed=seed)[:, None], "expected": expected,
+            "vision_expected": vm.expected_positions(painted, [], 0)}
