@@ -149,7 +149,7 @@ def prompts(painted: Sequence[Sequence[int]], n_image_tokens: int, seed: int = 0
     words) and the expected language-model sinks of each row (first token + painted image tokens)."""
     gen = torch.Generator().manual_seed(seed)
     t = 1 + TEXT_BEFORE + n_image_tokens + TEXT_AFTER
-    ids = torch.randint(2, IMAGE_ID, (len(painted), t), generator=gen)
+    ids = torch.randint(2, VOCAB - 4, (len(painted), t), generator=gen)  # the top 4 ids are special
     ids[:, 0] = SINK_ID
     ids[:, 1 + TEXT_BEFORE:1 + TEXT_BEFORE + n_image_tokens] = IMAGE_ID
     start = 1 + TEXT_BEFORE
@@ -284,7 +284,7 @@ def tiny_idefics3(seed: int = 0, family: str = "Idefics3") -> nn.Module:
 
 def vlm_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
-                                                    "pixel_attention_mask", "image_grid_thw")}
+                                                    "pixel_attention_mask", "image_grid_thw", "mm_token_type_ids")}
 
 
 def idefics3_batch(model: nn.Module, painted: Sequence[Sequence[int]], seed: int = 0) -> dict:
@@ -300,3 +300,110 @@ def idefics3_batch(model: nn.Module, painted: Sequence[Sequence[int]], seed: int
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
             "pixel_values": vm.make_images(painted, seed=seed)[:, None], "expected": expected,
             "vision_expected": vm.expected_positions(painted, [], 0)}
+
+
+# ------------------------------------------------------------------------------------------
+# Qwen2-VL: its own ViT (Conv3d patches of 2 frames, 2-D rotary, no CLS, the images of a batch packed
+# into one sequence), a patch merger (LayerNorm, 2 x 2 patches -> Linear, GELU, Linear), M-RoPE decoder
+# ------------------------------------------------------------------------------------------
+QWEN_MERGE = 2
+QWEN_IMAGE_TOKENS = vm.GRID * vm.GRID // QWEN_MERGE ** 2  # 4 tokens of 2 x 2 patches
+QWEN_TEMPORAL = 2
+
+
+def qwen_patch_order() -> list[int]:
+    """Row-major patch index (``vm.make_images``' numbering) of each position of Qwen2-VL's patch sequence
+    (its processor orders the patches by 2 x 2 merge window)."""
+    g, m = vm.GRID, QWEN_MERGE
+    return [(bh * m + mh) * g + (bw * m + mw) for bh in range(g // m) for bw in range(g // m)
+            for mh in range(m) for mw in range(m)]
+
+
+def qwen_pixels(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, 3, H, W]`` images -> (flattened patches ``[N * H/P * W/P, 3 * 2 * P * P]``, grid_thw ``[N, 3]``),
+    as Qwen2-VL's image processor lays them out (each image repeated over the 2 frames of a temporal patch)."""
+    n, c, h, w = images.shape
+    p, m, t = vm.PATCH, QWEN_MERGE, QWEN_TEMPORAL
+    gh, gw = h // p, w // p
+    x = images[:, None].repeat(1, t, 1, 1, 1)  # [N, T, C, H, W]
+    x = x.reshape(n, 1, t, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)  # N, grid_t, bh, bw, mh, mw, C, T, P, P
+    flat = x.reshape(n * gh * gw, c * t * p * p)
+    return flat, torch.tensor([[1, gh, gw]] * n)
+
+
+def tiny_qwen2vl(seed: int = 0) -> nn.Module:
+    """A tiny random ``Qwen2VLForConditionalGeneration`` (ViT width 64, 6 blocks, 8 px patches; M-RoPE
+    decoder width 64, 4 layers) with implanted sinks: painted patches in the vision tower (no CLS), the
+    first token and the image tokens that merge a painted patch in the language model."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vc = dict(depth=6, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=4, in_channels=3, patch_size=vm.PATCH,
+              spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL)
+    tc = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LM_LAYERS,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    cfg = transformers.Qwen2VLConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_ID,
+                                     video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+                                     vision_end_token_id=VOCAB - 4)
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    visual = model.model.visual
+    blocks = list(visual.blocks)
+    with torch.no_grad():
+        nn.init.normal_(visual.patch_embed.proj.weight, std=0.2)  # no position embedding: patches need scale
+        vm._trigger_patch_conv(visual.patch_embed.proj)
+    probe_imgs = vm.make_images([[1, 6], [], [15]], seed=99)
+    px, grid = qwen_pixels(probe_imgs)
+    run_visual = lambda: visual(px, grid_thw=grid)  # noqa: E731
+    vm.implant(run_visual, blocks, lambda b: (b.mlp.fc1, b.mlp.fc2, [b.attn.proj, b.mlp.fc2]))
+    with torch.no_grad():  # the last block writes CLEAN on painted patches only (see tiny_idefics3)
+        for block in blocks:
+            for writer in (block.attn.proj, block.mlp.fc2):
+                writer.weight[CLEAN] = 0.0
+                writer.bias[CLEAN] = 0.0
+        visual.patch_embed.proj.weight[CLEAN] = 0.0
+        last = blocks[-1].mlp
+        implant_projector(last.fc1, last.fc2, _capture(last.fc1, run_visual), value=CLEAN_VALUE, out_channel=CLEAN,
+                          clear=False)
+        # the merger: one GELU neuron on the sum of its 4 patches' CLEAN channel (after ln_q) writes LM_TRIGGER
+        first, second = visual.merger.mlp[0], visual.merger.mlp[2]
+        width = vc["embed_dim"]
+        cols = [j * width + CLEAN for j in range(QWEN_MERGE ** 2)]
+        feats = _capture(first, run_visual)
+        z = feats[:, cols].sum(dim=1)
+        first.weight[:, [j * width + c for j in range(QWEN_MERGE ** 2) for c in (vm.TRIGGER, vm.SPIKE, CLEAN)]] = 0.0
+        second.weight[LM_TRIGGER] = 0.0
+        second.weight[LM_SPIKE] = 0.0
+        second.bias[[LM_TRIGGER, LM_SPIKE]] = 0.0
+        hi = z > z.max() / 2
+        thr = (float(z[hi].min()) + float(z[~hi].max())) / 2
+        k = 8.0 / (float(z[hi].min()) - thr)
+        n = 3
+        first.weight[n] = 0.0
+        first.weight[n, cols] = k
+        first.bias[n] = -k * thr
+        second.weight[:, n] = 0.0
+        second.weight[LM_TRIGGER, n] = 10.0 / (k * (float(z[hi].mean()) - thr))  # saturates the normalized trigger
+    probe = qwen2vl_batch([[1, 6], [], [15]], seed=98)
+    implant_language(lambda: model(**vlm_inputs(probe)), model.model.language_model)
+    return model
+
+
+def qwen2vl_batch(painted: Sequence[Sequence[int]], seed: int = 0, model: nn.Module = None) -> dict:
+    """One image + text batch as Qwen2-VL's processor makes it (flattened patches, ``image_grid_thw``,
+    ``mm_token_type_ids``); ``expected``: the language model's sinks (first token, image tokens whose 2 x 2
+    window holds a painted patch); ``vision_expected``: the vision tower's, one packed sequence per batch
+    (positions of the painted patches in the patch order of every image, images one after the other)."""
+    order = qwen_patch_order()
+    windows = [order[4 * j:4 * j + 4] for j in range(QWEN_IMAGE_TOKENS)]
+
+    def tokens(patches):
+        return [j for j, ps in enumerate(windows) if set(ps) & set(patches)]
+
+    ids, expected = prompts(painted, QWEN_IMAGE_TOKENS, seed=seed, image_tokens_of=tokens)
+    px, grid = qwen_pixels(vm.make_images(painted, seed=seed))
+    per = vm.GRID * vm.GRID
+    vision = sorted(i * per + order.index(p) for i, patches in enumerate(painted) for p in patches)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px, "image_grid_thw": grid,
+            "mm_token_type_ids": (ids == IMAGE_ID).int(), "expected": expected, "vision_expected": [vision]}
