@@ -30,9 +30,10 @@ FAMILIES = {
     "idefics3": (lambda: vl.tiny_idefics3(family="Idefics3"), vl.idefics3_batch),
     "smolvlm": (lambda: vl.tiny_idefics3(family="SmolVLM"), vl.idefics3_batch),
     "qwen2-vl": (vl.tiny_qwen2vl, lambda model, painted, seed: vl.qwen2vl_batch(painted, seed=seed)),
+    "qwen2.5-vl": (vl.tiny_qwen25vl, lambda model, painted, seed: vl.qwen2vl_batch(painted, seed=seed)),
 }
 IMAGE_TOKENS = {"llava": vl.LLAVA_IMAGE_TOKENS, "idefics3": vl.IDEFICS3_IMAGE_TOKENS,
-                "smolvlm": vl.IDEFICS3_IMAGE_TOKENS, "qwen2-vl": vl.QWEN_IMAGE_TOKENS}
+                "smolvlm": vl.IDEFICS3_IMAGE_TOKENS, "qwen2-vl": vl.QWEN_IMAGE_TOKENS, "qwen2.5-vl": vl.QWEN_IMAGE_TOKENS}
 
 
 def _model(family: str = "llava"):
@@ -73,12 +74,20 @@ def _rel(ref: torch.Tensor, new: torch.Tensor) -> float:
     return float((new - ref).norm() / ref.norm())
 
 
+def _insertquant(family: str):
+    """``(model, report)``: a copy of the family's model quantized with insertquant W8A8 (shared by tests)."""
+    key = ("insertquant", family)
+    if key not in _CACHE:
+        model = copy.deepcopy(_model(family))
+        _CACHE[key] = (model, vtquant.quantize_vlm_(model, _recipe(), _calib(family), quiet=True))
+    return _CACHE[key]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_detection_exact_in_both_towers(family):
     """New images and prompts: the vision tower finds exactly the painted patches (+ the CLS where there
     is one), the language model the first token + exactly the image tokens that read a painted patch."""
-    model = copy.deepcopy(_model(family))
-    report = vtquant.quantize_vlm_(model, _recipe(), _calib(family), quiet=True)
+    model, report = _insertquant(family)
     assert set(report.towers) == {"vision", "language"} and report.kept == ["projector"]
     for seed in (50, 51):
         test = _test_batch(family, seed)
@@ -98,8 +107,7 @@ def test_image_token_sinks_counted(family):
     n_painted = sum(len(row) for b in calib for row in b["vision_expected"])
     prefix = n_rows if family == "llava" else 0
     sequences = sum(len(b["vision_expected"]) for b in calib)  # Qwen2-VL packs a batch's images into one
-    model = copy.deepcopy(_model(family))
-    report = vtquant.quantize_vlm_(model, _recipe(), calib, quiet=True)
+    _model_q, report = _insertquant(family)
     lang = report.sinks["language"]
     assert lang["image_tokens"] == n_image_sinks > 0 and lang["text_tokens"] == n_rows == lang["first_token"]
     assert lang["image_tokens_total"] == n_rows * IMAGE_TOKENS[family]
@@ -127,11 +135,10 @@ def test_w8a8_insertquant_beats_naive_static(family):
     fp = _model(family)
     test = _test_batch(family, 61)
     ref = _logits(fp, test)
-    errors = {}
-    for method in ("naive-static", "insertquant"):
-        model = copy.deepcopy(fp)
-        vtquant.quantize_vlm_(model, method_recipe(method, _recipe()), _calib(family), quiet=True)
-        errors[method] = _rel(ref, _logits(model, test))
+    model = copy.deepcopy(fp)
+    vtquant.quantize_vlm_(model, method_recipe("naive-static", _recipe()), _calib(family), quiet=True)
+    errors = {"naive-static": _rel(ref, _logits(model, test)),
+              "insertquant": _rel(ref, _logits(_insertquant(family)[0], test))}
     assert errors["insertquant"] < errors["naive-static"] / 3, errors
 
 

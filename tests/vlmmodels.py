@@ -366,25 +366,101 @@ def tiny_qwen2vl(seed: int = 0) -> nn.Module:
         last = blocks[-1].mlp
         implant_projector(last.fc1, last.fc2, _capture(last.fc1, run_visual), value=CLEAN_VALUE, out_channel=CLEAN,
                           clear=False)
-        # the merger: one GELU neuron on the sum of its 4 patches' CLEAN channel (after ln_q) writes LM_TRIGGER
-        first, second = visual.merger.mlp[0], visual.merger.mlp[2]
-        width = vc["embed_dim"]
-        cols = [j * width + CLEAN for j in range(QWEN_MERGE ** 2)]
-        feats = _capture(first, run_visual)
-        z = feats[:, cols].sum(dim=1)
-        first.weight[:, [j * width + c for j in range(QWEN_MERGE ** 2) for c in (vm.TRIGGER, vm.SPIKE, CLEAN)]] = 0.0
-        second.weight[LM_TRIGGER] = 0.0
-        second.weight[LM_SPIKE] = 0.0
-        second.bias[[LM_TRIGGER, LM_SPIKE]] = 0.0
-        hi = z > z.max() / 2
-        thr = (float(z[hi].min()) + float(z[~hi].max())) / 2
-        k = 8.0 / (float(z[hi].min()) - thr)
-        n = 3
-        first.weight[n] = 0.0
-        first.weight[n, cols] = k
-        first.bias[n] = -k * thr
-        second.weight[:, n] = 0.0
-        second.weight[LM_TRIGGER, n] = 10.0 / (k * (float(z[hi].mean()) - thr))  # saturates the normalized trigger
+    _implant_merger(visual, run_visual, vc["embed_dim"])
+    probe = qwen2vl_batch([[1, 6], [], [15]], seed=98)
+    implant_language(lambda: model(**vlm_inputs(probe)), model.model.language_model)
+    return model
+
+
+@torch.no_grad()
+def _implant_merger(visual: nn.Module, run_visual: Callable[[], object], width: int) -> None:
+    """Qwen's patch merger: one GELU neuron on the sum of its 4 patches' CLEAN channel (after ``ln_q``)
+    writes ``LM_TRIGGER`` (10: the language model's normalized trigger saturates, every image sink alike)."""
+    first, second = visual.merger.mlp[0], visual.merger.mlp[2]
+    cols = [j * width + CLEAN for j in range(QWEN_MERGE ** 2)]
+    z = _capture(first, run_visual)[:, cols].sum(dim=1)
+    first.weight[:, [j * width + c for j in range(QWEN_MERGE ** 2) for c in (vm.TRIGGER, vm.SPIKE, CLEAN)]] = 0.0
+    second.weight[LM_TRIGGER] = 0.0
+    second.weight[LM_SPIKE] = 0.0
+    second.bias[[LM_TRIGGER, LM_SPIKE]] = 0.0
+    hi = z > z.max() / 2
+    thr = (float(z[hi].min()) + float(z[~hi].max())) / 2
+    k = 8.0 / (float(z[hi].min()) - thr)
+    n = 3
+    first.weight[n] = 0.0
+    first.weight[n, cols] = k
+    first.bias[n] = -k * thr
+    second.weight[:, n] = 0.0
+    second.weight[LM_TRIGGER, n] = 10.0 / (k * (float(z[hi].mean()) - thr))
+
+
+@torch.no_grad()
+def _swiglu_neuron(mlp: nn.Module, run: Callable[[], object], read: int, write: int, value: float) -> None:
+    """A saturating neuron pair of a biased SwiGLU MLP (Qwen2.5-VL's ViT), as :func:`visionmodels.implant`
+    does with GELU: ``silu(y) - silu(y - A)`` with ``y = g (x_read - thr)`` (up = 1) is 0 below the threshold
+    and ``A`` on every token above it (the weakest reaches ``3 A``), so channel ``write`` gets exactly
+    ``value`` on every sink (``A = vm.EMERGE_ACT``)."""
+    a = vm.EMERGE_ACT
+    pair = {vm.TRIGGER: (5, 6), vm.SPIKE: (9, 10)}[read] if write != CLEAN else (13, 14)
+    for n in pair:
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight[n] = 0.0
+            lin.bias[n] = 0.0
+        mlp.down_proj.weight[:, n] = 0.0
+    x = _capture(mlp, run)[:, read]
+    hi = x.abs() > x.abs().max() / 2
+    sign = 1.0 if float(x[hi].mean()) > 0 else -1.0
+    x = sign * x
+    thr = (float(x[hi].min()) + float(x[~hi].max())) / 2
+    g = 3 * a / (float(x[hi].min()) - thr)
+    for n, offset in zip(pair, (0.0, a)):
+        mlp.gate_proj.weight[n, read] = sign * g
+        mlp.gate_proj.bias[n] = -g * thr - offset
+        mlp.up_proj.bias[n] = 1.0
+    mlp.down_proj.weight[write, pair[0]] = value / a
+    mlp.down_proj.weight[write, pair[1]] = -value / a
+
+
+def tiny_qwen25vl(seed: int = 0) -> nn.Module:
+    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` (RMSNorm / SwiGLU ViT, one attention window
+    covering the 32 px image) with the same implanted sinks as :func:`tiny_qwen2vl`; the ViT's mechanism
+    uses thresholded SwiGLU neurons (:func:`_swiglu_neuron`)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vc = dict(depth=6, hidden_size=64, intermediate_size=128, num_heads=4, in_channels=3, patch_size=vm.PATCH,
+              spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL, window_size=vm.IMG,
+              out_hidden_size=64, fullatt_block_indexes=[2, 5])
+    tc = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LM_LAYERS,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    cfg = transformers.Qwen2_5_VLConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_ID,
+                                        video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+                                        vision_end_token_id=VOCAB - 4)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    visual = model.model.visual
+    blocks = list(visual.blocks)
+    probe_imgs = vm.make_images([[1, 6], [], [15]], seed=99)
+    px, grid = qwen_pixels(probe_imgs)
+    run_visual = lambda: visual(px, grid_thw=grid)  # noqa: E731
+    with torch.no_grad():
+        nn.init.normal_(visual.patch_embed.proj.weight, std=0.2)
+        vm._trigger_patch_conv(visual.patch_embed.proj)
+        visual.patch_embed.proj.weight[CLEAN] = 0.0
+        for block in blocks:
+            for mod in block.modules():
+                if isinstance(mod, nn.Linear):
+                    nn.init.normal_(mod.weight, std=vm.WEIGHT_GAIN * mod.weight.shape[1] ** -0.5)
+                    nn.init.normal_(mod.bias, std=0.02)
+            for writer in (block.attn.proj, block.mlp.down_proj):
+                writer.weight[[vm.TRIGGER, vm.SPIKE, CLEAN]] = 0.0
+                writer.bias[[vm.TRIGGER, vm.SPIKE, CLEAN]] = 0.0
+            for reader in (block.mlp.gate_proj, block.mlp.up_proj):
+                reader.weight[:, [vm.TRIGGER, vm.SPIKE, CLEAN]] = 0.0
+        _swiglu_neuron(blocks[vm.EMERGENCE].mlp, run_visual, vm.TRIGGER, vm.SPIKE, vm.SPIKE_VALUE)
+        _swiglu_neuron(blocks[vm.CANCELLATION].mlp, run_visual, vm.SPIKE, vm.SPIKE, -vm.SPIKE_VALUE)
+        _swiglu_neuron(blocks[-1].mlp, run_visual, vm.TRIGGER, CLEAN, CLEAN_VALUE)
+    _implant_merger(visual, run_visual, vc["hidden_size"])
     probe = qwen2vl_batch([[1, 6], [], [15]], seed=98)
     implant_language(lambda: model(**vlm_inputs(probe)), model.model.language_model)
     return model
