@@ -62,7 +62,8 @@ _inputs = vl.vlm_inputs
 
 
 def _recipe(**kw) -> Recipe:
-    return Recipe(sinks=SinkConfig(known_sinks=list(KINDS)), ignore=[], **kw)
+    kw.setdefault("ignore", [])
+    return Recipe(sinks=SinkConfig(known_sinks=list(KINDS)), **kw)
 
 
 def _logits(model, batch) -> torch.Tensor:
@@ -176,16 +177,46 @@ def test_llava_language_rotation_folds_into_projector_and_rollback():
     test = _test_batch("llava", 62)
     assert _rel(_logits(fp, test), _logits(model, test)) < 0.05
 
+    model = copy.deepcopy(fp)  # smoothing leaves the residual stream alone: allowed in both towers, checked
+    report = vtquant.quantize_vlm_(model, method_recipe("smoothquant", _recipe()), _calib(), quiet=True)
+    assert all(report.towers[t].equivalence["smoothquant"]["ok"] for t in ("vision", "language"))
+
     model = copy.deepcopy(fp)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bad = _recipe()
     bad.towers = {"vision": method_recipe("insertquant+rotate", bad)}
-    with pytest.raises(ConfigError, match="hidden states of layer -2"):
+    with pytest.raises(ConfigError, match="hidden states of layer -2.*rotation.residual: false"):
         vtquant.quantize_vlm_(model, bad, _calib(), quiet=True)
     assert getattr(model, "vtquant", None) is None
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert _rel(_logits(fp, test), _logits(model, test)) == 0.0
+
+
+def test_failure_in_a_later_part_gives_every_part_back():
+    """The vision tower quantizes, then the language model's recipe is refused inside the pipeline: the
+    vision tower is given back too (no QuantLinear, no hook, same weights and logits)."""
+    fp = _model("qwen2-vl")
+    model = copy.deepcopy(fp)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rec = _recipe()
+    rec.towers = {"language": _recipe(ignore=["mlp.down_proj"])}
+    with pytest.raises(ConfigError, match="mlp.down_proj"):
+        vtquant.quantize_vlm_(model, rec, _calib("qwen2-vl"), quiet=True)
+    assert getattr(model, "vtquant", None) is None
+    assert not any(type(m).__name__ == "QuantLinear" for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    test = _test_batch("qwen2-vl", 65)
+    assert _rel(_logits(fp, test), _logits(model, test)) == 0.0
+
+
+def test_saving_a_quantized_vlm_is_refused(tmp_path):
+    model, _ = _insertquant("llava")
+    with pytest.raises(vtquant.checkpoint.CheckpointError, match="not supported yet"):
+        vtquant.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_quantize_forwards_vlms_and_checks_batches():

@@ -343,7 +343,8 @@ def tiny_qwen2vl(seed: int = 0) -> nn.Module:
               spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL)
     tc = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LM_LAYERS,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+              bos_token_id=0, eos_token_id=0, pad_token_id=0)
     cfg = transformers.Qwen2VLConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_ID,
                                      video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
                                      vision_end_token_id=VOCAB - 4)
@@ -433,7 +434,8 @@ def tiny_qwen25vl(seed: int = 0) -> nn.Module:
               out_hidden_size=64, fullatt_block_indexes=[2, 5])
     tc = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LM_LAYERS,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+              bos_token_id=0, eos_token_id=0, pad_token_id=0)
     cfg = transformers.Qwen2_5_VLConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_ID,
                                         video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
                                         vision_end_token_id=VOCAB - 4)

@@ -114,6 +114,10 @@ def save(model: nn.Module, path: PathLike, *, compact_embeddings: Optional[str] 
     handle = getattr(model, "vtquant", None)
     if handle is None:
         raise ValueError("model is not quantized by vtquant; call vtquant.quantize_(model, recipe, calib) first")
+    if getattr(handle, "plan", None) is None:  # a handle of several parts (a vision-language model)
+        raise CheckpointError(f"saving a quantized {type(model).__name__} is not supported yet "
+                              f"({getattr(handle, 'save_hint', 'it has no single quantization plan')}); nothing was "
+                              "written")
     fmt = _resolve_format(model, format, compact_embeddings)
     if tokenizer is None:
         tokenizer = getattr(handle, "tokenizer", None)

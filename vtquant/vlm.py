@@ -126,19 +126,20 @@ def _check_vlm_batches(model: nn.Module, batches: Optional[Iterable]) -> list:
 
 
 class _ModelBackup:
-    """Gives a VLM back as it was: every parameter and buffer (CPU copies), every child module slot,
-    the config, and removes what the parts' quantization added (hooks, handles, sink modules)."""
+    """Gives a VLM back as it was: every parameter and buffer (the objects, and CPU copies of their
+    values when a rotation or smoothing will change them in place), every child module slot, the
+    config, and removes what the parts' quantization added (hooks, handles, sink modules)."""
 
     ADDED = ("vtquant_restore", "vtquant_detect", "vtquant_unrotate")
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, tensors: bool = True) -> None:
         self.model = model
         self.tensors = []
         self.children = []
         for module in model.modules():
             for pname, p in list(module._parameters.items()) + list(module._buffers.items()):
-                if p is not None:
-                    self.tensors.append((module, pname, p, p.detach().to("cpu", copy=True)))
+                if p is not None:  # the objects always; CPU copies of the values only when a transform changes them
+                    self.tensors.append((module, pname, p, p.detach().to("cpu", copy=True) if tensors else None))
             self.children.append((module, dict(module._modules)))
         self.configs = []
         for cfg in (getattr(model, "config", None),) + tuple(
@@ -158,8 +159,9 @@ class _ModelBackup:
             module._modules.clear()
             module._modules.update(children)
         for module, pname, p, saved in self.tensors:
-            with torch.no_grad():
-                p.data = saved.to(p.device)
+            if saved is not None:
+                with torch.no_grad():
+                    p.data = saved.to(p.device)
             store = module._parameters if pname in module._parameters else module._buffers
             store[pname] = p
         for module in self.model.modules():
@@ -178,6 +180,9 @@ class _ModelBackup:
 
 class VLMHandle:
     """``model.vtquant`` of a quantized VLM: the report, the recipe and each part's own handle."""
+
+    plan = None  # no single plan: each part's handle has its own
+    save_hint = "each part has its own plan; re-run vtquant.quantize_vlm_, or torch.save the fake-quantized model"
 
     def __init__(self, report: VLMReport, recipe: Recipe, towers: list) -> None:
         self.report = report
@@ -267,6 +272,10 @@ def quantize_vlm_(model: nn.Module, recipe: Recipe, batches: Iterable, *, quiet:
             raise ConfigError(f"recipe.towers.projector: method {rec.method} calibrates sinks, but the projector has no "
                               "blocks of its own (its inputs' sinks are the vision tower's output tokens); use fp, "
                               "dynamic-token or naive-static for the projector")
+        blocker = getattr(tower.adapter, "residual_rotation_blocker", lambda: None)()
+        if rec.rotation.enabled and rec.rotation.residual and handler.quantizes and blocker:
+            raise ConfigError(f"recipe.towers.{tower.name}: {blocker}; set towers.{tower.name}.rotation.residual: false "
+                              "(the online and per-head rotations stay) or rotation.enabled: false")
         if tower.name == "projector" and rec.rotation.enabled and handler.quantizes:
             raise ConfigError("recipe.towers.projector: rotation is enabled, but the projector has no residual stream "
                               "of its own to rotate (the language model's rotation folds into its output Linear); set "
@@ -274,7 +283,8 @@ def quantize_vlm_(model: nn.Module, recipe: Recipe, batches: Iterable, *, quiet:
         plan.append((tower, rec))
         report.notes += notes
         report.methods[tower.name] = rec.display_method
-    backup = _ModelBackup(model)
+    transforms = any(rec.rotation.enabled or rec.method == "smoothquant" for _, rec in plan)
+    backup = _ModelBackup(model, tensors=transforms)
     try:
         for tower, rec in plan:
             if not get_method(rec.method).quantizes:
@@ -286,6 +296,8 @@ def quantize_vlm_(model: nn.Module, recipe: Recipe, batches: Iterable, *, quiet:
             counts = _sink_counts(tower.name, tower.adapter, rep, batches, model)
             if counts is not None:
                 report.sinks[tower.name] = counts
+                rep.notes.append(f"{tower.name} sinks over the calibration sequences: "
+                                 + ", ".join(f"{k} {v}" for k, v in counts.items()))
     except BaseException:
         backup.restore(towers)
         raise

@@ -146,15 +146,18 @@ class VLMVisionAdapter(_VLMForward, HFVisionAdapter):
         super().__init__(tower)
         self.vlm = vlm
 
-    def rotation_spec(self) -> Any:
-        fam = VLMS[type(self.vlm).__name__]["family"]
-        if fam == "llava":
+    def residual_rotation_blocker(self) -> Optional[str]:
+        """Why the residual stream of this tower cannot be rotated in this VLM (``None``: it can).
+
+        LLaVA reads hidden states of an inner layer (``vision_feature_layer``), not the tower's output;
+        the LayerNorm rotation un-rotates the stream only at the output, so those features would stay
+        rotated.  Smoothing and the online / per-head rotations leave the stream alone and stay allowed."""
+        if VLMS[type(self.vlm).__name__]["family"] == "llava":
             layer = getattr(self.vlm.config, "vision_feature_layer", None)
-            raise ConfigError(
-                f"{type(self.vlm).__name__} reads the vision tower's hidden states of layer {layer!r} (not its output), "
-                "and the LayerNorm rotation un-rotates the stream only at the tower's output: the features the "
-                "projector reads would stay rotated. Set towers.vision.rotation.enabled: false")
-        return super().rotation_spec()
+            return (f"{type(self.vlm).__name__} reads the vision tower's hidden states of layer {layer!r} (not its "
+                    "output), and the LayerNorm rotation un-rotates the residual stream only at the tower's output: "
+                    "the features the projector reads would stay rotated")
+        return None
 
 
 class QwenVisionAdapter(_VLMForward, VisionAdapter):
@@ -197,9 +200,10 @@ class QwenVisionAdapter(_VLMForward, VisionAdapter):
         return None, None, True  # no prefix token: content sinks only
 
     def rotation_spec(self) -> Any:
-        raise ConfigError(f"{type(self.vlm).__name__}: rotating the Qwen2-VL vision tower is not implemented (its "
-                          "2-D rotary attention and the patch merger's LayerNorm over 4 merged patches are not "
-                          "described to the rotation); set towers.vision.rotation.enabled: false")
+        raise ConfigError(f"{type(self.vlm).__name__}: rotating or smoothing the Qwen2-VL vision tower is not "
+                          "implemented (its blocks and the patch merger's norm over 4 merged patches are not described "
+                          "to the transforms); set towers.vision.rotation.enabled: false and use a method without "
+                          "smoothing for towers.vision")
 
     def attention_spec(self) -> Any:
         return None
