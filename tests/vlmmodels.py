@@ -483,5 +483,16 @@ def qwen2vl_batch(painted: Sequence[Sequence[int]], seed: int = 0, model: nn.Mod
     px, grid = qwen_pixels(vm.make_images(painted, seed=seed))
     per = vm.GRID * vm.GRID
     vision = sorted(i * per + order.index(p) for i, patches in enumerate(painted) for p in patches)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px, "image_grid_thw": grid,
-            "mm_token_type_ids": (ids == IMAGE_ID).int(), "expected": expected, "vision_expected": [vision]}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px, "image_grid_thw": grid,
+             "expected": expected, "vision_expected": [vision]}
+    if _takes_mm_token_types():  # transformers >= 5.2x: M-RoPE positions from the processor's token types
+        batch["mm_token_type_ids"] = (ids == IMAGE_ID).int()
+    return batch
+
+
+def _takes_mm_token_types() -> bool:
+    import inspect
+
+    import transformers
+
+    return "mm_token_type_ids" in inspect.signature(transformers.Qwen2VLModel.forward).parameters
