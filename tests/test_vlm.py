@@ -225,6 +225,10 @@ def test_quantize_forwards_vlms_and_checks_batches():
         vtquant.quantize_(model, _recipe(), [torch.zeros(1, 8, dtype=torch.long)])
     with pytest.raises(ConfigError, match="pixel_values"):
         vtquant.quantize_(model, _recipe(), [{"input_ids": torch.zeros(1, 8, dtype=torch.long)}])
+    from vtquant.vision import quantize_towers_
+
+    with pytest.raises(ConfigError, match="quantize_vlm_"):
+        quantize_towers_(model, _recipe(), images=[torch.zeros(1, 3, 32, 32)])
     report = vtquant.quantize_(model, _recipe(), _calib()[:1], quiet=True)
     assert isinstance(report, vtquant.vlm.VLMReport) and model.vtquant.report is report
     with pytest.raises(RuntimeError, match="already quantized"):
