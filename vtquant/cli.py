@@ -511,6 +511,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     log = _log(args)
     recipe = _base_recipe(args)
+    if args.format == "compressed-tensors" and (recipe.activations is not None or recipe.kv_cache is not None):
+        # quantize with the format's own activation grid and arithmetic, so the exported folder computes
+        # exactly what vtquant's model computes (vtquant.export_ct)
+        recipe = recipe.with_numerics("compressed-tensors")
+        log("activations use compressed-tensors numerics (the format's int grid), so the export is exact")
     _check_texts(args, recipe)
     model, tok, name = _load(args, log)
     cal = recipe.calibration
