@@ -201,3 +201,21 @@ def test_online_rotation_and_foreign_folders_are_refused(fp_model, tmp_path):
     export_compressed_tensors(q, tmp_path / "ct", quiet=True)  # an earlier export is replaced
     assert "vtquant_export.json" in os.listdir(tmp_path / "ct") and first.method == "naive-static"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct", "mine"]  # no temporary folders left
+
+
+def test_cli_refuses_what_the_format_cannot_hold_before_quantizing(tmp_path, monkeypatch, capsys):
+    import vtquant.models
+    from vtquant.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(vtquant.models, "load_causal_lm", no_load)
+    recipe = tmp_path / "r.yaml"
+    for text in ("method: insertquant\n", "method: naive-static\nrotation: {enabled: true}\n"):
+        recipe.write_text("version: 1\n" + text)
+        assert main(["quantize", "--recipe", str(recipe), "--out", str(tmp_path / "ct"), "--format",
+                     "compressed-tensors", "--quiet"]) != 0
+        err = capsys.readouterr().err
+        assert "nothing was quantized" in err and ("--format hf" in err or "rotation.online: false" in err)
+    assert not (tmp_path / "ct").exists()

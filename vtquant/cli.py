@@ -21,15 +21,20 @@ DEMO_SETTINGS = [
 ]
 
 
+VISION_CLIP_ASSET = "asset:clip-vit-b16-openai"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step logs")
     p.add_argument("--results-file", default=None, help="write result rows as JSON to this file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, vision: bool = False) -> None:
     p.add_argument("--model", default="asset:smollm2-135m",
-                   help="asset:NAME, a .gguf file or a local transformers directory (default: %(default)s)")
+                   help="asset:NAME, a .gguf file or a local transformers directory" +
+                   (f"; or a vision model: {VISION_CLIP_ASSET} (with --library), timm:NAME, open_clip:NAME/PRETRAINED, "
+                    "hf:PATH" if vision else "") + " (default: %(default)s)")
     p.add_argument("--model-file", default=None,
                    help="a GGUF model file given by hand (use when the asset cannot be fetched)")
 
@@ -504,9 +509,6 @@ def _eval_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-VISION_CLIP_ASSET = "asset:clip-vit-b16-openai"
-
-
 def _quantize_vision(args: argparse.Namespace, recipe, log):
     """`vtquant quantize` on a vision model: the real CLIP ViT-B/16 image tower (``--model
     asset:clip-vit-b16-openai --library ...``) or ``timm:`` / ``open_clip:`` / ``hf:`` (every tower; an
@@ -572,6 +574,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
             write_results(args.results_file, [], report=reports)
         return 0
+    if args.format == "compressed-tensors":
+        from .export_ct import CompressedTensorsExportError, recipe_refusal
+
+        problem = recipe_refusal(recipe)
+        if problem is not None:
+            raise CompressedTensorsExportError(f"--format compressed-tensors: {problem} (nothing was quantized)")
     if args.format == "compressed-tensors" and (recipe.activations is not None or recipe.kv_cache is not None):
         # quantize with the format's own activation grid and arithmetic, so the exported folder computes
         # exactly what vtquant's model computes (vtquant.export_ct)
@@ -765,15 +773,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint (vtquant.load reads it)")
-    _model_args(p), _common(p)
-    p.set_defaults(model="asset:smollm2-135m")
+    _model_args(p, vision=True), _common(p)
     p.add_argument("--recipe", required=True, help="YAML recipe (e.g. recipes/hf/smollm2-135m.yaml)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-text", default=None, help="LLMs: calibration text asset or .txt (default: the recipe's)")
     p.add_argument("--format", choices=("auto", "hf", "vtquant", "compressed-tensors"), default="auto",
                    help="auto: hf for transformers models (LLMs, HF vision towers), vtquant for timm / open_clip. "
                    "hf: a transformers folder (config.json with quantization_config, tokenizer, W4 packed) that "
-                   "vtquant.load reads and AutoModelForCausalLM.from_pretrained loads once vtquant is imported. "
+                   "vtquant.load reads and the model's from_pretrained (AutoModelForCausalLM for LLMs) loads once "
+                   "vtquant is imported. "
                    "vtquant: model.safetensors + vtquant.json + recipe.yaml, read by vtquant.load only. "
                    "compressed-tensors (LLMs): llm-compressor's format, which transformers with the compressed-tensors "
                    "package (and vLLM) load without vtquant; the activations are then quantized with the format's "

@@ -104,6 +104,20 @@ def _refusal(model: nn.Module) -> Optional[str]:
     return None
 
 
+def recipe_refusal(recipe: Any) -> Optional[str]:
+    """Why a model quantized with ``recipe`` could not be exported (checked before minutes of calibration)."""
+    if recipe.method in ("insertquant", "prefix"):
+        return (f"compressed-tensors cannot hold {recipe.display_method} (no place for sink detection, templates or "
+                "the residual restore): use --format hf, or a baseline the format holds (naive-static, smoothquant, "
+                "dynamic-token, rotate with rotation.online: false)")
+    if recipe.method not in EXPORTABLE_METHODS:
+        return f"method {recipe.method!r} has no compressed-tensors form (exported: {list(EXPORTABLE_METHODS)})"
+    if recipe.rotation.enabled and recipe.rotation.online:
+        return ("the online Hadamard rotation cannot be expressed in compressed-tensors (transformers does not apply "
+                "a transform_config): set rotation.online: false in the recipe")
+    return None
+
+
 def _inexact(plan: Any) -> list[str]:
     """The activation / cache quantizers of ``plan`` whose numerics the format does not reproduce."""
     return [name for name, a in (("activations", plan.activations), ("kv_cache", plan.kv_cache))
