@@ -21,15 +21,20 @@ DEMO_SETTINGS = [
 ]
 
 
+VISION_CLIP_ASSET = "asset:clip-vit-b16-openai"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step logs")
     p.add_argument("--results-file", default=None, help="write result rows as JSON to this file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, vision: bool = False) -> None:
     p.add_argument("--model", default="asset:smollm2-135m",
-                   help="asset:NAME, a .gguf file or a local transformers directory (default: %(default)s)")
+                   help="asset:NAME, a .gguf file or a local transformers directory" +
+                   (f"; or a vision model: {VISION_CLIP_ASSET} (with --library), timm:NAME, open_clip:NAME/PRETRAINED, "
+                    "hf:PATH" if vision else "") + " (default: %(default)s)")
     p.add_argument("--model-file", default=None,
                    help="a GGUF model file given by hand (use when the asset cannot be fetched)")
 
@@ -504,13 +509,82 @@ def _eval_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_vision(args: argparse.Namespace, recipe, log):
+    """`vtquant quantize` on a vision model: the real CLIP ViT-B/16 image tower (``--model
+    asset:clip-vit-b16-openai --library ...``) or ``timm:`` / ``open_clip:`` / ``hf:`` (every tower; an
+    image-text model's text tower is calibrated on one caption per calibration image)."""
+    import torch
+
+    from .analyze import load_images
+    from .models import set_threads
+    from .vision import _calib_indices, load_vision_model, quantize_towers_
+
+    threads = set_threads(args.threads)
+    log(f"loading {args.model} ({threads} threads) ...")
+    tokenizer = None
+    if args.model == VISION_CLIP_ASSET:
+        from .convert.clip_onnx import clip_preprocess, load_clip_vit_b16
+
+        model, preprocess = load_clip_vit_b16(args.library, quiet=args.quiet), clip_preprocess()
+        fp_reference = f"clip-vit-b16-openai ({args.library}): the asset's int8 ONNX weights dequantized to float32"
+    else:
+        vm = load_vision_model(args.model, pretrained=not args.no_pretrained)
+        model, preprocess, tokenizer = vm.model, vm.preprocess, vm.tokenizer
+        fp_reference = f"{vm.name}: " + ("random weights (--no-pretrained)" if args.no_pretrained else
+                                         "the library's pretrained weights in float32")
+    photos = load_images(args.calib_data)
+    cal = recipe.calibration
+    idx = _calib_indices(len(photos), cal.num_samples, cal.seed)
+    pixels = torch.stack([preprocess(photos[i][1]) for i in idx])
+    images = list(torch.split(pixels, cal.batch_size))
+    texts = None
+    if tokenizer is not None:
+        captions = [f"a photo of {photos[i][0].split(':')[-1].rsplit('.', 1)[0].replace('_', ' ')}." for i in idx]
+        texts = [tokenizer(captions[s:s + cal.batch_size]) for s in range(0, len(captions), cal.batch_size)]
+    log(f"calibrating on {len(idx)} images" + (" and one caption each" if texts is not None else ""))
+    reports = quantize_towers_(model, recipe, images=images, texts=texts, quiet=args.quiet)
+    for name, report in reports.items():
+        print(f"[{name}] {report.summary()}")
+    handles = [getattr(model, "vtquant", None)] if getattr(model, "vtquant", None) is not None else [
+        m.vtquant for _, m in model.named_modules() if getattr(m, "vtquant", None) is not None]
+    for handle in handles:
+        handle.fp_reference = fp_reference
+    return model, {name: r.to_dict() for name, r in reports.items()}
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api
+    from .analyze import is_vision_spec
     from .data import sample_windows, text_token_ids
     import torch
 
     log = _log(args)
     recipe = _base_recipe(args)
+    if args.model == VISION_CLIP_ASSET or is_vision_spec(args.model):
+        if args.format not in ("auto", "vtquant", "hf"):
+            from .config import ConfigError
+
+            raise ConfigError(f"--format {args.format} is for transformers decoders; vision models are saved with "
+                              "--format auto (hf for transformers towers, vtquant for timm / open_clip)")
+        model, reports = _quantize_vision(args, recipe, log)
+        api.save(model, args.out, format=args.format)
+        print(f"saved {args.out}")
+        if args.results_file:
+            from .eval.results import write_results
+
+            write_results(args.results_file, [], report=reports)
+        return 0
+    if args.format == "compressed-tensors":
+        from .export_ct import CompressedTensorsExportError, recipe_refusal
+
+        problem = recipe_refusal(recipe)
+        if problem is not None:
+            raise CompressedTensorsExportError(f"--format compressed-tensors: {problem} (nothing was quantized)")
+    if args.format == "compressed-tensors" and (recipe.activations is not None or recipe.kv_cache is not None):
+        # quantize with the format's own activation grid and arithmetic, so the exported folder computes
+        # exactly what vtquant's model computes (vtquant.export_ct)
+        recipe = recipe.with_numerics("compressed-tensors")
+        log("activations use compressed-tensors numerics (the format's int grid), so the export is exact")
     _check_texts(args, recipe)
     model, tok, name = _load(args, log)
     cal = recipe.calibration
@@ -698,17 +772,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint")
-    _model_args(p), _common(p)
+    p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint (vtquant.load reads it)")
+    _model_args(p, vision=True), _common(p)
     p.add_argument("--recipe", required=True, help="YAML recipe (e.g. recipes/hf/smollm2-135m.yaml)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--calib-text", default=None)
+    p.add_argument("--calib-text", default=None, help="LLMs: calibration text asset or .txt (default: the recipe's)")
     p.add_argument("--format", choices=("auto", "hf", "vtquant", "compressed-tensors"), default="auto",
-                   help="hf: a transformers folder (config.json with quantization_config, tokenizer, W4 packed) that "
-                   "AutoModelForCausalLM.from_pretrained loads once vtquant is imported; vtquant: model.safetensors + "
-                   "vtquant.json only; compressed-tensors: llm-compressor's format, loaded without vtquant "
-                   "(naive-static, dynamic-token, smoothquant, rotate with rotation.online: false; not insertquant); "
-                   "auto: hf for transformers models (default: %(default)s)")
+                   help="auto: hf for transformers models (LLMs, HF vision towers), vtquant for timm / open_clip. "
+                   "hf: a transformers folder (config.json with quantization_config, tokenizer, W4 packed) that "
+                   "vtquant.load reads and the model's from_pretrained (AutoModelForCausalLM for LLMs) loads once "
+                   "vtquant is imported. "
+                   "vtquant: model.safetensors + vtquant.json + recipe.yaml, read by vtquant.load only. "
+                   "compressed-tensors (LLMs): llm-compressor's format, which transformers with the compressed-tensors "
+                   "package (and vLLM) load without vtquant; the activations are then quantized with the format's "
+                   "numerics (activations.numerics: compressed-tensors), so the folder computes exactly what vtquant's "
+                   "model computes; naive-static, dynamic-token, smoothquant, rotate with rotation.online: false, "
+                   "weight-only; insertquant / prefix are refused (default: %(default)s)")
+    p.add_argument("--library", choices=("hf", "open_clip", "timm"), default="open_clip",
+                   help=f"vision: the library that builds --model {VISION_CLIP_ASSET} (its image tower; default: "
+                   "%(default)s)")
+    p.add_argument("--calib-data", default=None,
+                   help="vision: a folder of calibration images (default: the bundled photos); calibration.num_samples "
+                   "of them are drawn with calibration.seed")
+    p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="evaluate: perplexity (LLMs), imagenet (top-1/5), retrieval (Flickr30k R@k), "
