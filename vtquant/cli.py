@@ -314,12 +314,110 @@ def compare_base_recipe(args: argparse.Namespace):
     return base
 
 
+def is_vision_compare(args: argparse.Namespace) -> bool:
+    """``compare --vision`` or ``compare --model asset:clip-vit-b16-openai``."""
+    from .eval.vision_compare import CLIP_ASSET
+
+    return bool(getattr(args, "vision", False)) or args.model == CLIP_ASSET
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Methods x bit settings side by side: one table, JSON rows, a PNG bar chart."""
+    if is_vision_compare(args):
+        return _vision_compare(args)
     if args.breakdown:
         return _breakdown(args)
-    return _compare(args, compare_settings(args.methods, args.settings), "vtquant compare", compare=True,
-                    base=compare_base_recipe(args))
+    return _compare(args, compare_settings(args.methods, args.settings or COMPARE_SETTINGS), "vtquant compare",
+                    compare=True, base=compare_base_recipe(args))
+
+
+def vision_compare_base(args: argparse.Namespace):
+    """The base recipe of ``compare --vision``: --recipe, else the library's shipped CLIP recipe; weights
+    ``auto`` (GPTQ + weight clip search below 8 bits, RTN at 8) unless --weights; per-channel unless
+    --group-size; the activation clip search only with ``--clip-search on``."""
+    import dataclasses
+
+    from .config import ActArgs, WeightArgs
+    from .eval.vision_compare import clip_recipe
+    from .recipe import load_recipe
+
+    base = load_recipe(args.recipe) if args.recipe else clip_recipe(args.library)
+    weights = base.weights or WeightArgs()
+    acts = base.activations or ActArgs()
+    changes: dict = {"algorithm": args.weights or "auto",
+                     "clip_search": args.clip_search != "off" if args.clip_search else True}
+    if args.group_size == 0:
+        changes.update(granularity="per-channel")
+    elif args.group_size is not None:
+        changes.update(granularity="per-group", group_size=args.group_size)
+    base.weights = dataclasses.replace(weights, **changes)
+    base.activations = dataclasses.replace(acts, clip_search=args.clip_search == "on" and acts.static)
+    return base
+
+
+def _vision_compare(args: argparse.Namespace) -> int:
+    """``vtquant compare --vision``: the CLIP ViT-B/16 asset, methods x settings, embedding fidelity on photos."""
+    from .config import ConfigError, method_recipe
+    from .eval.results import write_results
+    from .eval.vision_compare import (CLIP_ASSET, clip_photo_setup, format_vision_breakdown, format_vision_table,
+                                      plot_vision_compare, run_vision_compare, target_lines, vision_breakdown,
+                                      vision_methods, vision_settings)
+    from .models import DEFAULT_MODEL, set_threads
+
+    if args.model not in (DEFAULT_MODEL, CLIP_ASSET):
+        raise ConfigError(f"--model {args.model!r}: compare --vision runs the real CLIP ViT-B/16 ({CLIP_ASSET}); "
+                          "other image models: vtquant eval imagenet / retrieval")
+    log = _log(args)
+    threads = set_threads(args.threads)
+    start = time.time()
+    base = vision_compare_base(args)
+    if args.breakdown:
+        method, _, setting = args.breakdown.partition("@")
+        (w, a), = vision_settings(setting or "W8A8")
+        recipes = [method_recipe(method, base, w_bits=w, a_bits=a)]
+    else:
+        methods, settings = vision_methods(args.methods), vision_settings(args.settings)
+    setup = clip_photo_setup(args.library, num_images=args.num_images, quiet=args.quiet)
+    name = setup["name"]
+    protocol = (f"image-embedding cosine to FP on {len(setup['eval_names'])} held-out bundled photos, "
+                f"OpenAI CLIP preprocessing at 224 px")
+    calibration = f"{len(setup['calib_names'])} other bundled photos (every third)"
+    w = base.weights
+    log(f"{name}; {threads} threads; weights {w.algorithm} {w.granularity}, weight clip search "
+        f"{'on' if w.clip_search else 'off'} (with GPTQ), activation clip search "
+        f"{'on' if base.activations.clip_search else 'off'}; calibration: {calibration}")
+    if args.breakdown:
+        result = vision_breakdown(setup["model"], setup["embed"], recipes[0], setup["calib_pixels"],
+                                  setup["eval_pixels"], quiet=args.quiet, log=log)
+        print(f"\nvtquant compare --vision --breakdown {args.breakdown}: {name}; {protocol}; relative residual-stream "
+              "error after each block, CLS / patches")
+        print(format_vision_breakdown(result))
+        print(f"total {time.time() - start:.0f} s")
+        if args.results_file:
+            from .fileio import atomic_write_text
+
+            atomic_write_text(Path(args.results_file), json.dumps(
+                {"breakdown": args.breakdown, "model": name, "protocol": protocol, "calibration": calibration,
+                 "calibration_images": setup["calib_names"], "evaluation_images": setup["eval_names"],
+                 "recipe": recipes[0].to_dict(), **result}, indent=1, default=str))
+        return 0
+    rows, reports = run_vision_compare(setup["model"], setup["embed"], setup["calib_pixels"], setup["eval_pixels"],
+                                       base, methods, settings, model_name=name, quiet=args.quiet, log=log)
+    total = time.time() - start
+    print(f"\nvtquant compare --vision: {name}; {protocol}; calibration: {calibration}")
+    print(format_vision_table(rows))
+    for line in target_lines(rows):
+        print(line)
+    print(f"total {total:.0f} s ({threads} threads)")
+    if args.plot:
+        plot_vision_compare(rows, args.plot, title=f"{name}: {protocol}")
+        log(f"wrote {args.plot}")
+    if args.results_file:
+        write_results(args.results_file, rows, protocol=protocol, calibration=calibration,
+                      calibration_images=setup["calib_names"], evaluation_images=setup["eval_names"],
+                      base_recipe=base.to_dict(), total_seconds=round(total, 1), threads=threads, reports=reports)
+        log(f"wrote {args.results_file}")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -659,8 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help=f"comma-separated methods (default: {COMPARE_METHODS}, "
                    "plus llmcompressor-sq-static,llmcompressor-sq-gptq-dynamic when llm-compressor is installed: "
                    "./tools/setup.sh --llmcompressor)")
-    p.add_argument("--settings", default=COMPARE_SETTINGS, help="comma-separated bit settings W<w>A<a>[KV<kv>], "
-                   "e.g. W8A8,W4A8KV8 (default: %(default)s)")
+    p.add_argument("--settings", default=None, help="comma-separated bit settings W<w>A<a>[KV<kv>], "
+                   f"e.g. W8A8,W4A8KV8 (default: {COMPARE_SETTINGS}; --vision: W8A8,W8A6,W4A8)")
     p.add_argument("--recipe", default=None, help="base recipe: calibration, sinks, smoothquant_alpha, ignore, "
                    "weight and clipping options (default: the built-in defaults + the options below)")
     p.add_argument("--weights", choices=("rtn", "gptq", "auto"), default=None,
@@ -675,6 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", default=None, metavar="METHOD@SETTING",
                    help="instead of the table: per-layer error analysis of one method and setting (e.g. "
                    "insertquant+rotate@W4A8KV8): weights only, activations only, cache only and all together")
+    p.add_argument("--vision", action="store_true",
+                   help="the real CLIP ViT-B/16 image tower (asset clip-vit-b16-openai; also chosen by --model "
+                   "asset:clip-vit-b16-openai) on the bundled photos: image-embedding cosine to FP and "
+                   "nearest-neighbour agreement per method and setting (docs/clip_b16.md)")
+    p.add_argument("--library", choices=("hf", "open_clip", "timm"), default="hf",
+                   help="--vision: library that builds the CLIP tower; its shipped recipe is the base (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="--vision: score only the first N of the 15 held-out photos (default: all)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("analyze", help="measure the sink mechanism and its restoration: report.html, figures.json, summary")
