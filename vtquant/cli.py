@@ -112,6 +112,7 @@ def fp_reference(spec: str, model_file: Optional[str], name: str) -> str:
     return f"{name}: {path} loaded in float32"
 
 
+EVAL_METHODS = "fp,naive-static,dynamic-token,insertquant,insertquant+rotate"
 COMPARE_METHODS = "fp,naive-static,dynamic-token,smoothquant,prefix,rotate,insertquant,insertquant+rotate"
 COMPARE_SETTINGS = "W8A8,W4A8KV8,W4A4KV4"
 
@@ -429,7 +430,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_lm_eval(args)
     if args.checkpoint:
         return _eval_checkpoint(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or EVAL_METHODS).split(",") if m.strip()]
     settings = [(m, args.w_bits, args.a_bits) for m in methods]
     base = None
     if args.recipe:  # the whole recipe, as written (weights, activations, KV cache, rotation, sinks)
@@ -491,9 +492,13 @@ def _eval_linear_probe(args: argparse.Namespace) -> int:
     rows, meta = run_fashion_mnist_probe(
         model, library=args.library, pretrained=not args.no_pretrained, data_dir=args.data,
         train_size=args.train_size or None, test_size=args.test_size or None, k=args.knn_k, recipe=args.recipe,
-        batch_size=args.batch_size, device=args.device, quiet=args.quiet, log=log)
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+        w_bits=args.w_bits, a_bits=args.a_bits, batch_size=args.batch_size, device=args.device,
+        tf32=args.tf32 == "on", quiet=args.quiet, log=log)
     print(f"\nvtquant eval linear-probe: {meta['model']}; Fashion-MNIST {meta['train_images']} train / "
-          f"{meta['test_images']} test images; {threads} threads, {args.device}")
+          f"{meta['test_images']} test images; {threads} threads, {args.device} ({meta['dtype']}"
+          + (f", TF32 {'on' if meta['tf32'] else 'off'}" if "tf32" in meta else "") + ")"
+          + (f"; calibration: {meta['calibration']}" if "calibration" in meta else ""))
     print(format_table(rows))
     print(f"total {time.time() - start:.0f} s")
     if args.results_file:
@@ -566,7 +571,7 @@ def _eval_lm_eval(args: argparse.Namespace) -> int:
             recipes = [None, base]
         else:
             recipes = [None if m == "fp" else method_recipe(m, base, w_bits=args.w_bits, a_bits=args.a_bits)
-                       for m in (m.strip() for m in args.methods.split(",")) if m]
+                       for m in (m.strip() for m in (args.methods or EVAL_METHODS).split(",")) if m]
         setup = prepare_text(tok, base, args.eval_text, args.seq_len, 1, quiet=args.quiet) \
             if any(r is not None for r in recipes) else None
 
@@ -823,8 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
     p.add_argument("--recipe", default=None, help="quantize with this recipe and compare with fp")
     p.add_argument("--checkpoint", default=None, help="evaluate a checkpoint saved by `vtquant quantize`")
-    p.add_argument("--methods", default="fp,naive-static,dynamic-token,insertquant,insertquant+rotate",
-                   help="methods to compare when no --recipe / --checkpoint is given")
+    p.add_argument("--methods", default=None,
+                   help=f"methods to compare when no --recipe / --checkpoint is given (default: {EVAL_METHODS}); "
+                   "linear-probe: the methods scored beside fp, derived from --recipe or the default CLIP recipe "
+                   "(default: only the --recipe as written)")
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--data", default=None, help="imagenet / retrieval: dataset directory (docs/vision.md lists the layouts); "
@@ -848,7 +855,10 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--train-size", type=int, default=10000, help="probe training images, 0 = all 60k (default: %(default)s)")
     lp.add_argument("--test-size", type=int, default=2000, help="test images, 0 = all 10k (default: %(default)s)")
     lp.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
-    lp.add_argument("--device", default="cpu", help="device of the feature extraction (default: %(default)s)")
+    lp.add_argument("--device", default="cpu", help="device of the feature extraction, the calibration and the "
+                    "fake quantization (default: %(default)s)")
+    lp.add_argument("--tf32", choices=("on", "off"), default="off",
+                    help="--device cuda: TF32 matmuls (default: %(default)s: fp32 throughout)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="real low-bit speed: fp32/bf16 vs per-token dynamic int8 vs vtquant static")
