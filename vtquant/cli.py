@@ -658,6 +658,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         photos = load_images(args.images)  # a bad image file fails here, before the model load
         set_threads(args.threads)
         model, preprocess, name = load_image_tower(args.model, pretrained=not args.no_pretrained, quiet=args.quiet)
+        if recipe is None and args.model == "asset:clip-vit-b16-openai":  # its shipped recipe (model-relative detection)
+            from .eval.vision_compare import clip_recipe
+
+            recipe = clip_recipe("hf")
         figures = analyze_vision(model, preprocess, name, photos, source=args.images or BUNDLED_PHOTOS,
                                  num_images=args.num_images, calib_images=args.calib_images, alpha=args.alpha,
                                  recipe=recipe, restoration=restoration, out=args.out, command=command,
@@ -801,8 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=8,
                    help="calibration windows for the restoration section (default: %(default)s)")
     p.add_argument("--no-restoration", action="store_true", help="skip section 5 (no quantized copies)")
-    p.add_argument("--images", default=None, help="vision --model (timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH or "
-                   "control = the DINOv2-S asset): a folder of images (default: the bundled photos)")
+    p.add_argument("--images", default=None, help="vision --model (timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH, "
+                   "asset:clip-vit-b16-openai or control = the DINOv2-S asset): a folder of images (default: the "
+                   "bundled photos)")
     p.add_argument("--num-images", type=int, default=6, help="vision: images analysed (default: %(default)s)")
     p.add_argument("--calib-images", type=int, default=8,
                    help="vision: other images calibrating the restoration section (default: %(default)s)")
