@@ -152,3 +152,22 @@ def test_cli_compare_vision_bad_settings(capsys) -> None:
     assert "key / value cache" in capsys.readouterr().err
     assert main(["compare", "--vision", "--methods", "gptq", "--quiet"]) == 2
     assert "unknown ['gptq']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_real_clip_w8a8_targets() -> None:
+    """The issue's W8A8 target on the real CLIP ViT-B/16 (asset), 4 held-out photos: the shipped recipe's
+    insertquant+rotate >= 0.995 mean embedding cosine and >= per-token dynamic (minutes on a CPU)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("skimage")
+    from vtquant.eval.vision_compare import clip_photo_setup, clip_recipe, run_vision_compare
+
+    torch.set_num_threads(2)
+    s = clip_photo_setup("hf", num_images=4)
+    rows, _ = run_vision_compare(s["model"], s["embed"], s["calib_pixels"], s["eval_pixels"], clip_recipe("hf"),
+                                 ["dynamic-token", "insertquant+rotate"], [(8, 8)], model_name="clip",
+                                 log=lambda m: None)
+    dyn, iq = rows
+    assert iq.value >= 0.995 and iq.value >= dyn.value, (iq.value, dyn.value)
+    assert iq.extra["content_sinks_min"] >= 1  # the artifact patches are found per image
