@@ -448,18 +448,21 @@ def summary_text(figures: dict) -> str:
         lines.append(f"   no massive activations: the largest MLP second-linear input token peak is {_fmt(ratios[j])}x the "
                      f"median token peak (layer {j}), below alpha = {figures['spikes']['alpha']:g}: no sinks, "
                      "emergence layer None")
+    what_in = figures.get("projection_input", "normalized attention input")
     if vision and "sink_pairwise_cosine_attention_input" in k:
         per_type = _per_type_cosines(figures) or {"no sinks": "-"}
-        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' normalized attention inputs, pairwise "
+        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' {what_in}s, pairwise "
                      "cosine across images per sink type: " + "; ".join(f"{n} {v}" for n, v in per_type.items())
                      + f" (non-sink tokens {k['semantic_pairwise_cosine_attention_input']})")
     elif "sink_pairwise_cosine_attention_input" in k:
-        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' normalized attention inputs, pairwise "
+        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' {what_in}s, pairwise "
                      f"cosine across inputs {k['sink_pairwise_cosine_attention_input']} (semantic tokens "
                      f"{k['semantic_pairwise_cosine_attention_input']}); template relative spread "
                      f"{k['template_spread_attention_input']}")
     if "attention_share" in k:
-        lines.append(f"3. geometry (layers {k['active_layers']}, mean over heads): attention share on the sink "
+        keys = (figures.get("geometry") or {}).get("keys_measured")
+        lines.append(f"3. geometry (layers {k['active_layers']}, mean over heads{'; keys ' + keys if keys else ''}): "
+                     "attention share on the sink "
                      f"{k['attention_share']} (all layers {k['attention_share_all_layers']}); W_K key norm ratio "
                      f"{k['key_norm_ratio']}; W_Q cos(q, k_sink) {k['query_alignment']} vs semantic keys "
                      f"{k['query_alignment_baseline']} (after RoPE {k.get('query_alignment_rope', '-')} vs "
@@ -582,6 +585,8 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
     # 2
     if figures.get("constant_vectors"):
         h, text = SECTION_TEXT["constant_vectors"]
+        if figures.get("projection_input"):
+            text += f" Here the projections read the {figures['projection_input']}."
         parts += [f"<h2>{h}</h2><p>{html.escape(text)}</p>", _img(plots.get("constant_vectors"), "constant vectors")]
         rows = []
         cv = figures["constant_vectors"]
@@ -611,6 +616,8 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
     geo = figures.get("geometry")
     if geo:
         h, text = SECTION_TEXT["geometry"]
+        if geo.get("keys_measured"):
+            text += f" Queries and keys: {geo['keys_measured']}."
         parts += [f"<h2>{h}</h2><p>{html.escape(text)}</p>", _img(plots.get("geometry"), "geometry")]
         keys = [x for x in ("attention_share", "key_norm_ratio", "query_alignment", "query_alignment_baseline",
                             "query_alignment_rope", "value_norm_ratio", "value_gain_ratio", "value_low_energy_sink",
