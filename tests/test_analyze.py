@@ -259,6 +259,10 @@ def test_w8a8_insertion_beats_clamp_and_naive(fp_model, tmp_path):
     text = summary_text(f)
     assert f"emergence layer {EMERGENCE}" in text and "clamp only" in text
     assert key_numbers(f)["top_channels"] == [SPIKE_CHANNEL]
+    # the quantizer's detection, per probe, with why (from the first variant's report)
+    assert "6. the quantizer's detection" in text
+    assert f"detection stage2 at probe-Linear input {EMERGENCE}: " in text and "called sinks" in text
+    assert "no sink at " in text
 
 
 def test_no_sinks_is_reported_not_crashing(tmp_path):

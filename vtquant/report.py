@@ -497,8 +497,20 @@ def summary_text(figures: dict) -> str:
                          f"calibration template {k['transfer_eval_cosine_to_calib_template']}; key rel. error "
                          f"{k['transfer_key_rel_error']} (own-corpus mean {k['transfer_key_rel_error_in_distribution']}), "
                          f"value rel. error {k['transfer_value_rel_error']}")
+    variants = (figures.get("restoration") or {}).get("variants") or {}
+    first = next(iter(variants.items()), None)
+    if first is not None and first[1].get("report", {}).get("probes"):
+        lines.append(f"6. the quantizer's detection ({first[0]}, on the calibration corpus):")
+        lines += ["   " + line for line in detection_lines(first[1]["report"]["probes"])]
     lines += [f"note: {n}" for n in figures.get("notes", [])]
     return "\n".join(lines)
+
+
+def detection_lines(probes: list) -> list:
+    """The quantizer's per-probe detection summary (``QuantReport.detection_lines``) from a saved report."""
+    from .core.pipeline import QuantReport
+
+    return QuantReport(method="", probes=probes).detection_lines()
 
 
 # ------------------------------------------------------------------------------------------
