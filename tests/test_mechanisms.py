@@ -241,3 +241,15 @@ def test_delimiter_content_sinks(arch, capsys):
     with capsys.disabled():
         print(f"\n[mechanisms] delimiters {arch}: W8A8 naive-static {err_n:.4f}, insertquant {err_i:.4f}")
     assert err_i < err_n / 2
+
+
+def test_input_site_stage_survives_save_and_load(tmp_path):
+    """A detection stage at an ``o_proj`` input (site ``input:self_attn.o_proj``) is rebuilt from the plan."""
+    fp = implanted_decoder("LlamaForCausalLM", norm_noise=NORM_NOISE, mechanism="attention")
+    q, report = _quantize(fp, method_recipe("insertquant", Recipe()), token_batches(sink_positions=((0,), (0, 5))))
+    assert "input:self_attn.o_proj" in q.vtquant.plan.sinks.sites.values()
+    loaded = vtquant.load(vtquant.save(q, tmp_path / "ckpt"))
+    ids = token_batches(n=1, batch=2, seed=8, sink_positions=((0, 11), (0, 4, 20)))[0]
+    torch.testing.assert_close(_logits(loaded, ids), _logits(q, ids), rtol=0, atol=0)
+    assert loaded.vtquant.sink_positions() == q.vtquant.sink_positions() == _truth(ids, (SINK_ID,), True)
+    assert loaded.model.layers[EMERGENCE].self_attn.o_proj.detector is not None
