@@ -97,16 +97,23 @@ def test_attention_born_spike(arch, capsys):
     assert (report.emergence_layer, report.cancellation_layer) == (EMERGENCE, CANCELLATION)
     row = next(p for p in report.probes if p["decision"].startswith(stage))
     assert row["site"] == "input:self_attn.o_proj" and row["max_ratio"] > 64 and "called sinks" in row["why"]
+    table = report.detection_table()  # every probe, one line each, with its decision and why
+    assert len(table.splitlines()) == len(report.probes) + 1 and row["why"] in table
+    quiet = [p for p in report.probes if p["decision"] == "no outlier"]
+    assert quiet and all(p["why"].endswith("no token called a sink here") and p["max_ratio"] <= p["fence"]
+                         for p in quiet)
     _logits(q, ids)
     assert q.vtquant.sink_positions() == truth
     found = [r.nonzero().flatten().tolist() for r in q.vtquant.state.found_by[stage]]
     assert found == truth  # by content, at every position (a first token is massive there too: it attends to itself)
 
     naive, _ = _quantize(fp, method_recipe("naive-static", Recipe()), calib)
+    rotated, _ = _quantize(fp, method_recipe("insertquant+rotate", Recipe()), calib)
     evals = token_batches(n=2, seed=13, sink_positions=((0,), (0, 5)))
     err_i, err_n = _centered_error(fp, q, evals), _centered_error(fp, naive, evals)
-    with capsys.disabled():
-        print(f"\n[mechanisms] attention-born {arch}: W8A8 naive-static {err_n:.4f}, insertquant {err_i:.4f}")
+    with capsys.disabled():  # +rotate measured, not asserted (BENCHMARKS.md: the implant's large o_proj column)
+        print(f"\n[mechanisms] attention-born {arch}: W8A8 naive-static {err_n:.4f}, insertquant {err_i:.4f}, "
+              f"insertquant+rotate {_centered_error(fp, rotated, evals):.4f}")
     assert err_i < err_n / 2
 
     # quantization off: the mid-sequence sinks' own logits carry what the template leaves out (their
@@ -234,3 +241,15 @@ def test_delimiter_content_sinks(arch, capsys):
     with capsys.disabled():
         print(f"\n[mechanisms] delimiters {arch}: W8A8 naive-static {err_n:.4f}, insertquant {err_i:.4f}")
     assert err_i < err_n / 2
+
+
+def test_input_site_stage_survives_save_and_load(tmp_path):
+    """A detection stage at an ``o_proj`` input (site ``input:self_attn.o_proj``) is rebuilt from the plan."""
+    fp = implanted_decoder("LlamaForCausalLM", norm_noise=NORM_NOISE, mechanism="attention")
+    q, report = _quantize(fp, method_recipe("insertquant", Recipe()), token_batches(sink_positions=((0,), (0, 5))))
+    assert "input:self_attn.o_proj" in q.vtquant.plan.sinks.sites.values()
+    loaded = vtquant.load(vtquant.save(q, tmp_path / "ckpt"))
+    ids = token_batches(n=1, batch=2, seed=8, sink_positions=((0, 11), (0, 4, 20)))[0]
+    torch.testing.assert_close(_logits(loaded, ids), _logits(q, ids), rtol=0, atol=0)
+    assert loaded.vtquant.sink_positions() == q.vtquant.sink_positions() == _truth(ids, (SINK_ID,), True)
+    assert loaded.model.layers[EMERGENCE].self_attn.o_proj.detector is not None

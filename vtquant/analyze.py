@@ -180,16 +180,29 @@ def _forward(adapter: Any, batch: torch.Tensor, attentions: bool) -> tuple:
     return adapter.analysis_forward(batch, attentions=attentions)
 
 
-def _attention_from_qk(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """Attention probabilities ``[H, T, T]`` from projected ``q`` ``[T, H, d]`` and ``k`` ``[T, KV, d]``."""
+def _attention_from_qk(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, layer: Optional[int] = None) -> torch.Tensor:
+    """Attention probabilities ``[H, T, T]`` from projected ``q`` ``[T, H, d]`` and ``k`` ``[T, KV, d]``.
+
+    As block ``layer`` computes them: its RoPE frequencies, the model's logit scale and soft-capping
+    (Gemma-2), its sliding window (Gemma-2/3: a key is seen when ``query - key < window``).  ``q`` and
+    ``k`` are after the q / k norms (:meth:`AttentionSpec.project`).
+    """
     t = q.shape[0]
-    if spec.inv_freq is not None:
+    inv_freq = spec.inv_freq_of(layer)
+    if inv_freq is not None:
         pos = torch.arange(t)
-        q, k = rope_rotate(q, pos, spec.inv_freq, spec.rope_scaling), rope_rotate(k, pos, spec.inv_freq, spec.rope_scaling)
+        q, k = rope_rotate(q, pos, inv_freq, spec.rope_scaling), rope_rotate(k, pos, inv_freq, spec.rope_scaling)
     k = k.repeat_interleave(spec.num_heads // spec.num_kv_heads, dim=1)
-    logits = torch.einsum("thd,shd->hts", q, k) / math.sqrt(spec.head_dim)
+    scale = spec.scaling if spec.scaling is not None else 1.0 / math.sqrt(spec.head_dim)
+    logits = torch.einsum("thd,shd->hts", q, k) * scale
+    if spec.softcap is not None:
+        logits = spec.softcap * torch.tanh(logits / spec.softcap)
     if spec.causal:
         logits = logits.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    window = spec.windows[layer] if (spec.windows is not None and layer is not None) else None
+    if window is not None:
+        pos = torch.arange(t)
+        logits = logits.masked_fill((pos.view(-1, 1) - pos.view(1, -1)) >= window, float("-inf"))
     return logits.softmax(-1)
 
 
@@ -343,12 +356,10 @@ def _section_geometry(fp: dict, sinks: torch.Tensor, spec: AttentionSpec) -> tup
             if not bool(s.any()) or bool(s.all()):
                 continue
             x = xa[i, c]
-            q = spec.q[i](x).float().view(t, H, d)
-            k = spec.k[i](x).float().view(t, KV, d)
-            v = spec.v[i](x).float().view(t, KV, d)
+            q, k, v = spec.project(i, x)  # queries and keys after the q / k norms: the ones the attention uses
             add("key_norm_ratio", i, norm_ratio(k, s))
             add("value_norm_ratio", i, norm_ratio(v, s))
-            att = fp["attn"][c][i].float() if fp["attn"][c] is not None else _attention_from_qk(q, k, spec)
+            att = fp["attn"][c][i].float() if fp["attn"][c] is not None else _attention_from_qk(q, k, spec, i)
             add("attention_share", i, attention_share(att, s, causal=spec.causal))
             first = int(s.nonzero()[0])
             sem = ~s
@@ -412,6 +423,10 @@ def _section_geometry(fp: dict, sinks: torch.Tensor, spec: AttentionSpec) -> tup
                 "value_null_fraction_semantic"]
     geometry = {key: mean_of(key) for key in geo_keys if key in acc}
     geometry["shape"] = {"heads": H, "kv_heads": KV, "head_dim": d}
+    geometry["keys_measured"] = ("after the q/k norms (the queries and keys the attention uses)"
+                                 if (spec.q_norm is not None or spec.k_norm is not None) else
+                                 "the projections' outputs (no q/k norm)")
+    geometry["projection_input"] = spec.input_label
     rope_out: dict = {}
     if rope:
         inv = spec.inv_freq
@@ -675,6 +690,8 @@ def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, reci
         figures["vision"] = _vision_figures(vision, spikes, chunks, getattr(adapter, "token_layout", "bsd"))
         figures["_images"] = display_images(chunks)
     figures["constant_vectors"] = _section_constant(fp, sinks, k_types, gen, spikes["_types"]) if spec is not None else None
+    if spec is not None:
+        figures["projection_input"] = spec.input_label  # normalized, or the raw residual stream (OLMo-2)
     if spec is not None and spec.inv_freq is None:
         figures["rope_skipped"] = spec.rope_note or "no rotary position embedding: the RoPE section does not apply"
     if spec is None:

@@ -516,18 +516,21 @@ def summary_text(figures: dict) -> str:
                          + (" ".join(f"({r},{c})" for r, c in im["patches"]) or "-")
                          + (f"; channel(s) {sorted(set(im['channels']), key=im['channels'].count, reverse=True)}"
                             if im["channels"] else ""))
+    what_in = figures.get("projection_input", "normalized attention input")
     if vision and "sink_pairwise_cosine_attention_input" in k:
         per_type = _per_type_cosines(figures) or {"no sinks": "-"}
-        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' normalized attention inputs, pairwise "
+        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' {what_in}s, pairwise "
                      "cosine across images per sink type: " + "; ".join(f"{n} {v}" for n, v in per_type.items())
                      + f" (non-sink tokens {k['semantic_pairwise_cosine_attention_input']})")
     elif "sink_pairwise_cosine_attention_input" in k:
-        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' normalized attention inputs, pairwise "
+        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' {what_in}s, pairwise "
                      f"cosine across inputs {k['sink_pairwise_cosine_attention_input']} (semantic tokens "
                      f"{k['semantic_pairwise_cosine_attention_input']}); template relative spread "
                      f"{k['template_spread_attention_input']}")
     if "attention_share" in k:
-        lines.append(f"3. geometry (layers {k['active_layers']}, mean over heads): attention share on the sink "
+        keys = (figures.get("geometry") or {}).get("keys_measured")
+        lines.append(f"3. geometry (layers {k['active_layers']}, mean over heads{'; keys ' + keys if keys else ''}): "
+                     "attention share on the sink "
                      f"{k['attention_share']} (all layers {k['attention_share_all_layers']}); W_K key norm ratio "
                      f"{k['key_norm_ratio']}; W_Q cos(q, k_sink) {k['query_alignment']} vs semantic keys "
                      f"{k['query_alignment_baseline']} (after RoPE {k.get('query_alignment_rope', '-')} vs "
@@ -562,8 +565,20 @@ def summary_text(figures: dict) -> str:
                          f"calibration template {k['transfer_eval_cosine_to_calib_template']}; key rel. error "
                          f"{k['transfer_key_rel_error']} (own-corpus mean {k['transfer_key_rel_error_in_distribution']}), "
                          f"value rel. error {k['transfer_value_rel_error']}")
+    variants = (figures.get("restoration") or {}).get("variants") or {}
+    first = next(iter(variants.items()), None)
+    if first is not None and first[1].get("report", {}).get("probes"):
+        lines.append(f"6. the quantizer's detection ({first[0]}, on the calibration corpus):")
+        lines += ["   " + line for line in detection_lines(first[1]["report"]["probes"])]
     lines += [f"note: {n}" for n in figures.get("notes", [])]
     return "\n".join(lines)
+
+
+def detection_lines(probes: list) -> list:
+    """The quantizer's per-probe detection summary (``QuantReport.detection_lines``) from a saved report."""
+    from .core.pipeline import QuantReport
+
+    return QuantReport(method="", probes=probes).detection_lines()
 
 
 # ------------------------------------------------------------------------------------------
@@ -662,6 +677,8 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
     # 2
     if figures.get("constant_vectors"):
         h, text = SECTION_TEXT["constant_vectors"]
+        if figures.get("projection_input"):
+            text += f" Here the projections read the {figures['projection_input']}."
         parts += [f"<h2>{h}</h2><p>{html.escape(text)}</p>", _img(plots.get("constant_vectors"), "constant vectors")]
         rows = []
         cv = figures["constant_vectors"]
@@ -691,6 +708,8 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
     geo = figures.get("geometry")
     if geo:
         h, text = SECTION_TEXT["geometry"]
+        if geo.get("keys_measured"):
+            text += f" Queries and keys: {geo['keys_measured']}."
         parts += [f"<h2>{h}</h2><p>{html.escape(text)}</p>", _img(plots.get("geometry"), "geometry")]
         keys = [x for x in ("attention_share", "key_norm_ratio", "query_alignment", "query_alignment_baseline",
                             "query_alignment_rope", "value_norm_ratio", "value_gain_ratio", "value_low_energy_sink",
