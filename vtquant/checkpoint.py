@@ -119,6 +119,10 @@ def save(model: nn.Module, path: PathLike, *, compact_embeddings: Optional[str] 
     if handle is None and not towers:
         raise ValueError("model is not quantized by vtquant; call vtquant.quantize_(model, recipe, calib) first "
                          "(or vtquant.vision.quantize_clip_ for a two-tower model)")
+    if handle is not None and getattr(handle, "plan", None) is None:  # a handle of several parts (a VLM)
+        raise CheckpointError(f"saving a quantized {type(model).__name__} is not supported yet "
+                              f"({getattr(handle, 'save_hint', 'it has no single quantization plan')}); nothing was "
+                              "written")
     if towers:
         fmt = _resolve_tower_format(model, format, compact_embeddings)
     else:

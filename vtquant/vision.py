@@ -84,6 +84,9 @@ def quantize_towers_(model: nn.Module, recipe: Recipe, *, images: Optional[Itera
     data = {"images": images, "tokens": texts}
     keyword = {"images": "images", "tokens": "texts"}
     listed = model_towers(model)
+    if any(t.inputs not in data for t in listed):
+        raise ConfigError(f"{type(model).__name__} is calibrated on image + text batches as a whole "
+                          "(a vision-language model): use vtquant.quantize_vlm_(model, recipe, batches)")
     wanted = towers if towers is not None else tuple(t.name for t in listed)
     reports = {}
     for tower in listed:

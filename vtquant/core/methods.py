@@ -143,7 +143,7 @@ class SmoothQuant(QuantMethod):
                              alpha=float(ctx.recipe.smoothquant_alpha))
         check = check_equivalence(
             ctx.adapter, reference, batch, "smoothquant smoothing",
-            hint=f"The adapter describes the model as {spec.layout or type(ctx.adapter).__name__}; if that is "
+            hint=f"The adapter describes the model as {getattr(spec, 'layout', None) or type(ctx.adapter).__name__}; if that is "
                  "wrong, the layout is not supported by smoothquant: use another method (insertquant, naive-static, "
                  "dynamic-token).")
         info["equivalence"] = check.to_dict()
