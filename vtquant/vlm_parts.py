@@ -248,3 +248,41 @@ def load_clip_smollm2_llava(*, seed: int = DEFAULT_SEED, quiet: bool = False,
 
 FP_REFERENCE = ("clip-smollm2-llava: untrained composite of CLIP ViT-B/16 (dequantized int8 ONNX) + seeded "
                 "LLaVA-1.5 projector + SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to float32)")
+
+
+def is_vlm_spec(spec: Optional[str]) -> bool:
+    """``asset:clip-smollm2-llava`` or ``vlm:PATH`` (a local transformers VLM folder)."""
+    return bool(spec) and (spec == MODEL_SPEC or spec.startswith("vlm:"))
+
+
+def load_vlm(spec: str, *, quiet: bool = False) -> VLMParts:
+    """A vision-language model and its processor by name.
+
+    Args:
+        spec: ``asset:clip-smollm2-llava`` (the untrained real-parts composite, :func:`load_clip_smollm2_llava`)
+            or ``vlm:PATH``: a local transformers folder of a LLaVA, SmolVLM (Idefics3) or Qwen2-VL model
+            with its processor (``AutoProcessor`` / ``AutoModelForImageTextToText``, float32).
+
+    Raises:
+        FileNotFoundError: ``vlm:PATH`` is not a folder.
+        DataError: an unknown ``asset:`` name.
+    """
+    from pathlib import Path
+
+    if spec == MODEL_SPEC:
+        return load_clip_smollm2_llava(quiet=quiet)
+    if spec.startswith("asset:"):
+        raise DataError(f"--model {spec}: not a vision-language asset; the one here is {MODEL_SPEC} (or give "
+                        "vlm:PATH, a local transformers folder of a LLaVA / SmolVLM / Qwen2-VL model)")
+    path = Path(spec[len("vlm:"):] if spec.startswith("vlm:") else spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {spec}: no such folder (give vlm:PATH, a local transformers folder with the "
+                                "model and its processor; hub names cannot be downloaded here)")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    start = time.time()
+    processor = AutoProcessor.from_pretrained(str(path))
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+    model.vtquant_load_seconds = time.time() - start
+    return VLMParts(model=model, processor=processor, tokenizer=getattr(processor, "tokenizer", None),
+                    name=path.name, info={"source": str(path), "trained": True})
