@@ -4,6 +4,7 @@ from .config import ActArgs, CalibConfig, Recipe, RotationConfig, SinkConfig, We
 from ._post_import import when_imported as _when_imported
 from .hf_integration import install_registration_hook as _install_registration_hook
 from .recipe import load_recipe
+from .vlm import quantize_vlm_
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,5 @@ def _register_with_lm_eval() -> None:
 
 _when_imported("lm_eval.api.registry", _register_with_lm_eval)
 
-__all__ = ["quantize_", "save", "load", "load_recipe", "Recipe", "WeightArgs", "ActArgs", "SinkConfig",
+__all__ = ["quantize_", "quantize_vlm_", "save", "load", "load_recipe", "Recipe", "WeightArgs", "ActArgs", "SinkConfig",
            "RotationConfig", "CalibConfig", "method_recipe", "__version__"]

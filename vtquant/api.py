@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .adapters import get_adapter
 from .checkpoint import FORMAT_VERSION, CheckpointError, load, save  # noqa: F401  (re-exported)
-from .config import Recipe
+from .config import ConfigError, Recipe
 from .core.pipeline import QuantReport, quantize_model_
 
 
@@ -39,10 +39,22 @@ def quantize_(model: nn.Module, recipe: Recipe, calib: Iterable, *, adapter: Any
         cache_device: with ``sequential``, where cached block inputs wait (default: ``device``).
 
     Returns:
-        A :class:`~vtquant.core.pipeline.QuantReport`; also on ``model.vtquant.report``.
+        A :class:`~vtquant.core.pipeline.QuantReport`; also on ``model.vtquant.report``.  A
+        vision-language model (LLaVA, Idefics3 / SmolVLM, Qwen2-VL) is forwarded to
+        :func:`vtquant.vlm.quantize_vlm_` (basic pipeline only) and gives its
+        :class:`~vtquant.vlm.VLMReport` (one report per part).
     """
     if getattr(model, "vtquant", None) is not None:
         raise RuntimeError("this model is already quantized by vtquant; load a fresh full-precision model")
+    from .adapters.hf_vlm import is_vlm
+
+    if adapter is None and is_vlm(model):
+        if pipeline != "basic" or device is not None or cache_device is not None:
+            raise ConfigError(f"{type(model).__name__}: vision-language models are quantized with pipeline='basic' "
+                              "(every pass runs the whole model); move it with model.to(device) first")
+        from .vlm import quantize_vlm_
+
+        return quantize_vlm_(model, recipe, calib, quiet=quiet)
     adapter = adapter or get_adapter(model)
     report = quantize_model_(model, adapter, recipe, calib, quiet=quiet, pipeline=pipeline, device=device,
                              cache_device=cache_device)

@@ -269,6 +269,9 @@ class Recipe:
             the kept full-precision ones.
         smoothquant_alpha: migration strength of ``smoothquant`` (SmoothQuant's alpha, in [0, 1]):
             s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) per input channel j; ignored by other methods.
+        towers: per-tower recipes of a vision-language model (:data:`VLM_TOWERS`: ``vision``,
+            ``projector``, ``language``), each a full :class:`Recipe` (in YAML: a section that overrides
+            the top-level keys, see docs/vlm.md); ``None`` for single-tower models.
     """
 
     version: int = RECIPE_VERSION
@@ -283,6 +286,7 @@ class Recipe:
     ignore: list = field(default_factory=lambda: ["lm_head"])
     smoothquant_alpha: float = 0.5
     kv_cache: Optional[ActArgs] = None
+    towers: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.version, bool) or self.version != RECIPE_VERSION:
@@ -319,6 +323,20 @@ class Recipe:
             if handler.activations == "static" and (kv.granularity != "per-tensor" or not kv.static):
                 raise ConfigError(f"method {self.method} needs a per-tensor static kv_cache")
 
+        if self.towers is not None:
+            if not isinstance(self.towers, dict):
+                raise ConfigError(f"recipe.towers = {self.towers!r}: give a mapping of tower names {list(VLM_TOWERS)} "
+                                  "to recipe sections")
+            for key, value in self.towers.items():
+                if key not in VLM_TOWERS:
+                    raise ConfigError(f"recipe.towers: unknown tower {key!r}; the towers of a vision-language model are "
+                                      f"{list(VLM_TOWERS)}")
+                if not isinstance(value, Recipe):
+                    raise ConfigError(f"recipe.towers.{key}: expected a Recipe (in YAML: a mapping of recipe keys), "
+                                      f"got {type(value).__name__}")
+                if value.towers is not None:
+                    raise ConfigError(f"recipe.towers.{key}: a tower section cannot have towers of its own")
+
     @property
     def display_method(self) -> str:
         """Method name as reported in results (``insertquant+rotate`` / ``rotate`` when rotated)."""
@@ -336,6 +354,10 @@ class Recipe:
             setattr(data, key, value)
         data.__post_init__()
         return data
+
+
+VLM_TOWERS = ("vision", "projector", "language")
+"""The parts of a vision-language model a recipe may configure one by one (``recipe.towers``)."""
 
 
 def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8, rotate: bool = False,

@@ -14,7 +14,7 @@ from typing import Any, Union
 import yaml
 
 from .fileio import atomic_write_text
-from .config import (ActArgs, CalibConfig, ConfigError, Recipe, RotationConfig, SinkConfig,
+from .config import (VLM_TOWERS, ActArgs, CalibConfig, ConfigError, Recipe, RotationConfig, SinkConfig,
                      WeightArgs)
 
 _SECTIONS = {
@@ -65,6 +65,9 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
     if "version" not in data:
         raise ConfigError(f"{source}: missing key 'version' (add 'version: 1' at the top)")
     kwargs = dict(data)
+    towers = kwargs.pop("towers", None)
+    if towers is not None:
+        kwargs["towers"] = _tower_recipes(data, towers, source)
     for key, cls in _SECTIONS.items():
         if key in kwargs:
             kwargs[key] = _build(f"{source}: {key}", cls, kwargs[key])
@@ -76,6 +79,39 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: {err}") from None
     except TypeError as err:  # wrong value types that dataclasses cannot take
         raise ConfigError(f"{source}: {err}") from None
+
+
+def _tower_recipes(data: dict, towers: Any, source: str) -> dict:
+    """``towers: {vision: {...}, projector: {...}, language: {...}}``: each section overrides the
+    top-level keys (a mapping section such as ``sinks`` key by key; ``null`` replaces it)."""
+    if not isinstance(towers, dict):
+        raise ConfigError(f"{source}: towers: expected a mapping of tower names {list(VLM_TOWERS)} to recipe "
+                          f"sections, got {type(towers).__name__}")
+    base = {k: v for k, v in data.items() if k != "towers"}
+    out = {}
+    for name, section in towers.items():
+        where = f"{source}: towers.{name}"
+        if name not in VLM_TOWERS:
+            hint = difflib.get_close_matches(str(name), VLM_TOWERS, n=1, cutoff=0.5)
+            raise ConfigError(f"{source}: towers: unknown tower {name!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+                              f"the towers of a vision-language model are {list(VLM_TOWERS)}")
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: expected a mapping of recipe keys, got {type(section).__name__}")
+        if section.get("towers") is not None:
+            raise ConfigError(f"{where}: a tower section cannot have towers of its own")
+        _check_keys(where, section, Recipe)
+        merged = dict(base)
+        for key, value in section.items():
+            if key == "towers":
+                continue
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                merged[key] = {**base[key], **value}
+            else:
+                merged[key] = value
+        out[name] = recipe_from_dict(merged, source=where)
+    return out
 
 
 def load_recipe(path: Union[str, os.PathLike]) -> Recipe:

@@ -54,7 +54,7 @@ def supported_architectures() -> list[str]:
 
 def _import_builtin_adapters() -> None:
     from . import hf_decoder  # noqa: F401  (registers on import)
-    from . import hf_vision, open_clip, timm_vit  # noqa: F401  (import no model library until used)
+    from . import hf_vision, hf_vlm, open_clip, timm_vit  # noqa: F401  (import no model library until used)
 
 
 class UnsupportedModelError(TypeError):

@@ -89,7 +89,13 @@ class HFDecoderAdapter(ModelAdapter):
 
     @property
     def decoder(self) -> nn.Module:
+        """The decoder stack (``embed_tokens``, ``layers``, ``norm``)."""
         return self.model.model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection that reads the final norm (a VLM keeps it outside its language model)."""
+        return self.model.lm_head
 
     def blocks(self) -> list[nn.Module]:
         return list(self.decoder.layers)
@@ -180,7 +186,7 @@ class HFDecoderAdapter(ModelAdapter):
         norm.weight.data.fill_(0.0 if self.norm_convention == "rms-plus-one" else 1.0)
 
     def _untie(self) -> None:
-        head, emb = self.model.lm_head, self.decoder.embed_tokens
+        head, emb = self.lm_head, self.decoder.embed_tokens
         if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
             head.weight = nn.Parameter(emb.weight.detach().clone())
         self.model.config.tie_word_embeddings = False
@@ -227,7 +233,7 @@ class HFDecoderAdapter(ModelAdapter):
             hidden=int(cfg.hidden_size),
             embeddings=[self.decoder.embed_tokens],
             layers=[self.layer_rotation(block) for block in self.blocks()],
-            final_norm_readers=(self.decoder.norm, [self.model.lm_head]),
+            final_norm_readers=(self.decoder.norm, [self.lm_head]),
             norm_scale=self._norm_scale,
             set_norm_identity=self._set_norm_identity,
             untie=self._untie,

@@ -6,7 +6,8 @@ where the blocks are, the probe Linear, and the prefix tokens.  All run batch-fi
 * ``CLIPVisionTransformer`` / ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``: CLS at 0
   (pooled: protected).
 * ``SiglipVisionTransformer`` / ``SiglipVisionModel``: no CLS (attention-pooling head
-  reads every token): content-based detection only.
+  reads every token): content-based detection only; so are ``Idefics3VisionTransformer`` /
+  ``SmolVLMVisionTransformer`` (the SigLIP-like encoders of Idefics3 / SmolVLM).
 * ``CLIPTextTransformer`` / ``CLIPTextModel``: first token and the pooled end-of-text
   token (argmax of the ids for legacy ``eos_token_id == 2``, else the first
   ``eos_token_id``); ``SiglipTextTransformer``: the pooled last token.
@@ -32,6 +33,8 @@ TOWERS = {
     "CLIPVisionModelWithProjection": {"kind": "vision", "cls": True, "inner": "vision_model"},
     "SiglipVisionTransformer": {"kind": "vision", "cls": False},
     "SiglipVisionModel": {"kind": "vision", "cls": False, "inner": "vision_model"},
+    "Idefics3VisionTransformer": {"kind": "vision", "cls": False},  # SmolVLM / Idefics3: SigLIP-like
+    "SmolVLMVisionTransformer": {"kind": "vision", "cls": False},
     "Dinov2Model": {"kind": "dinov2", "cls": True},
     "Dinov2WithRegistersModel": {"kind": "dinov2", "cls": True},
     "CLIPTextTransformer": {"kind": "text", "pool": "clip"},

@@ -200,6 +200,9 @@ class RotationSpec:
         untie: called first, to untie shared embedding / head weights.
         layout: one line describing the model's layout (for messages).
         names: ``{module: qualified name}`` (for messages).
+        input_writers: Linears outside the blocks whose output becomes part of the stream's input
+            (a vision-language model's projector writes the image tokens' embeddings): folded like
+            the embeddings (output side).
     """
 
     hidden: int
@@ -211,6 +214,7 @@ class RotationSpec:
     untie: Callable[[], None] = lambda: None
     layout: str = ""
     names: dict = field(default_factory=dict)
+    input_writers: list = field(default_factory=list)
 
     def name(self, module: nn.Module) -> str:
         return self.names.get(module, type(module).__name__)
@@ -296,6 +300,8 @@ def rotate_model_(spec: RotationSpec, *, seed: int = 0, residual: bool = True, o
         q = random_hadamard(spec.hidden, seed)
         for emb in spec.embeddings:
             emb.weight.data = (emb.weight.data.double() @ q.double().to(emb.weight.device)).to(emb.weight.dtype)
+        for lin in spec.input_writers:
+            _fold_writer(lin, q)
         for layer in spec.layers:
             for norm, readers in layer.norm_readers:
                 scale = spec.norm_scale(norm).detach()
