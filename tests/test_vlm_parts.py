@@ -155,3 +155,25 @@ def test_real_composite_eval_cli(tmp_path):
     assert q["eval_sinks"]["vision_patches"]["max"] >= 1  # CLIP's artifact patches
     assert q["eval_sinks"]["lm_first_token"]["mean"] == 1.0  # SmolLM2's first-token sink
     assert data["model_info"]["trained"] is False
+
+
+def test_lm_eval_multimodal_wrapper(tiny_llava):
+    """lm-eval's hf-multimodal class around the in-memory composite: an image + text generate_until request
+    gives the same text as the model's own greedy generate on the processor's inputs."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from vtquant.eval.vlm import chat_text, lm_eval_vlm
+
+    model, processor, *_ = tiny_llava
+    lm = lm_eval_vlm(model, processor, batch_size=1, max_length=256)
+    img = photos(1)[0][1]
+    context = chat_text(processor, "Describe this image.", None)
+    req = Instance(request_type="generate_until", doc={}, idx=0,
+                   arguments=(context, {"until": ["\n\n\n"], "max_gen_toks": 6, "do_sample": False}, {"visual": [img]}))
+    out = lm.generate_until([req], disable_tqdm=True)
+    inputs = processor(images=[img], text=[context], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=True)
+    expected = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:])
+    assert out == [expected.split("\n\n\n")[0]]

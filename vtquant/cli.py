@@ -29,7 +29,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="asset:smollm2-135m",
-                   help="asset:NAME, a .gguf file or a local transformers directory (default: %(default)s)")
+                   help="asset:NAME, a .gguf file or a local transformers directory (default: %(default)s); "
+                   "vision-language models (quantize, eval vlm): asset:clip-smollm2-llava or vlm:PATH")
     p.add_argument("--model-file", default=None,
                    help="a GGUF model file given by hand (use when the asset cannot be fetched)")
 
@@ -560,9 +561,16 @@ def _eval_lm_eval(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api
     from .data import sample_windows, text_token_ids
+    from .vlm_parts import is_vlm_spec
     import torch
 
     log = _log(args)
+    if is_vlm_spec(args.model):
+        return _quantize_vlm(args, log)
+    if not args.out:
+        from .config import ConfigError
+
+        raise ConfigError("vtquant quantize needs --out DIR (where the checkpoint goes)")
     recipe = _base_recipe(args)
     _check_texts(args, recipe)
     model, tok, name = _load(args, log)
@@ -589,6 +597,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         write_results(args.results_file, [], report=report.to_dict(),
                       **({"export": export.to_dict()} if export is not None else {}))
+    return 0
+
+
+def _quantize_vlm(args: argparse.Namespace, log) -> int:
+    """``vtquant quantize --model asset:clip-smollm2-llava|vlm:PATH``: one recipe over the vision tower, the
+    projector and the language model, calibrated on image + text pairs; prints the per-part report."""
+    from .config import ConfigError
+    from .eval.results import write_results
+    from .eval.vlm import prepare_vlm_data
+    from .models import set_threads
+    from .recipe import load_recipe
+    from .vlm import quantize_vlm_
+    from .vlm_parts import load_vlm
+
+    if args.out:
+        raise ConfigError("--out: saving a quantized vision-language model is not supported yet (its part adapters "
+                          "have no checkpoint format); drop --out to quantize and print the per-part report, or "
+                          "measure it with vtquant eval vlm --recipe R")
+    recipe = load_recipe(args.recipe)
+    threads = set_threads(args.threads)
+    log(f"loading {args.model} ({threads} threads) ...")
+    parts = load_vlm(args.model, quiet=args.quiet)
+    data = prepare_vlm_data(parts.processor, calib_images=args.calib_images or None, eval_images=1,
+                            quiet=args.quiet)
+    report = quantize_vlm_(parts.model, recipe, [p.batch for p in data.calib], quiet=args.quiet)
+    print(f"calibration: {data.calib_desc}")
+    print(report.summary())
+    if args.results_file:
+        write_results(args.results_file, [], report=report.to_dict(), calibration=data.calib_desc,
+                      model_info=parts.info)
     return 0
 
 
@@ -754,7 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint")
     _model_args(p), _common(p)
     p.add_argument("--recipe", required=True, help="YAML recipe (e.g. recipes/hf/smollm2-135m.yaml)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", default=None, help="output directory (required, except for vision-language models: "
+                   "--model asset:clip-smollm2-llava or vlm:PATH, which print their per-part report and save nothing)")
+    p.add_argument("--calib-images", type=int, default=8,
+                   help="vision-language models: calibration photos with prompts, at most 8 (default: %(default)s)")
     p.add_argument("--calib-text", default=None)
     p.add_argument("--format", choices=("auto", "hf", "vtquant", "compressed-tensors"), default="auto",
                    help="hf: a transformers folder (config.json with quantization_config, tokenizer, W4 packed) that "

@@ -259,18 +259,40 @@ def _quantize_vlm(model: Any, recipe: Recipe, batches: list, quiet: bool) -> Any
 
 
 def vlm_method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8) -> Optional[Recipe]:
-    """The recipe of a named method derived from ``base`` for every part (``base.towers`` sections
-    included; a part the base keeps in full precision stays so); ``None`` for ``fp``."""
+    """The recipe of a named method for every part of a VLM, derived from ``base`` (``None`` for ``fp``).
+
+    * ``vision`` and ``language``: the method derived from the base's section of that part (or from its
+      top level) by :func:`~vtquant.config.method_recipe`; ``+rotate`` rotates the language model, and the
+      vision tower only where the base's vision section enables rotation (a LLaVA tower read at layer -2
+      refuses it);
+    * ``projector`` (no blocks: no sink calibration): a method without sink handling (``naive-static``,
+      ``dynamic-token``, ``rotate``'s naive part) is applied to it too; sink-handling methods
+      (``insertquant``, ``smoothquant``...) leave it as the base recipe says (full precision without a
+      ``towers.projector`` section).
+    """
     from ..config import method_recipe
+    from ..core.methods import get_method
 
     if method == "fp":
         return None
-    out = method_recipe(method, base, w_bits=w_bits, a_bits=a_bits)
-    towers = getattr(base, "towers", None)
-    if towers:
-        out.towers = {name: (copy.deepcopy(sec) if sec.method == "fp" else
-                             method_recipe(method, sec, w_bits=w_bits, a_bits=a_bits))
-                      for name, sec in towers.items()}
+    rotate = method.endswith("+rotate") or method == "rotate"
+    plain = method[: -len("+rotate")] if method.endswith("+rotate") else method
+    plain = "naive-static" if plain == "rotate" else plain
+    towers = dict(getattr(base, "towers", None) or {})
+    top = copy.copy(base)
+    top.towers = None
+    out = method_recipe(method, top, w_bits=w_bits, a_bits=a_bits)
+    sections = {}
+    for name in ("vision", "language"):
+        sec = towers.get(name, top)
+        rot = rotate and (name == "language" or bool(sec.rotation.enabled))
+        sections[name] = method_recipe(plain, sec, w_bits=w_bits, a_bits=a_bits, rotate=rot)
+    proj = towers.get("projector")
+    if not get_method(plain).handles_sinks and plain != "smoothquant":
+        sections["projector"] = method_recipe(plain, proj or top, w_bits=w_bits, a_bits=a_bits)
+    elif proj is not None:
+        sections["projector"] = copy.deepcopy(proj)
+    out.towers = sections
     return out
 
 
@@ -361,3 +383,32 @@ def format_vlm_table(details: list) -> str:
         lines.append(f"| {d['method']} | {d['next_token_agreement']:.4f} | {d['logit_rel_error']:.4f} | {greedy} | "
                      f"{vis} | {lm} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+# ------------------------------------------------------------------------------------------
+def lm_eval_vlm(model: Any, processor: Any, **kwargs: Any) -> Any:
+    """An in-memory (vtquant-quantized or FP) VLM and its processor as lm-eval's ``HFMultimodalLM``
+    (``lm_eval --model hf-multimodal``), for ``lm_eval.simple_evaluate(model=...)`` on image-text tasks.
+
+    lm-eval's own class loads weights by name (it would not see the quantization) and, given a
+    processor object, does not keep it; this subclass takes both as they are.
+
+    Args:
+        model: the VLM (its config names the image token).
+        processor: its processor (chat template, image processor, tokenizer).
+        **kwargs: ``HFMultimodalLM`` options (``batch_size``, ``max_length``, ``max_images``...).
+    """
+    from lm_eval.models.hf_vlms import HFMultimodalLM
+
+    class _InMemoryVLM(HFMultimodalLM):
+        def __init__(self) -> None:
+            self._given_processor = processor
+            super().__init__(pretrained=model, **kwargs)
+
+        def _create_tokenizer(self, *args: Any, **kw: Any) -> None:
+            self.processor = self._given_processor
+            self.tokenizer = getattr(self._given_processor, "tokenizer", self._given_processor)
+
+    return _InMemoryVLM()
