@@ -177,3 +177,52 @@ def test_lm_eval_multimodal_wrapper(tiny_llava):
         ids = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=True)
     expected = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:])
     assert out == [expected.split("\n\n\n")[0]]
+
+
+def _pairs_from(batches: list) -> list:
+    from vtquant.eval.vlm import VLMPair
+
+    out = []
+    for i, b in enumerate(batches):
+        for r in range(b["input_ids"].shape[0]):
+            one = {k: b[k][r:r + 1] for k in ("input_ids", "attention_mask", "pixel_values")}
+            cut = one["input_ids"].shape[1] - 3  # the prompt: up to the image and two words after it
+            prompt = {"input_ids": one["input_ids"][:, :cut], "attention_mask": one["attention_mask"][:, :cut],
+                      "pixel_values": one["pixel_values"]}
+            out.append(VLMPair(f"b{i}r{r}", "", "", one, prompt))
+    return out
+
+
+def test_evaluate_vlm_counts_implanted_sinks_per_tower():
+    """evaluate_vlm with vtquant.quantize_vlm_ on the tiny LLaVA with implanted sinks (tests/vlmmodels.py):
+    the per-tower sink counts of the held-out pairs are the implanted ones (vision: the painted patches
+    per image, CLS apart; language: the first token and the image tokens of painted patches), FP scores
+    itself exactly, and insertquant W8A8 stays closer to FP than naive-static W8A8."""
+    import visionmodels as vm
+    import vlmmodels as vl
+
+    from vtquant.config import Recipe, SinkConfig
+    from vtquant.eval.vlm import VLMData, evaluate_vlm, vlm_method_recipe
+
+    model = vl.tiny_llava()
+    calib = _pairs_from([vl.llava_batch(vm.random_painted(4, s), seed=s) for s in range(3)])
+    painted = vm.random_painted(4, 60, max_per_image=3)
+    held = _pairs_from([vl.llava_batch(painted, seed=60)])
+    base = Recipe(sinks=SinkConfig(known_sinks=["cls", "first_token"]), ignore=[])
+    settings = [None] + [vlm_method_recipe(m, base) for m in ("naive-static", "insertquant")]
+    res = evaluate_vlm(model, None, settings, "tiny-llava", data=VLMData(calib, held, "c", "e"), new_tokens=3,
+                       quiet=True, log=lambda s: None)
+    by = {d["method"]: d for d in res.details}
+    assert by["fp"]["next_token_agreement"] == 1.0 and by["fp"]["greedy_exact"] == 1.0
+    sinks = by["insertquant"]["sinks"]
+    n = [len(p) for p in painted]
+    assert sinks["vision_patches"]["n"] == 4 and sinks["vision_patches"]["mean"] == pytest.approx(sum(n) / 4)
+    assert (sinks["vision_patches"]["min"], sinks["vision_patches"]["max"]) == (min(n), max(n))
+    assert sinks["vision_prefix"]["mean"] == 1.0
+    assert sinks["lm_first_token"]["mean"] == 1.0 and sinks["lm_text_tokens"]["max"] == 0
+    assert sinks["lm_image_tokens"]["mean"] == pytest.approx(sum(n) / 4)
+    assert by["insertquant"]["logit_rel_error"] < by["naive-static"]["logit_rel_error"]
+    assert by["insertquant"]["next_token_agreement"] >= by["naive-static"]["next_token_agreement"]
+    rows = [r for r in res.rows if r.method == "insertquant"]
+    assert {r.metric for r in rows} == {"next_token_agreement", "logit_rel_error", "greedy_agreement", "greedy_exact"}
+    assert rows[0].extra["tower_methods"]["vision"] == "insertquant"

@@ -267,6 +267,10 @@ def quantize_vlm_(model: nn.Module, recipe: Recipe, batches: Iterable, *, quiet:
             raise ConfigError(f"recipe.towers.projector: method {rec.method} calibrates sinks, but the projector has no "
                               "blocks of its own (its inputs' sinks are the vision tower's output tokens); use fp, "
                               "dynamic-token or naive-static for the projector")
+        if tower.name == "projector" and rec.rotation.enabled and handler.quantizes:
+            raise ConfigError("recipe.towers.projector: rotation is enabled, but the projector has no residual stream "
+                              "of its own to rotate (the language model's rotation folds into its output Linear); set "
+                              "towers.projector.rotation.enabled: false")
         plan.append((tower, rec))
         report.notes += notes
         report.methods[tower.name] = rec.display_method

@@ -40,7 +40,7 @@ _IDEFICS3 = {"vision": ("model.vision_model",), "projector": ("model.connector",
              "writer": "modality_projection.proj", "image_keys": ("pixel_values", "pixel_attention_mask"),
              "family": "idefics3"}
 _QWEN = {"vision": ("model.visual",), "projector": ("model.visual.merger",), "language": ("model.language_model",),
-         "writer": "mlp.2", "image_keys": ("pixel_values", "image_grid_thw"), "family": "qwen2-vl"}
+         "writer": "mlp.2", "image_keys": ("pixel_values", "image_grid_thw", "mm_token_type_ids"), "family": "qwen2-vl"}
 VLMS = {
     "LlavaForConditionalGeneration": {
         "vision": ("model.vision_tower",), "projector": ("model.multi_modal_projector",),
