@@ -34,7 +34,8 @@ def _model_args(p: argparse.ArgumentParser, vision: bool = False) -> None:
     p.add_argument("--model", default="asset:smollm2-135m",
                    help="asset:NAME, a .gguf file or a local transformers directory" +
                    (f"; or a vision model: {VISION_CLIP_ASSET} (with --library), timm:NAME, open_clip:NAME/PRETRAINED, "
-                    "hf:PATH" if vision else "") + " (default: %(default)s)")
+                    "hf:PATH; or a vision-language model: asset:clip-smollm2-llava, vlm:PATH" if vision else
+                    "; vision-language models (eval vlm): asset:clip-smollm2-llava or vlm:PATH") + " (default: %(default)s)")
     p.add_argument("--model-file", default=None,
                    help="a GGUF model file given by hand (use when the asset cannot be fetched)")
 
@@ -118,6 +119,7 @@ def fp_reference(spec: str, model_file: Optional[str], name: str) -> str:
 
 
 EVAL_METHODS = "fp,naive-static,dynamic-token,insertquant,insertquant+rotate"
+VLM_METHODS = EVAL_METHODS
 COMPARE_METHODS = "fp,naive-static,dynamic-token,smoothquant,prefix,rotate,insertquant,insertquant+rotate"
 COMPARE_SETTINGS = "W8A8,W4A8KV8,W4A4KV4"
 
@@ -431,6 +433,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_linear_probe(args)
     if args.task in ("imagenet", "retrieval"):
         return _vision_eval(args)
+    if args.task == "vlm":
+        return _eval_vlm(args)
+    if args.methods is None:
+        args.methods = EVAL_METHODS
     if args.task == "lm-eval":
         return _eval_lm_eval(args)
     if args.checkpoint:
@@ -442,6 +448,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = _base_recipe(args)
         settings = [("fp", 8, 8), base]
     return _compare(args, settings, "vtquant eval perplexity", base=base)
+
+
+def _eval_vlm(args: argparse.Namespace) -> int:
+    """``vtquant eval vlm``: FP vs quantized fidelity of a vision-language model on image + text prompts."""
+    from .config import ConfigError
+    from .eval.results import write_results
+    from .eval.vlm import evaluate_vlm, format_vlm_table, prepare_vlm_data, vlm_method_recipe
+    from .models import set_threads
+    from .recipe import load_recipe
+    from .vlm_parts import FP_REFERENCE, MODEL_SPEC, is_vlm_spec, load_vlm
+
+    log = _log(args)
+    model_spec = MODEL_SPEC if args.model == "asset:smollm2-135m" else args.model
+    if not is_vlm_spec(model_spec):
+        raise ConfigError(f"--model {args.model!r}: vtquant eval vlm needs {MODEL_SPEC} (the untrained real-parts "
+                          "composite) or vlm:PATH (a local transformers LLaVA / SmolVLM / Qwen2-VL folder)")
+    if args.new_tokens < 0:
+        raise ConfigError(f"--new-tokens {args.new_tokens}: give 0 (no generation) or more")
+    base = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails before the model load
+    if base is not None and args.methods is None:
+        settings = [None, base]  # the recipe as written
+    else:
+        from .config import Recipe
+
+        methods = [m.strip() for m in (args.methods or VLM_METHODS).split(",") if m.strip()]
+        settings = [vlm_method_recipe(m, base or Recipe(), w_bits=args.w_bits, a_bits=args.a_bits) for m in methods]
+    threads = set_threads(args.threads)
+    start = time.time()
+    log(f"loading {model_spec} ({threads} threads) ...")
+    parts = load_vlm(model_spec, quiet=args.quiet)
+    log(f"loaded {type(parts.model).__name__} in {parts.model.vtquant_load_seconds:.1f} s")
+    data = prepare_vlm_data(parts.processor, calib_images=args.calib_images or None,
+                            eval_images=args.eval_images or None, quiet=args.quiet)
+    reference = FP_REFERENCE if model_spec == MODEL_SPEC else f"{parts.name}: {model_spec} loaded in float32"
+    result = evaluate_vlm(parts.model, parts.processor, settings, parts.name, data=data, new_tokens=args.new_tokens,
+                          quiet=args.quiet, log=log, fp_reference=reference)
+    print(f"\nvtquant eval vlm: {parts.name}; {result.protocol}; calibration: {result.calibration}; "
+          f"FP reference: {reference}")
+    print(format_vlm_table(result.details))
+    total = time.time() - start
+    print(f"total {total:.0f} s")
+    if args.results_file:
+        write_results(args.results_file, result.rows, protocol=result.protocol, calibration=result.calibration,
+                      fp_reference=reference, model_info=parts.info, details=result.details,
+                      reports=result.reports, total_seconds=round(total, 1))
+        log(f"wrote {args.results_file}")
+    return 0
 
 
 def _vision_eval(args: argparse.Namespace) -> int:
@@ -659,9 +712,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api
     from .analyze import is_vision_spec
     from .data import sample_windows, text_token_ids
+    from .vlm_parts import is_vlm_spec
     import torch
 
     log = _log(args)
+    if is_vlm_spec(args.model):
+        return _quantize_vlm(args, log)
+    if not args.out:
+        from .config import ConfigError
+
+        raise ConfigError("vtquant quantize needs --out DIR (where the checkpoint goes)")
     recipe = _base_recipe(args)
     if args.model == VISION_CLIP_ASSET or is_vision_spec(args.model):
         if args.format not in ("auto", "vtquant", "hf"):
@@ -713,6 +773,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         write_results(args.results_file, [], report=report.to_dict(),
                       **({"export": export.to_dict()} if export is not None else {}))
+    return 0
+
+
+def _quantize_vlm(args: argparse.Namespace, log) -> int:
+    """``vtquant quantize --model asset:clip-smollm2-llava|vlm:PATH``: one recipe over the vision tower, the
+    projector and the language model, calibrated on image + text pairs; prints the per-part report."""
+    from .config import ConfigError
+    from .eval.results import write_results
+    from .eval.vlm import prepare_vlm_data
+    from .models import set_threads
+    from .recipe import load_recipe
+    from .vlm import quantize_vlm_
+    from .vlm_parts import load_vlm
+
+    if args.out:
+        raise ConfigError("--out: saving a quantized vision-language model is not supported yet (its part adapters "
+                          "have no checkpoint format); drop --out to quantize and print the per-part report, or "
+                          "measure it with vtquant eval vlm --recipe R")
+    recipe = load_recipe(args.recipe)
+    threads = set_threads(args.threads)
+    log(f"loading {args.model} ({threads} threads) ...")
+    parts = load_vlm(args.model, quiet=args.quiet)
+    data = prepare_vlm_data(parts.processor, calib_images=args.calib_images or None, eval_images=1,
+                            quiet=args.quiet)
+    report = quantize_vlm_(parts.model, recipe, [p.batch for p in data.calib], quiet=args.quiet)
+    print(f"calibration: {data.calib_desc}")
+    print(report.summary())
+    if args.results_file:
+        write_results(args.results_file, [], report=report.to_dict(), calibration=data.calib_desc,
+                      model_info=parts.info)
     return 0
 
 
@@ -891,7 +981,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint (vtquant.load reads it)")
     _model_args(p, vision=True), _common(p)
     p.add_argument("--recipe", required=True, help="YAML recipe (e.g. recipes/hf/smollm2-135m.yaml)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", default=None, help="output directory (required, except for vision-language models: "
+                   "--model asset:clip-smollm2-llava or vlm:PATH, which print their per-part report and save nothing)")
+    p.add_argument("--calib-images", type=int, default=8,
+                   help="vision-language models: calibration photos with prompts, at most 8 (default: %(default)s)")
     p.add_argument("--calib-text", default=None, help="LLMs: calibration text asset or .txt (default: the recipe's)")
     p.add_argument("--format", choices=("auto", "hf", "vtquant", "compressed-tensors"), default="auto",
                    help="auto: hf for transformers models (LLMs, HF vision towers), vtquant for timm / open_clip. "
@@ -914,15 +1007,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="evaluate: perplexity (LLMs), imagenet (top-1/5), retrieval (Flickr30k R@k), "
-                       "lm-eval (lm-evaluation-harness tasks)")
-    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval", "linear-probe", "lm-eval"))
+                       "lm-eval (lm-evaluation-harness tasks), vlm (image + text FP-vs-quantized fidelity)")
+    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval", "linear-probe", "lm-eval", "vlm"))
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
     p.add_argument("--recipe", default=None, help="quantize with this recipe and compare with fp")
     p.add_argument("--checkpoint", default=None, help="evaluate a checkpoint saved by `vtquant quantize`")
     p.add_argument("--methods", default=None,
                    help=f"methods to compare when no --recipe / --checkpoint is given (default: {EVAL_METHODS}); "
                    "linear-probe: the methods scored beside fp, derived from --recipe or the default CLIP recipe "
-                   "(default: only the --recipe as written)")
+                   "(default: only the --recipe as written); "
+                   "vlm: with --recipe, the methods derived from it (each part's section)")
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--data", default=None, help="imagenet / retrieval: dataset directory (docs/vision.md lists the layouts); "
@@ -939,6 +1033,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-batch-size", type=int, default=4,
                    help="lm-eval: requests per forward pass, right-padded (default: %(default)s)")
     p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
+    vg = p.add_argument_group(f"vlm (image + text fidelity; --model asset:clip-smollm2-llava, the untrained "
+                              "real-parts composite, or vlm:PATH; docs/vlm.md)")
+    vg.add_argument("--calib-images", type=int, default=8,
+                    help="vlm: calibration photos, at most 8 (every third bundled photo; default: %(default)s)")
+    vg.add_argument("--eval-images", type=int, default=0,
+                    help="vlm: held-out photos evaluated, 0 = all 15 (default: %(default)s)")
+    vg.add_argument("--new-tokens", type=int, default=16,
+                    help="vlm: greedy tokens generated per prompt with the KV cache, 0 = none (default: %(default)s)")
     lp = p.add_argument_group("linear-probe (Fashion-MNIST; --model asset:clip-vit-b16-openai by default, or "
                               "timm: / open_clip: / hf:; --data: a folder with the idx files, default the asset)")
     lp.add_argument("--library", choices=("hf", "open_clip", "timm"), default="hf",
