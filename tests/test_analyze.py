@@ -259,6 +259,10 @@ def test_w8a8_insertion_beats_clamp_and_naive(fp_model, tmp_path):
     text = summary_text(f)
     assert f"emergence layer {EMERGENCE}" in text and "clamp only" in text
     assert key_numbers(f)["top_channels"] == [SPIKE_CHANNEL]
+    # the quantizer's detection, per probe, with why (from the first variant's report)
+    assert "6. the quantizer's detection" in text
+    assert f"detection stage2 at probe-Linear input {EMERGENCE}: " in text and "called sinks" in text
+    assert "no sink at " in text
 
 
 def test_no_sinks_is_reported_not_crashing(tmp_path):
@@ -290,3 +294,58 @@ def test_analyze_runs_on_other_decoder_layouts(arch, tmp_path):
     assert f["emergence_layer"] is not None and f["spikes"]["sink_tokens"]
     write_report(f, tmp_path)
     assert (tmp_path / "report.html").exists()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM", "Olmo2ForCausalLM",
+                                  "Phi3ForCausalLM"])
+def test_attention_recompute_honours_the_family(arch):
+    """The recomputed attention (used where the model gives no maps) is the model's own on every layer type:
+    q/k norms (Qwen3, Gemma-3 per head, OLMo-2 over the whole projection), Gemma's logit scale,
+    Gemma-2's soft-capping, sliding-window layers, Gemma-3's per-layer-type RoPE base."""
+    m = implanted_decoder(arch, attn_implementation="eager")
+    spec = attention_spec(get_adapter(m))
+    assert (spec.q_norm is not None) == (arch in ("Gemma3ForCausalLM", "Qwen3ForCausalLM", "Olmo2ForCausalLM"))
+    assert (spec.softcap is not None) == (arch == "Gemma2ForCausalLM")
+    assert (spec.windows is not None) == arch.startswith("Gemma")
+    assert (spec.layer_inv_freq is not None) == (arch == "Gemma3ForCausalLM")
+    seen = {}
+    hooks = [spec.input_module(i).register_forward_pre_hook(lambda mod, inp, i=i: seen.__setitem__(i, inp[0][0]))
+             for i in range(len(spec.q))]
+    ids = _chunks()[:1]
+    out = m(input_ids=ids, output_attentions=True, use_cache=False)
+    for h in hooks:
+        h.remove()
+    t = ids.shape[1]
+    for i in (0, 1):  # Gemma: a sliding layer and a full layer
+        q, k, _ = spec.project(i, seen[i])
+        torch.testing.assert_close(_attention_from_qk(q, k, spec, i), out.attentions[i][0], atol=2e-5, rtol=1e-4)
+    if spec.windows is not None:  # the window really masks (8 < 32 tokens)
+        assert spec.windows[0] == 8 and float(out.attentions[0][0][:, t - 1, : t - 8].abs().max()) == 0.0
+
+
+def test_analyze_labels_what_it_measured(tmp_path):
+    """OLMo-2 (post-norms, q/k norms over the whole projection): the projections read the raw residual,
+    and the key-norm ratio is taken after the key norm (the raw projection's ratio reads ~100x higher)."""
+    m = implanted_decoder("Olmo2ForCausalLM", attn_implementation="eager")
+    ids = torch.cat(token_batches(n=1, batch=2, seq=32, seed=3))
+    f = analyze_model(m, ids, restoration=False)
+    assert f["projection_input"].startswith("raw residual stream (post-norm layout")
+    assert f["geometry"]["keys_measured"].startswith("after the q/k norms")
+    layer = EMERGENCE + 1
+    ratio = max(f["geometry"]["key_norm_ratio"][layer])
+    spec = attention_spec(get_adapter(m))
+    seen = {}
+    h = spec.input_module(layer).register_forward_pre_hook(lambda mod, inp: seen.setdefault("x", inp[0][0]))
+    with torch.no_grad():
+        m(input_ids=ids[:1])
+    h.remove()
+    sink = ids[0] == SINK_ID
+    raw = max(norm_ratio(spec.k[layer](seen["x"]).view(32, spec.num_kv_heads, -1), sink)).item()
+    normed = max(norm_ratio(spec.project(layer, seen["x"])[1], sink)).item()
+    assert raw > 10 * normed and ratio == pytest.approx(normed, rel=0.3)
+    text = summary_text(f)
+    assert "sinks' raw residual stream" in text and "keys after the q/k norms" in text
+    llama = analyze_model(implanted_decoder(attn_implementation="eager"), ids, restoration=False)
+    assert llama["projection_input"] == "normalized attention input"
+    assert llama["geometry"]["keys_measured"] == "the projections' outputs (no q/k norm)"

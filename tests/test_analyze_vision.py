@@ -113,3 +113,37 @@ def test_cli_analyze_vision_arguments():
     assert args.images == "d" and args.num_images == 3 and args.calib_images == 8
     assert is_vision_spec("control") and is_vision_spec("timm:vit_small_patch14_dinov2")
     assert not is_vision_spec("asset:smollm2-135m")
+
+
+def test_detection_section_finds_the_painted_patches_per_image(tmp_path):
+    """analyze_vision's 'detected sinks': the quantizer's rule, calibrated on other images, marks per analysed
+    image exactly the painted patches, in the implanted channel, and draws them."""
+    from vtquant.analyze import analyze_vision
+
+    m = vm.timm_vit(sink_cls=False)
+    painted = [[0, 5], [], [9, 10, 15]]
+    calib_painted = vm.random_painted(8, seed=11)
+    x = vm.make_images(painted, seed=1)
+    xc = vm.make_images(calib_painted, seed=2)
+    photos = [(f"a{i}", x[i]) for i in range(3)] + [(f"c{i}", xc[i]) for i in range(8)]
+    f = analyze_vision(m, lambda t: t, "tiny", photos, num_images=3, calib_images=8, restoration=False,
+                       out=str(tmp_path))
+    det = f["detection"]
+    assert [im["count"] for im in det["images"]] == [2, 0, 3]
+    assert [im["patches"] for im in det["images"]] == [[list(divmod(p, vm.GRID)) for p in ps] for ps in painted]
+    assert det["channel_counts"] == {vm.SPIKE: 5} and det["calibration_images"] == [f"c{i}" for i in range(8)]
+    assert det["_maps"].shape == (3, vm.GRID, vm.GRID)
+    # the detection quantity is largest on the painted patches
+    assert int(det["_maps"][2].flatten().argmax()) in painted[2]
+    assert (tmp_path / "detected_sinks.png").exists()
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "a2: 3 sinks at (2,1) (2,2) (3,3); channel(s) [7]" in summary
+    html = (tmp_path / "report.html").read_text()
+    assert "Sinks found by the quantizer" in html and "(2,1) (2,2) (3,3)" in html
+    assert json.loads((tmp_path / "figures.json").read_text())["detection"]["images"][0]["positions"] == [1, 6]
+
+
+def test_clip_asset_is_a_vision_spec():
+    from vtquant.analyze import is_vision_spec
+
+    assert is_vision_spec("asset:clip-vit-b16-openai")

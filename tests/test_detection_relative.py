@@ -147,7 +147,11 @@ def test_implanted_massive_spike_keeps_the_fixed_rule():
     q = copy.deepcopy(vm.timm_vit())
     report = vtquant.quantize_(q, _no_quant(), _calib(), quiet=True)
     assert report.detection_rule == "alpha" and q.vtquant.plan.sinks.sites == {}
-    assert report.probes == []
+    # every probe is still reported with why its tokens were or were not called sinks
+    main = [p for p in report.probes if p["decision"].startswith("stage2")]
+    assert len(main) == 1 and main[0]["site"] == "probe" and main[0]["layer"] == report.emergence_layer
+    assert main[0]["above_alpha"] == main[0]["sinks"] > 0 and "above 64" in main[0]["why"]
+    assert all(p["why"] for p in report.probes) and {"probe", "residual"} <= {p["site"] for p in report.probes}
 
 
 def test_detection_settings_are_validated():

@@ -225,17 +225,6 @@ def test_hf_vision_round_trip(tmp_path, family):
                        ["config.json", "model.safetensors", "recipe.yaml", "vtquant.json"])
 
 
-def test_open_clip_towers_say_they_cannot_be_saved(tmp_path):
-    import visionmodels as vm
-
-    visual = vm.open_clip_tiny().visual
-    vtquant.quantize_(visual, method_recipe("insertquant", Recipe(sinks=SinkConfig(known_sinks=["cls"]), ignore=[])),
-                      [vm.make_images(vm.random_painted(8, 0), seed=0)], quiet=True)
-    with pytest.raises(NotImplementedError, match="timm ViTs and transformers towers are"):
-        vtquant.save(visual, tmp_path / "x")
-    assert not (tmp_path / "x").exists()
-
-
 def test_cli_quantize_formats_and_checkpoint_eval_without_the_fp_model(fp_model, tmp_path, monkeypatch, capsys):
     """`vtquant quantize` writes the hf layout with the tokenizer (and the FP reference) or a
     compressed-tensors folder; `vtquant eval perplexity --checkpoint` then needs no --model."""

@@ -321,3 +321,79 @@ def test_cli_linear_probe_timm(tmp_path: Path, one_thread) -> None:
         ("insertquant", "knn3_top1")]
     assert all(r["train_images"] == 12 and r["test_images"] == 6 and 0 <= r["value"] <= 100 for r in result["rows"])
     assert result["calibration"].startswith("4 ") and "insertquant" in result["reports"]
+
+
+def _tiny_clip_asset(monkeypatch: pytest.MonkeyPatch, calls: dict):
+    """Replace the CLIP asset by a tiny random CLIPVisionModelWithProjection (224 px, 32-px patches) that counts
+    the forwards of the FP instance (quantized copies are deep copies: their calls are not counted)."""
+    transformers = pytest.importorskip("transformers")
+    import vtquant.convert.clip_onnx as co
+
+    torch.manual_seed(0)
+    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=224, patch_size=32, projection_dim=16)
+    fp = transformers.CLIPVisionModelWithProjection(cfg).eval()
+    fp.register_forward_hook(lambda m, i, o: calls.__setitem__("fp", calls.get("fp", 0) + (m is fp)))
+
+    def fake_load(library="hf", quiet=False, onnx_path=None):
+        assert library == "hf"
+        return fp
+
+    monkeypatch.setattr(co, "load_clip_vit_b16", fake_load)
+    return fp
+
+
+def _probe_methods_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str) -> tuple[dict, dict]:
+    from vtquant.cli import main
+
+    calls: dict = {}
+    _tiny_clip_asset(monkeypatch, calls)
+    data = make_fashion_fixture(tmp_path / "fm", n_train=50, n_test=8)
+    out = tmp_path / "rows.json"
+    rc = main(["eval", "linear-probe", "--data", str(data), "--train-size", "12", "--test-size", "0", "--knn-k", "3",
+               "--methods", "naive-static,dynamic-token,insertquant,insertquant+rotate", "--batch-size", "6",
+               "--device", device, "--threads", "1", "--quiet", "--results-file", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text()), calls
+
+
+def test_cli_linear_probe_several_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread) -> None:
+    result, calls = _probe_methods_run(tmp_path, monkeypatch, "cpu")
+    methods = ["fp", "naive-static", "dynamic-token", "insertquant", "insertquant+rotate"]
+    assert [(r["method"], r["metric"]) for r in result["rows"]] == [
+        (m, metric) for m in methods for metric in ("linear_probe_top1", "knn3_top1")]
+    assert calls["fp"] == 2 + 2  # FP features once: 12 train + 8 test images in batches of 6
+    # calibration: the default CLIP recipe's 32 images, outside the probe's 12, the same for every method
+    from vtquant.eval.fashion_mnist import subset_indices
+
+    calib = result["calibration_indices"]
+    assert len(calib) == 32 and not set(calib) & set(subset_indices(50, 12, 0).tolist())
+    assert sorted(result["reports"]) == sorted(methods[1:])
+    assert all(r["calib_seconds"] >= 0 for r in result["rows"] if r["method"] != "fp")
+    assert all("calib_seconds" not in r for r in result["rows"] if r["method"] == "fp")
+    assert all(r["recipe"].startswith(r["method"]) for r in result["rows"] if r["method"] != "fp")
+    by = {r["method"]: r for r in result["rows"] if r["metric"] == "linear_probe_top1"}
+    assert by["dynamic-token"]["static"] is False and by["insertquant"]["static"] is True
+    rot = result["reports"]["insertquant+rotate"]
+    assert "rotation" in rot["equivalence"] and rot["equivalence"]["rotation"]["residual_folded"]
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and "tf32" not in result
+
+
+def test_linear_probe_methods_bad_name(tmp_path: Path) -> None:
+    from vtquant.config import ConfigError
+    from vtquant.eval.linear_probe import probe_recipes, run_fashion_mnist_probe
+
+    with pytest.raises(ConfigError, match="unknown \\['gptq'\\]"):
+        run_fashion_mnist_probe(data_dir=str(tmp_path), methods=["insertquant", "gptq"])  # before any data or model
+    recipes = probe_recipes("asset:clip-vit-b16-openai", "timm", None, ["fp", "rotate", "rotate"], 8, 6)
+    assert [(r.display_method, r.activations.bits) for r in recipes] == [("rotate", 6)]
+    assert recipes[0].sinks.detect == "auto" and recipes[0].calibration.num_samples == 32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cli_linear_probe_several_methods_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path of the lead's H200 run: calibration, rotation and fake quantization on cuda, fp32, TF32 off."""
+    result, calls = _probe_methods_run(tmp_path, monkeypatch, "cuda")
+    assert result["device"] == "cuda" and result["tf32"] is False and calls["fp"] == 4
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert len(result["rows"]) == 10 and all(0 <= r["value"] <= 100 for r in result["rows"])

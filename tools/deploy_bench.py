@@ -4,13 +4,17 @@
    in-memory model, ``vtquant.save`` it (hf layout, with the tokenizer), then in a **new process**
    ``import vtquant`` + ``AutoModelForCausalLM.from_pretrained`` + ``AutoTokenizer`` and score the
    same chunks; checkpoint size against the full-precision model's fp32 / bf16 state dict.
-2. compressed-tensors: naive-static W8A8 (symmetric, as vtquant's default, and asymmetric
-   activations), exported and loaded in a **new process that never imports vtquant**; relative
-   logits error against vtquant's in-memory model on the same chunks, and both perplexities.
+2. compressed-tensors: naive-static W8A8 (symmetric and asymmetric activations), dynamic-token W8A8,
+   smoothquant W8A8 (all quantized with ``activations.numerics: compressed-tensors``, what ``vtquant
+   quantize --format compressed-tensors`` uses), W4A16 GPTQ, and for comparison naive-static with
+   vtquant's own numerics (exported with ``allow_inexact``), each exported and loaded by transformers in
+   a **new process that never imports vtquant**; relative logits error against vtquant's in-memory
+   model on the first chunks, per-chunk NLL on all chunks, both perplexities.
 
 Usage::
 
     .venv/bin/python tools/deploy_bench.py --threads 2 --out runs/deploy_bench.json
+    .venv/bin/python tools/deploy_bench.py --threads 2 --parts ct --out runs/deploy_bench.json
     .venv/bin/python tools/deploy_bench.py --tiny-sizes     # file sizes of a tiny random Llama, seconds
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,20 +54,18 @@ t0 = time.time()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
 load_s = time.time() - t0
 chunks = torch.load(sys.argv[2])
-nll = tokens = 0.0
-logits0 = None
+nll, logits0 = [], []
 with torch.no_grad():
-    for start in range(0, chunks.shape[0], 4):
-        ids = chunks[start:start + 4]
+    for i in range(chunks.shape[0]):  # one chunk per forward, as the in-memory side
+        ids = chunks[i:i + 1]
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        if logits0 is None:
-            logits0 = logits[:1].clone()
-        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                       ids[:, 1:].reshape(-1), reduction="sum"))
-        tokens += ids[:, 1:].numel()
+        if i < int(sys.argv[5]):
+            logits0.append(logits.clone())
+        nll.append(float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")))
 imported = sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("vtquant", "compressed_tensors")})
 torch.save(logits0, sys.argv[2] + ".logits")
-print(json.dumps({"ppl": math.exp(nll / tokens), "load_seconds": round(load_s, 2), "imported": imported}))
+print(json.dumps({"ppl": math.exp(sum(nll) / chunks[:, 1:].numel()), "chunk_nll": nll, "load_seconds": round(load_s, 2),
+                  "imported": imported}))
 """
 
 
@@ -70,7 +73,8 @@ def _new_process(folder: Path, chunks_file: Path, threads: int, mode: str) -> di
     env = dict(os.environ)
     if mode == "vtquant":
         env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    out = subprocess.run([sys.executable, "-c", NEW_PROCESS, str(folder), str(chunks_file), str(threads), mode],
+    out = subprocess.run([sys.executable, "-c", NEW_PROCESS, str(folder), str(chunks_file), str(threads), mode,
+                          str(LOGIT_CHUNKS)],
                          capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -121,7 +125,8 @@ def tiny_sizes() -> list[tuple[str, int]]:
             ("insertquant W4A8 g128, hf layout (two codes per byte)", method_recipe("insertquant", w4, w_bits=4), "hf"),
             ("insertquant W4A8 g128, vtquant layout (one code per byte)", method_recipe("insertquant", w4, w_bits=4),
              "vtquant"),
-            ("naive-static W8A8, compressed-tensors", method_recipe("naive-static", Recipe()), "ct"),
+            ("naive-static W8A8, compressed-tensors",
+             method_recipe("naive-static", Recipe()).with_numerics("compressed-tensors"), "ct"),
             ("W4A16 g128, compressed-tensors (pack-quantized)",
              method_recipe("naive-static", w4, w_bits=4).replace(activations=None), "ct")):
         q = copy.deepcopy(fp)
@@ -147,6 +152,8 @@ def main() -> int:
     ap.add_argument("--out", default="runs/deploy_bench.json")
     ap.add_argument("--tiny-sizes", action="store_true", help="only the file sizes of a tiny random Llama")
     ap.add_argument("--parts", default="hf,ct", help="hf and / or ct (default: %(default)s)")
+    ap.add_argument("--ct-rows", default=None,
+                    help="comma-separated indices of the compressed-tensors rows to run (default: all six)")
     args = ap.parse_args()
     if args.tiny_sizes:
         set_threads(1)
@@ -170,12 +177,15 @@ def main() -> int:
     if Path(args.out).exists():  # keep the other part's numbers
         previous = json.loads(Path(args.out).read_text())
         result.update({k: v for k, v in previous.items() if k in ("hf", "compressed_tensors")})
+        if "ct" in parts and args.ct_rows is None:
+            result.pop("compressed_tensors", None)  # all rows run again
 
     # 1. the hf layout, loaded by transformers in a new process
     if "hf" in parts:
         _hf_part(fp, tok, recipe, setup, chunks_file, threads, work, result)
     if "ct" in parts:
-        _ct_part(fp, tok, recipe, setup, chunks_file, threads, work, result)
+        only = None if args.ct_rows is None else {int(i) for i in args.ct_rows.split(",")}
+        _ct_part(fp, tok, recipe, setup, chunks_file, threads, work, result, only)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
@@ -192,7 +202,7 @@ def _hf_part(fp, tok, recipe, setup, chunks_file, threads, work, result) -> None
         logits_mem = q(input_ids=setup.eval_chunks[:1], use_cache=False).logits
     ckpt = vtquant.save(q, work / "hf-ckpt", tokenizer=tok)
     loaded = _new_process(ckpt, chunks_file, threads, "vtquant")
-    logits_new = torch.load(str(chunks_file) + ".logits")
+    logits_new = torch.load(str(chunks_file) + ".logits")[0]
     result["hf"] = {"method": recipe.display_method, "calibrate_seconds": round(calib_s, 1), "ppl_in_memory": ppl_mem,
                     "ppl_from_pretrained_new_process": loaded["ppl"], "load_seconds": loaded["load_seconds"],
                     "max_abs_logit_diff_chunk0": float((logits_new - logits_mem).abs().max()),
@@ -202,36 +212,75 @@ def _hf_part(fp, tok, recipe, setup, chunks_file, threads, work, result) -> None
     del q
 
 
-def _ct_part(fp, tok, recipe, setup, chunks_file, threads, work, result) -> None:
-    """2. compressed-tensors, loaded without vtquant."""
-    from vtquant.export_ct import compressed_tensors_numerics, export_compressed_tensors
+def _ct_recipes(recipe):
+    """(label, recipe, numerics) of the compressed-tensors rows: the baselines the format holds, on the
+    shipped recipe's calibration (rotation off: its online Hadamard has no compressed-tensors form)."""
+    from vtquant.config import WeightArgs
 
-    result["compressed_tensors"] = {}
     base = method_recipe("naive-static", recipe.replace(rotation=dataclasses.replace(recipe.rotation, enabled=False)))
-    for label, r in (("naive-static W8A8 (symmetric)", base),
-                     ("naive-static W8A8 (asymmetric activations)",
-                      base.replace(activations=dataclasses.replace(base.activations, symmetric=False)))):
+    ct = "compressed-tensors"
+    w4 = base.replace(weights=WeightArgs(bits=4, granularity="per-group", group_size=64, algorithm="gptq"),
+                      activations=None)
+    return [
+        ("naive-static W8A8, vtquant numerics (before; exported with allow_inexact)", base, "vtquant"),
+        ("naive-static W8A8 (symmetric)", base.with_numerics(ct), ct),
+        ("naive-static W8A8 (asymmetric activations)",
+         base.replace(activations=dataclasses.replace(base.activations, symmetric=False)).with_numerics(ct), ct),
+        ("dynamic-token W8A8", method_recipe("dynamic-token", base).with_numerics(ct), ct),
+        ("smoothquant W8A8", method_recipe("smoothquant", base).with_numerics(ct), ct),
+        ("W4A16 g64 GPTQ", w4, "-"),
+    ]
+
+
+def _ct_part(fp, tok, recipe, setup, chunks_file, threads, work, result, only=None) -> None:
+    """2. compressed-tensors, loaded by transformers in a new process that never imports vtquant."""
+    from vtquant.export_ct import export_compressed_tensors
+
+    result.setdefault("compressed_tensors", {})
+    for i, (label, r, numerics) in enumerate(_ct_recipes(recipe)):
+        if only is not None and i not in only:
+            continue
         q = copy.deepcopy(fp)
+        t0 = time.time()
         vtquant.quantize_(q, r, setup.calib_batches, quiet=True)
-        ppl_mem = perplexity(q, setup.eval_chunks, quiet=True)
-        with torch.no_grad():
-            logits_mem = q(input_ids=setup.eval_chunks[:1], use_cache=False).logits
-            with compressed_tensors_numerics():
-                logits_ct_numerics = q(input_ids=setup.eval_chunks[:1], use_cache=False).logits
-                ppl_ct_numerics = perplexity(q, setup.eval_chunks, quiet=True)
-        folder = work / ("ct-" + ("asym" if "asym" in label else "sym"))
-        report = export_compressed_tensors(q, folder, tokenizer=tok, quiet=True)
+        calib_s = time.time() - t0
+        nll_mem, logits_mem = _chunk_nll(q, setup.eval_chunks)
+        folder = work / f"ct-{i}"
+        report = export_compressed_tensors(q, folder, tokenizer=tok, quiet=True, allow_inexact=numerics == "vtquant")
+        del q
         loaded = _new_process(folder, chunks_file, threads, "plain")
         logits_new = torch.load(str(chunks_file) + ".logits")
+        nll_new = loaded["chunk_nll"]
+        tokens = setup.eval_chunks[:, 1:].numel()
         result["compressed_tensors"][label] = {
-            "format": report.quantization_format, "ppl_vtquant_in_memory": ppl_mem,
+            "recipe": r.name, "activations_numerics": numerics, "format": report.quantization_format,
+            "exact": report.exact, "calibrate_seconds": round(calib_s, 1),
+            "ppl_vtquant_in_memory": math.exp(sum(nll_mem) / tokens),
             "ppl_transformers_compressed_tensors": loaded["ppl"], "imported_in_new_process": loaded["imported"],
-            "rel_logit_error_chunk0": _rel(logits_new, logits_mem),
-            "ppl_vtquant_with_compressed_tensors_numerics": ppl_ct_numerics,
-            "rel_logit_error_chunk0_vs_vtquant_with_compressed_tensors_numerics": _rel(logits_new, logits_ct_numerics),
-            "rel_logit_change_chunk0_vtquant_own_vs_compressed_tensors_numerics": _rel(logits_ct_numerics, logits_mem),
+            f"max_rel_logit_error_first_{len(logits_mem)}_chunks": max(
+                _rel(a, b) for a, b in zip(logits_new, logits_mem)),
+            f"max_abs_logit_diff_first_{len(logits_mem)}_chunks": max(
+                float((a - b).abs().max()) for a, b in zip(logits_new, logits_mem)),
+            "max_abs_chunk_nll_diff_all_chunks": max(abs(a - b) for a, b in zip(nll_new, nll_mem)),
             "model_safetensors_bytes": _size(folder), "notes": report.notes}
-        del q
+        print(label, json.dumps(result["compressed_tensors"][label]), flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+LOGIT_CHUNKS = 2  # chunks whose full logits are compared (each 512 x 49152 floats)
+
+
+@torch.no_grad()
+def _chunk_nll(model, chunks) -> tuple[list, list]:
+    """Summed next-token NLL per chunk (one chunk per forward) and the logits of the first chunks."""
+    nll, logits0 = [], []
+    for i in range(chunks.shape[0]):
+        ids = chunks[i:i + 1]
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        if i < LOGIT_CHUNKS:
+            logits0.append(logits.clone())
+        nll.append(float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")))
+    return nll, logits0
 
 
 if __name__ == "__main__":

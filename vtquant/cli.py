@@ -21,15 +21,21 @@ DEMO_SETTINGS = [
 ]
 
 
+VISION_CLIP_ASSET = "asset:clip-vit-b16-openai"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-step logs")
     p.add_argument("--results-file", default=None, help="write result rows as JSON to this file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, vision: bool = False) -> None:
     p.add_argument("--model", default="asset:smollm2-135m",
-                   help="asset:NAME, a .gguf file or a local transformers directory (default: %(default)s)")
+                   help="asset:NAME, a .gguf file or a local transformers directory" +
+                   (f"; or a vision model: {VISION_CLIP_ASSET} (with --library), timm:NAME, open_clip:NAME/PRETRAINED, "
+                    "hf:PATH; or a vision-language model: asset:clip-smollm2-llava, vlm:PATH" if vision else
+                    "; vision-language models (eval vlm): asset:clip-smollm2-llava or vlm:PATH") + " (default: %(default)s)")
     p.add_argument("--model-file", default=None,
                    help="a GGUF model file given by hand (use when the asset cannot be fetched)")
 
@@ -112,6 +118,8 @@ def fp_reference(spec: str, model_file: Optional[str], name: str) -> str:
     return f"{name}: {path} loaded in float32"
 
 
+EVAL_METHODS = "fp,naive-static,dynamic-token,insertquant,insertquant+rotate"
+VLM_METHODS = EVAL_METHODS
 COMPARE_METHODS = "fp,naive-static,dynamic-token,smoothquant,prefix,rotate,insertquant,insertquant+rotate"
 COMPARE_SETTINGS = "W8A8,W4A8KV8,W4A4KV4"
 
@@ -314,12 +322,110 @@ def compare_base_recipe(args: argparse.Namespace):
     return base
 
 
+def is_vision_compare(args: argparse.Namespace) -> bool:
+    """``compare --vision`` or ``compare --model asset:clip-vit-b16-openai``."""
+    from .eval.vision_compare import CLIP_ASSET
+
+    return bool(getattr(args, "vision", False)) or args.model == CLIP_ASSET
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Methods x bit settings side by side: one table, JSON rows, a PNG bar chart."""
+    if is_vision_compare(args):
+        return _vision_compare(args)
     if args.breakdown:
         return _breakdown(args)
-    return _compare(args, compare_settings(args.methods, args.settings), "vtquant compare", compare=True,
-                    base=compare_base_recipe(args))
+    return _compare(args, compare_settings(args.methods, args.settings or COMPARE_SETTINGS), "vtquant compare",
+                    compare=True, base=compare_base_recipe(args))
+
+
+def vision_compare_base(args: argparse.Namespace):
+    """The base recipe of ``compare --vision``: --recipe, else the library's shipped CLIP recipe; weights
+    ``auto`` (GPTQ + weight clip search below 8 bits, RTN at 8) unless --weights; per-channel unless
+    --group-size; the activation clip search only with ``--clip-search on``."""
+    import dataclasses
+
+    from .config import ActArgs, WeightArgs
+    from .eval.vision_compare import clip_recipe
+    from .recipe import load_recipe
+
+    base = load_recipe(args.recipe) if args.recipe else clip_recipe(args.library)
+    weights = base.weights or WeightArgs()
+    acts = base.activations or ActArgs()
+    changes: dict = {"algorithm": args.weights or "auto",
+                     "clip_search": args.clip_search != "off" if args.clip_search else True}
+    if args.group_size == 0:
+        changes.update(granularity="per-channel")
+    elif args.group_size is not None:
+        changes.update(granularity="per-group", group_size=args.group_size)
+    base.weights = dataclasses.replace(weights, **changes)
+    base.activations = dataclasses.replace(acts, clip_search=args.clip_search == "on" and acts.static)
+    return base
+
+
+def _vision_compare(args: argparse.Namespace) -> int:
+    """``vtquant compare --vision``: the CLIP ViT-B/16 asset, methods x settings, embedding fidelity on photos."""
+    from .config import ConfigError, method_recipe
+    from .eval.results import write_results
+    from .eval.vision_compare import (CLIP_ASSET, clip_photo_setup, format_vision_breakdown, format_vision_table,
+                                      plot_vision_compare, run_vision_compare, target_lines, vision_breakdown,
+                                      vision_methods, vision_settings)
+    from .models import DEFAULT_MODEL, set_threads
+
+    if args.model not in (DEFAULT_MODEL, CLIP_ASSET):
+        raise ConfigError(f"--model {args.model!r}: compare --vision runs the real CLIP ViT-B/16 ({CLIP_ASSET}); "
+                          "other image models: vtquant eval imagenet / retrieval")
+    log = _log(args)
+    threads = set_threads(args.threads)
+    start = time.time()
+    base = vision_compare_base(args)
+    if args.breakdown:
+        method, _, setting = args.breakdown.partition("@")
+        (w, a), = vision_settings(setting or "W8A8")
+        recipes = [method_recipe(method, base, w_bits=w, a_bits=a)]
+    else:
+        methods, settings = vision_methods(args.methods), vision_settings(args.settings)
+    setup = clip_photo_setup(args.library, num_images=args.num_images, quiet=args.quiet)
+    name = setup["name"]
+    protocol = (f"image-embedding cosine to FP on {len(setup['eval_names'])} held-out bundled photos, "
+                f"OpenAI CLIP preprocessing at 224 px")
+    calibration = f"{len(setup['calib_names'])} other bundled photos (every third)"
+    w = base.weights
+    log(f"{name}; {threads} threads; weights {w.algorithm} {w.granularity}, weight clip search "
+        f"{'on' if w.clip_search else 'off'} (with GPTQ), activation clip search "
+        f"{'on' if base.activations.clip_search else 'off'}; calibration: {calibration}")
+    if args.breakdown:
+        result = vision_breakdown(setup["model"], setup["embed"], recipes[0], setup["calib_pixels"],
+                                  setup["eval_pixels"], quiet=args.quiet, log=log)
+        print(f"\nvtquant compare --vision --breakdown {args.breakdown}: {name}; {protocol}; relative residual-stream "
+              "error after each block, CLS / patches")
+        print(format_vision_breakdown(result))
+        print(f"total {time.time() - start:.0f} s")
+        if args.results_file:
+            from .fileio import atomic_write_text
+
+            atomic_write_text(Path(args.results_file), json.dumps(
+                {"breakdown": args.breakdown, "model": name, "protocol": protocol, "calibration": calibration,
+                 "calibration_images": setup["calib_names"], "evaluation_images": setup["eval_names"],
+                 "recipe": recipes[0].to_dict(), **result}, indent=1, default=str))
+        return 0
+    rows, reports = run_vision_compare(setup["model"], setup["embed"], setup["calib_pixels"], setup["eval_pixels"],
+                                       base, methods, settings, model_name=name, quiet=args.quiet, log=log)
+    total = time.time() - start
+    print(f"\nvtquant compare --vision: {name}; {protocol}; calibration: {calibration}")
+    print(format_vision_table(rows))
+    for line in target_lines(rows):
+        print(line)
+    print(f"total {total:.0f} s ({threads} threads)")
+    if args.plot:
+        plot_vision_compare(rows, args.plot, title=f"{name}: {protocol}")
+        log(f"wrote {args.plot}")
+    if args.results_file:
+        write_results(args.results_file, rows, protocol=protocol, calibration=calibration,
+                      calibration_images=setup["calib_names"], evaluation_images=setup["eval_names"],
+                      base_recipe=base.to_dict(), total_seconds=round(total, 1), threads=threads, reports=reports)
+        log(f"wrote {args.results_file}")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -327,17 +433,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_linear_probe(args)
     if args.task in ("imagenet", "retrieval"):
         return _vision_eval(args)
+    if args.task == "vlm":
+        return _eval_vlm(args)
+    if args.methods is None:
+        args.methods = EVAL_METHODS
     if args.task == "lm-eval":
         return _eval_lm_eval(args)
     if args.checkpoint:
         return _eval_checkpoint(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or EVAL_METHODS).split(",") if m.strip()]
     settings = [(m, args.w_bits, args.a_bits) for m in methods]
     base = None
     if args.recipe:  # the whole recipe, as written (weights, activations, KV cache, rotation, sinks)
         base = _base_recipe(args)
         settings = [("fp", 8, 8), base]
     return _compare(args, settings, "vtquant eval perplexity", base=base)
+
+
+def _eval_vlm(args: argparse.Namespace) -> int:
+    """``vtquant eval vlm``: FP vs quantized fidelity of a vision-language model on image + text prompts."""
+    from .config import ConfigError
+    from .eval.results import write_results
+    from .eval.vlm import evaluate_vlm, format_vlm_table, prepare_vlm_data, vlm_method_recipe
+    from .models import set_threads
+    from .recipe import load_recipe
+    from .vlm_parts import FP_REFERENCE, MODEL_SPEC, is_vlm_spec, load_vlm
+
+    log = _log(args)
+    model_spec = MODEL_SPEC if args.model == "asset:smollm2-135m" else args.model
+    if not is_vlm_spec(model_spec):
+        raise ConfigError(f"--model {args.model!r}: vtquant eval vlm needs {MODEL_SPEC} (the untrained real-parts "
+                          "composite) or vlm:PATH (a local transformers LLaVA / SmolVLM / Qwen2-VL folder)")
+    if args.new_tokens < 0:
+        raise ConfigError(f"--new-tokens {args.new_tokens}: give 0 (no generation) or more")
+    base = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails before the model load
+    if base is not None and args.methods is None:
+        settings = [None, base]  # the recipe as written
+    else:
+        from .config import Recipe
+
+        methods = [m.strip() for m in (args.methods or VLM_METHODS).split(",") if m.strip()]
+        settings = [vlm_method_recipe(m, base or Recipe(), w_bits=args.w_bits, a_bits=args.a_bits) for m in methods]
+    threads = set_threads(args.threads)
+    start = time.time()
+    log(f"loading {model_spec} ({threads} threads) ...")
+    parts = load_vlm(model_spec, quiet=args.quiet)
+    log(f"loaded {type(parts.model).__name__} in {parts.model.vtquant_load_seconds:.1f} s")
+    data = prepare_vlm_data(parts.processor, calib_images=args.calib_images or None,
+                            eval_images=args.eval_images or None, quiet=args.quiet)
+    reference = FP_REFERENCE if model_spec == MODEL_SPEC else f"{parts.name}: {model_spec} loaded in float32"
+    result = evaluate_vlm(parts.model, parts.processor, settings, parts.name, data=data, new_tokens=args.new_tokens,
+                          quiet=args.quiet, log=log, fp_reference=reference)
+    print(f"\nvtquant eval vlm: {parts.name}; {result.protocol}; calibration: {result.calibration}; "
+          f"FP reference: {reference}")
+    print(format_vlm_table(result.details))
+    total = time.time() - start
+    print(f"total {total:.0f} s")
+    if args.results_file:
+        write_results(args.results_file, result.rows, protocol=result.protocol, calibration=result.calibration,
+                      fp_reference=reference, model_info=parts.info, details=result.details,
+                      reports=result.reports, total_seconds=round(total, 1))
+        log(f"wrote {args.results_file}")
+    return 0
 
 
 def _vision_eval(args: argparse.Namespace) -> int:
@@ -393,9 +550,13 @@ def _eval_linear_probe(args: argparse.Namespace) -> int:
     rows, meta = run_fashion_mnist_probe(
         model, library=args.library, pretrained=not args.no_pretrained, data_dir=args.data,
         train_size=args.train_size or None, test_size=args.test_size or None, k=args.knn_k, recipe=args.recipe,
-        batch_size=args.batch_size, device=args.device, quiet=args.quiet, log=log)
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+        w_bits=args.w_bits, a_bits=args.a_bits, batch_size=args.batch_size, device=args.device,
+        tf32=args.tf32 == "on", quiet=args.quiet, log=log)
     print(f"\nvtquant eval linear-probe: {meta['model']}; Fashion-MNIST {meta['train_images']} train / "
-          f"{meta['test_images']} test images; {threads} threads, {args.device}")
+          f"{meta['test_images']} test images; {threads} threads, {args.device} ({meta['dtype']}"
+          + (f", TF32 {'on' if meta['tf32'] else 'off'}" if "tf32" in meta else "") + ")"
+          + (f"; calibration: {meta['calibration']}" if "calibration" in meta else ""))
     print(format_table(rows))
     print(f"total {time.time() - start:.0f} s")
     if args.results_file:
@@ -468,7 +629,7 @@ def _eval_lm_eval(args: argparse.Namespace) -> int:
             recipes = [None, base]
         else:
             recipes = [None if m == "fp" else method_recipe(m, base, w_bits=args.w_bits, a_bits=args.a_bits)
-                       for m in (m.strip() for m in args.methods.split(",")) if m]
+                       for m in (m.strip() for m in (args.methods or EVAL_METHODS).split(",")) if m]
         setup = prepare_text(tok, base, args.eval_text, args.seq_len, 1, quiet=args.quiet) \
             if any(r is not None for r in recipes) else None
 
@@ -504,13 +665,89 @@ def _eval_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_vision(args: argparse.Namespace, recipe, log):
+    """`vtquant quantize` on a vision model: the real CLIP ViT-B/16 image tower (``--model
+    asset:clip-vit-b16-openai --library ...``) or ``timm:`` / ``open_clip:`` / ``hf:`` (every tower; an
+    image-text model's text tower is calibrated on one caption per calibration image)."""
+    import torch
+
+    from .analyze import load_images
+    from .models import set_threads
+    from .vision import _calib_indices, load_vision_model, quantize_towers_
+
+    threads = set_threads(args.threads)
+    log(f"loading {args.model} ({threads} threads) ...")
+    tokenizer = None
+    if args.model == VISION_CLIP_ASSET:
+        from .convert.clip_onnx import clip_preprocess, load_clip_vit_b16
+
+        model, preprocess = load_clip_vit_b16(args.library, quiet=args.quiet), clip_preprocess()
+        fp_reference = f"clip-vit-b16-openai ({args.library}): the asset's int8 ONNX weights dequantized to float32"
+    else:
+        vm = load_vision_model(args.model, pretrained=not args.no_pretrained)
+        model, preprocess, tokenizer = vm.model, vm.preprocess, vm.tokenizer
+        fp_reference = f"{vm.name}: " + ("random weights (--no-pretrained)" if args.no_pretrained else
+                                         "the library's pretrained weights in float32")
+    photos = load_images(args.calib_data)
+    cal = recipe.calibration
+    idx = _calib_indices(len(photos), cal.num_samples, cal.seed)
+    pixels = torch.stack([preprocess(photos[i][1]) for i in idx])
+    images = list(torch.split(pixels, cal.batch_size))
+    texts = None
+    if tokenizer is not None:
+        captions = [f"a photo of {photos[i][0].split(':')[-1].rsplit('.', 1)[0].replace('_', ' ')}." for i in idx]
+        texts = [tokenizer(captions[s:s + cal.batch_size]) for s in range(0, len(captions), cal.batch_size)]
+    log(f"calibrating on {len(idx)} images" + (" and one caption each" if texts is not None else ""))
+    reports = quantize_towers_(model, recipe, images=images, texts=texts, quiet=args.quiet)
+    for name, report in reports.items():
+        print(f"[{name}] {report.summary()}")
+    handles = [getattr(model, "vtquant", None)] if getattr(model, "vtquant", None) is not None else [
+        m.vtquant for _, m in model.named_modules() if getattr(m, "vtquant", None) is not None]
+    for handle in handles:
+        handle.fp_reference = fp_reference
+    return model, {name: r.to_dict() for name, r in reports.items()}
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from . import api
+    from .analyze import is_vision_spec
     from .data import sample_windows, text_token_ids
+    from .vlm_parts import is_vlm_spec
     import torch
 
     log = _log(args)
+    if is_vlm_spec(args.model):
+        return _quantize_vlm(args, log)
+    if not args.out:
+        from .config import ConfigError
+
+        raise ConfigError("vtquant quantize needs --out DIR (where the checkpoint goes)")
     recipe = _base_recipe(args)
+    if args.model == VISION_CLIP_ASSET or is_vision_spec(args.model):
+        if args.format not in ("auto", "vtquant", "hf"):
+            from .config import ConfigError
+
+            raise ConfigError(f"--format {args.format} is for transformers decoders; vision models are saved with "
+                              "--format auto (hf for transformers towers, vtquant for timm / open_clip)")
+        model, reports = _quantize_vision(args, recipe, log)
+        api.save(model, args.out, format=args.format)
+        print(f"saved {args.out}")
+        if args.results_file:
+            from .eval.results import write_results
+
+            write_results(args.results_file, [], report=reports)
+        return 0
+    if args.format == "compressed-tensors":
+        from .export_ct import CompressedTensorsExportError, recipe_refusal
+
+        problem = recipe_refusal(recipe)
+        if problem is not None:
+            raise CompressedTensorsExportError(f"--format compressed-tensors: {problem} (nothing was quantized)")
+    if args.format == "compressed-tensors" and (recipe.activations is not None or recipe.kv_cache is not None):
+        # quantize with the format's own activation grid and arithmetic, so the exported folder computes
+        # exactly what vtquant's model computes (vtquant.export_ct)
+        recipe = recipe.with_numerics("compressed-tensors")
+        log("activations use compressed-tensors numerics (the format's int grid), so the export is exact")
     _check_texts(args, recipe)
     model, tok, name = _load(args, log)
     cal = recipe.calibration
@@ -539,6 +776,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_vlm(args: argparse.Namespace, log) -> int:
+    """``vtquant quantize --model asset:clip-smollm2-llava|vlm:PATH``: one recipe over the vision tower, the
+    projector and the language model, calibrated on image + text pairs; prints the per-part report."""
+    from .config import ConfigError
+    from .eval.results import write_results
+    from .eval.vlm import prepare_vlm_data
+    from .models import set_threads
+    from .recipe import load_recipe
+    from .vlm import quantize_vlm_
+    from .vlm_parts import load_vlm
+
+    if args.out:
+        raise ConfigError("--out: saving a quantized vision-language model is not supported yet (its part adapters "
+                          "have no checkpoint format); drop --out to quantize and print the per-part report, or "
+                          "measure it with vtquant eval vlm --recipe R")
+    recipe = load_recipe(args.recipe)
+    threads = set_threads(args.threads)
+    log(f"loading {args.model} ({threads} threads) ...")
+    parts = load_vlm(args.model, quiet=args.quiet)
+    data = prepare_vlm_data(parts.processor, calib_images=args.calib_images or None, eval_images=1,
+                            quiet=args.quiet)
+    report = quantize_vlm_(parts.model, recipe, [p.batch for p in data.calib], quiet=args.quiet)
+    print(f"calibration: {data.calib_desc}")
+    print(report.summary())
+    if args.results_file:
+        write_results(args.results_file, [], report=report.to_dict(), calibration=data.calib_desc,
+                      model_info=parts.info)
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analyze import (BUNDLED_PHOTOS, analysis_rows, analyze_llm, analyze_vision, is_vision_spec,
                           load_image_tower, load_images)
@@ -555,6 +822,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         photos = load_images(args.images)  # a bad image file fails here, before the model load
         set_threads(args.threads)
         model, preprocess, name = load_image_tower(args.model, pretrained=not args.no_pretrained, quiet=args.quiet)
+        if recipe is None and args.model == "asset:clip-vit-b16-openai":  # its shipped recipe (model-relative detection)
+            from .eval.vision_compare import clip_recipe
+
+            recipe = clip_recipe("hf")
         figures = analyze_vision(model, preprocess, name, photos, source=args.images or BUNDLED_PHOTOS,
                                  num_images=args.num_images, calib_images=args.calib_images, alpha=args.alpha,
                                  recipe=recipe, restoration=restoration, out=args.out, command=command,
@@ -659,8 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help=f"comma-separated methods (default: {COMPARE_METHODS}, "
                    "plus llmcompressor-sq-static,llmcompressor-sq-gptq-dynamic when llm-compressor is installed: "
                    "./tools/setup.sh --llmcompressor)")
-    p.add_argument("--settings", default=COMPARE_SETTINGS, help="comma-separated bit settings W<w>A<a>[KV<kv>], "
-                   "e.g. W8A8,W4A8KV8 (default: %(default)s)")
+    p.add_argument("--settings", default=None, help="comma-separated bit settings W<w>A<a>[KV<kv>], "
+                   f"e.g. W8A8,W4A8KV8 (default: {COMPARE_SETTINGS}; --vision: W8A8,W8A6,W4A8)")
     p.add_argument("--recipe", default=None, help="base recipe: calibration, sinks, smoothquant_alpha, ignore, "
                    "weight and clipping options (default: the built-in defaults + the options below)")
     p.add_argument("--weights", choices=("rtn", "gptq", "auto"), default=None,
@@ -675,6 +946,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breakdown", default=None, metavar="METHOD@SETTING",
                    help="instead of the table: per-layer error analysis of one method and setting (e.g. "
                    "insertquant+rotate@W4A8KV8): weights only, activations only, cache only and all together")
+    p.add_argument("--vision", action="store_true",
+                   help="the real CLIP ViT-B/16 image tower (asset clip-vit-b16-openai; also chosen by --model "
+                   "asset:clip-vit-b16-openai) on the bundled photos: image-embedding cosine to FP and "
+                   "nearest-neighbour agreement per method and setting (docs/clip_b16.md)")
+    p.add_argument("--library", choices=("hf", "open_clip", "timm"), default="hf",
+                   help="--vision: library that builds the CLIP tower; its shipped recipe is the base (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="--vision: score only the first N of the 15 held-out photos (default: all)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("analyze", help="measure the sink mechanism and its restoration: report.html, figures.json, summary")
@@ -690,35 +969,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=8,
                    help="calibration windows for the restoration section (default: %(default)s)")
     p.add_argument("--no-restoration", action="store_true", help="skip section 5 (no quantized copies)")
-    p.add_argument("--images", default=None, help="vision --model (timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH or "
-                   "control = the DINOv2-S asset): a folder of images (default: the bundled photos)")
+    p.add_argument("--images", default=None, help="vision --model (timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH, "
+                   "asset:clip-vit-b16-openai or control = the DINOv2-S asset): a folder of images (default: the "
+                   "bundled photos)")
     p.add_argument("--num-images", type=int, default=6, help="vision: images analysed (default: %(default)s)")
     p.add_argument("--calib-images", type=int, default=8,
                    help="vision: other images calibrating the restoration section (default: %(default)s)")
     p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint")
-    _model_args(p), _common(p)
+    p = sub.add_parser("quantize", help="quantize with a recipe and save a checkpoint (vtquant.load reads it)")
+    _model_args(p, vision=True), _common(p)
     p.add_argument("--recipe", required=True, help="YAML recipe (e.g. recipes/hf/smollm2-135m.yaml)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--calib-text", default=None)
+    p.add_argument("--out", default=None, help="output directory (required, except for vision-language models: "
+                   "--model asset:clip-smollm2-llava or vlm:PATH, which print their per-part report and save nothing)")
+    p.add_argument("--calib-images", type=int, default=8,
+                   help="vision-language models: calibration photos with prompts, at most 8 (default: %(default)s)")
+    p.add_argument("--calib-text", default=None, help="LLMs: calibration text asset or .txt (default: the recipe's)")
     p.add_argument("--format", choices=("auto", "hf", "vtquant", "compressed-tensors"), default="auto",
-                   help="hf: a transformers folder (config.json with quantization_config, tokenizer, W4 packed) that "
-                   "AutoModelForCausalLM.from_pretrained loads once vtquant is imported; vtquant: model.safetensors + "
-                   "vtquant.json only; compressed-tensors: llm-compressor's format, loaded without vtquant "
-                   "(naive-static, dynamic-token, smoothquant, rotate with rotation.online: false; not insertquant); "
-                   "auto: hf for transformers models (default: %(default)s)")
+                   help="auto: hf for transformers models (LLMs, HF vision towers), vtquant for timm / open_clip. "
+                   "hf: a transformers folder (config.json with quantization_config, tokenizer, W4 packed) that "
+                   "vtquant.load reads and the model's from_pretrained (AutoModelForCausalLM for LLMs) loads once "
+                   "vtquant is imported. "
+                   "vtquant: model.safetensors + vtquant.json + recipe.yaml, read by vtquant.load only. "
+                   "compressed-tensors (LLMs): llm-compressor's format, which transformers with the compressed-tensors "
+                   "package (and vLLM) load without vtquant; the activations are then quantized with the format's "
+                   "numerics (activations.numerics: compressed-tensors), so the folder computes exactly what vtquant's "
+                   "model computes; naive-static, dynamic-token, smoothquant, rotate with rotation.online: false, "
+                   "weight-only; insertquant / prefix are refused (default: %(default)s)")
+    p.add_argument("--library", choices=("hf", "open_clip", "timm"), default="open_clip",
+                   help=f"vision: the library that builds --model {VISION_CLIP_ASSET} (its image tower; default: "
+                   "%(default)s)")
+    p.add_argument("--calib-data", default=None,
+                   help="vision: a folder of calibration images (default: the bundled photos); calibration.num_samples "
+                   "of them are drawn with calibration.seed")
+    p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="evaluate: perplexity (LLMs), imagenet (top-1/5), retrieval (Flickr30k R@k), "
-                       "lm-eval (lm-evaluation-harness tasks)")
-    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval", "linear-probe", "lm-eval"))
+                       "lm-eval (lm-evaluation-harness tasks), vlm (image + text FP-vs-quantized fidelity)")
+    p.add_argument("task", choices=("perplexity", "imagenet", "retrieval", "linear-probe", "lm-eval", "vlm"))
     _model_args(p), _text_args(p, DEMO_EVAL_CHUNKS), _common(p)
     p.add_argument("--recipe", default=None, help="quantize with this recipe and compare with fp")
     p.add_argument("--checkpoint", default=None, help="evaluate a checkpoint saved by `vtquant quantize`")
-    p.add_argument("--methods", default="fp,naive-static,dynamic-token,insertquant,insertquant+rotate",
-                   help="methods to compare when no --recipe / --checkpoint is given")
+    p.add_argument("--methods", default=None,
+                   help=f"methods to compare when no --recipe / --checkpoint is given (default: {EVAL_METHODS}); "
+                   "linear-probe: the methods scored beside fp, derived from --recipe or the default CLIP recipe "
+                   "(default: only the --recipe as written); "
+                   "vlm: with --recipe, the methods derived from it (each part's section)")
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--data", default=None, help="imagenet / retrieval: dataset directory (docs/vision.md lists the layouts); "
@@ -735,6 +1033,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-batch-size", type=int, default=4,
                    help="lm-eval: requests per forward pass, right-padded (default: %(default)s)")
     p.add_argument("--no-pretrained", action="store_true", help="vision: random weights (smoke tests only)")
+    vg = p.add_argument_group(f"vlm (image + text fidelity; --model asset:clip-smollm2-llava, the untrained "
+                              "real-parts composite, or vlm:PATH; docs/vlm.md)")
+    vg.add_argument("--calib-images", type=int, default=8,
+                    help="vlm: calibration photos, at most 8 (every third bundled photo; default: %(default)s)")
+    vg.add_argument("--eval-images", type=int, default=0,
+                    help="vlm: held-out photos evaluated, 0 = all 15 (default: %(default)s)")
+    vg.add_argument("--new-tokens", type=int, default=16,
+                    help="vlm: greedy tokens generated per prompt with the KV cache, 0 = none (default: %(default)s)")
     lp = p.add_argument_group("linear-probe (Fashion-MNIST; --model asset:clip-vit-b16-openai by default, or "
                               "timm: / open_clip: / hf:; --data: a folder with the idx files, default the asset)")
     lp.add_argument("--library", choices=("hf", "open_clip", "timm"), default="hf",
@@ -742,7 +1048,10 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--train-size", type=int, default=10000, help="probe training images, 0 = all 60k (default: %(default)s)")
     lp.add_argument("--test-size", type=int, default=2000, help="test images, 0 = all 10k (default: %(default)s)")
     lp.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
-    lp.add_argument("--device", default="cpu", help="device of the feature extraction (default: %(default)s)")
+    lp.add_argument("--device", default="cpu", help="device of the feature extraction, the calibration and the "
+                    "fake quantization (default: %(default)s)")
+    lp.add_argument("--tf32", choices=("on", "off"), default="off",
+                    help="--device cuda: TF32 matmuls (default: %(default)s: fp32 throughout)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="real low-bit speed: fp32/bf16 vs per-token dynamic int8 vs vtquant static")

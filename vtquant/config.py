@@ -43,6 +43,10 @@ class ConfigError(VtquantError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+NUMERICS = ("vtquant", "compressed-tensors")
+"""Activation quantizer numerics (:attr:`ActArgs.numerics`)."""
+
+
 def _check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{owner}.{name} = {value!r} is not valid; choose one of {list(choices)}")
@@ -121,6 +125,13 @@ class ActArgs:
             is checked after the search: the sink set detected on the quantized model must equal
             the full-precision one (R = |S_q & S_fp| / |S_fp|, in the report); if not, the search
             is undone layer by layer from the first layer until it holds.
+        numerics: the integer grid and arithmetic of the fake quantizer.  ``vtquant``: symmetric grid
+            ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` with scale ``absmax / (2^(b-1) - 1)``, asymmetric ``[0, 2^b - 1]``,
+            ``round(x / s) + z``.  ``compressed-tensors``: that format's (llm-compressor, vLLM, transformers'
+            compressed-tensors loader) - grid ``[-2^(b-1), 2^(b-1) - 1]`` for both, symmetric scale
+            ``absmax / ((2^b - 1) / 2)``, asymmetric zero point ``round(clamp(qmin - min / s))`` on that grid,
+            ``round(clamp(x / s + z))``; a model quantized so exports to compressed-tensors exactly
+            (``vtquant quantize --format compressed-tensors`` sets it).
     """
 
     bits: int = 8
@@ -129,10 +140,12 @@ class ActArgs:
     symmetric: bool = True
     clip_ratio: float = 1.0
     clip_search: bool = False
+    numerics: str = "vtquant"
 
     def __post_init__(self) -> None:
         _check_bits("activations", "bits", self.bits)
         _check_choice("activations", "granularity", self.granularity, ("per-tensor", "per-token"))
+        _check_choice("activations", "numerics", self.numerics, NUMERICS)
         if self.granularity == "per-token" and self.static:
             raise ConfigError("activations: per-token scales cannot be static; set static: false")
         if not (0.0 < float(self.clip_ratio) <= 1.0):
@@ -345,6 +358,13 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def with_numerics(self, numerics: str) -> "Recipe":
+        """A copy whose activation and key / value cache quantizers use ``numerics`` (:attr:`ActArgs.numerics`)."""
+        _check_choice("activations", "numerics", numerics, NUMERICS)
+        changes = {key: dataclasses.replace(getattr(self, key), numerics=numerics)
+                   for key in ("activations", "kv_cache") if getattr(self, key) is not None}
+        return self.replace(**changes) if changes else self.replace()
+
     def replace(self, **changes: Any) -> "Recipe":
         """A validated deep copy with top-level fields replaced."""
         data = copy.deepcopy(self)
@@ -388,14 +408,16 @@ def method_recipe(method: str, base: Recipe, *, w_bits: int = 8, a_bits: int = 8
     if method == "fp":
         acts = None
     elif method == "dynamic-token":
-        acts = ActArgs(bits=a_bits, granularity="per-token", static=False)
+        acts = ActArgs(bits=a_bits, granularity="per-token", static=False, numerics=base_act.numerics)
     else:
         acts = ActArgs(bits=a_bits, symmetric=base_act.symmetric, clip_ratio=base_act.clip_ratio,
-                       clip_search=base_act.clip_search)
+                       clip_search=base_act.clip_search, numerics=base_act.numerics)
     kv = None
     if kv_bits is not None and method != "fp":
-        kv = (ActArgs(bits=kv_bits, granularity="per-token", static=False) if method == "dynamic-token" else
-              ActArgs(bits=kv_bits, symmetric=base_act.symmetric, clip_search=base_act.clip_search))
+        kv = (ActArgs(bits=kv_bits, granularity="per-token", static=False, numerics=base_act.numerics)
+              if method == "dynamic-token" else
+              ActArgs(bits=kv_bits, symmetric=base_act.symmetric, clip_search=base_act.clip_search,
+                      numerics=base_act.numerics))
     rotation = copy.deepcopy(base.rotation)
     rotation.enabled = rotate and method != "fp"
     sinks = copy.deepcopy(base.sinks)

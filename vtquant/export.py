@@ -106,6 +106,10 @@ def _qdq(act: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"ONNX export needs static per-tensor activations, not {act.extra_repr()}")
     qmin, qmax = act.qrange
     zero = float(act.zero_point)
+    if act.numerics != "vtquant" and not act.symmetric:
+        raise NotImplementedError(f"ONNX export of asymmetric activations with {act.numerics} numerics (QuantizeLinear "
+                                  "adds the zero point after rounding, that grid before): re-quantize with "
+                                  "numerics: vtquant or symmetric activations")
     if act.symmetric:
         zero_q = torch.tensor(0, dtype=torch.int8)
         full = (-128, 127)

@@ -17,17 +17,16 @@ its scale parameters filled, and is compressed on save):
   format holds exactly; the *online* Hadamard of the MLP down-projection input is not (transformers'
   compressed-tensors loader does not apply ``transform_config``), so such models are refused.
 
-Where the numerics differ (measured in BENCHMARKS.md, stated in ``vtquant_export.json``;
-:func:`compressed_tensors_numerics` runs vtquant's model the compressed-tensors way, to check an export):
-
-* symmetric int8 in compressed-tensors is ``[-128, 127]``, vtquant's ``[-127, 127]``: static scales
-  give identical results for every input inside the calibrated range; an input below it is clamped
-  one step further down;
-* symmetric per-token dynamic scales are ``absmax / 127.5`` there, ``absmax / 127`` in vtquant (a
-  slightly different grid of the same quantizer); asymmetric grids are the same;
-* compressed-tensors rounds ``x / scale + zero_point``, vtquant ``x / scale`` (then adds the integer
-  zero point): at exact ties the float32 sum can round the other way, one step on a handful of values.
-  A model whose per-tensor scales hold massive activations (naive-static SmolLM2) amplifies those steps.
+Numerics: the exported folder computes exactly what vtquant's model computes when that model was
+quantized with ``activations.numerics: compressed-tensors`` (``vtquant quantize --format compressed-tensors``
+sets it; :attr:`vtquant.config.ActArgs.numerics`): the format's int grid ``[-2^(b-1), 2^(b-1) - 1]``, its
+scales (symmetric ``absmax / 127.5`` at 8 bits) and zero points, ``round(clamp(x / s + z))`` in the input's
+dtype, at the same places (Linear inputs, ``k_proj`` / ``v_proj`` outputs; embeddings and the head are
+not quantized by either).  Weights are exact in both numerics (the format stores vtquant's codes and
+scales).  A model with vtquant's own activation numerics (``[-127, 127]``, ``round(x / s) + z``) is refused
+unless ``allow_inexact=True``: there the grids differ on inputs outside the calibrated range and at
+rounding ties, which a model with massive activations amplifies (naive-static SmolLM2: 27 % relative
+logits, BENCHMARKS.md).
 
 ``insertquant`` and ``prefix`` are refused: the format has no place for sink detection (ratio tests
 at the probe Linears), the templates inserted in place of sink rows, the full-precision sink rows or
@@ -35,7 +34,6 @@ the residual restore.  Use :func:`vtquant.save` (``format="hf"``) for those.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -43,7 +41,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -68,10 +66,11 @@ class ExportReport:
     groups: dict = field(default_factory=dict)
     ignore: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    exact: bool = True
 
     def to_dict(self) -> dict:
         return dict(path=self.path, method=self.method, quantization_format=self.quantization_format,
-                    groups=self.groups, ignore=self.ignore, notes=self.notes)
+                    groups=self.groups, ignore=self.ignore, notes=self.notes, exact=self.exact)
 
 
 def _refusal(model: nn.Module) -> Optional[str]:
@@ -103,6 +102,26 @@ def _refusal(model: nn.Module) -> Optional[str]:
     if plan.weights is not None and not plan.weights.symmetric:
         return "asymmetric weights are not exported"
     return None
+
+
+def recipe_refusal(recipe: Any) -> Optional[str]:
+    """Why a model quantized with ``recipe`` could not be exported (checked before minutes of calibration)."""
+    if recipe.method in ("insertquant", "prefix"):
+        return (f"compressed-tensors cannot hold {recipe.display_method} (no place for sink detection, templates or "
+                "the residual restore): use --format hf, or a baseline the format holds (naive-static, smoothquant, "
+                "dynamic-token, rotate with rotation.online: false)")
+    if recipe.method not in EXPORTABLE_METHODS:
+        return f"method {recipe.method!r} has no compressed-tensors form (exported: {list(EXPORTABLE_METHODS)})"
+    if recipe.rotation.enabled and recipe.rotation.online:
+        return ("the online Hadamard rotation cannot be expressed in compressed-tensors (transformers does not apply "
+                "a transform_config): set rotation.online: false in the recipe")
+    return None
+
+
+def _inexact(plan: Any) -> list[str]:
+    """The activation / cache quantizers of ``plan`` whose numerics the format does not reproduce."""
+    return [name for name, a in (("activations", plan.activations), ("kv_cache", plan.kv_cache))
+            if a is not None and a.numerics != "compressed-tensors"]
 
 
 def _args(act: Any) -> Any:
@@ -170,21 +189,23 @@ def _fill_scales(dense: nn.Module, wrapped: dict) -> None:
             scale.data.copy_(quantizer.scale.reshape(scale.shape))
             zero = getattr(lin, f"{prefix}_zero_point", None)
             if zero is not None:
-                shift = 0 if quantizer.symmetric else -(2 ** (quantizer.bits - 1))  # vtquant [0, 2^b) -> [-2^(b-1), ...)
+                shift = 0
+                if quantizer.numerics == "vtquant" and not quantizer.symmetric:
+                    shift = -(2 ** (quantizer.bits - 1))  # vtquant's [0, 2^b) -> the format's [-2^(b-1), ...)
                 zero.data.copy_((quantizer.zero_point + shift).reshape(zero.shape).to(zero.dtype))
 
 
 def _notes(plan: Any) -> list[str]:
     notes = []
-    acts = [a for a in (plan.activations, plan.kv_cache) if a is not None]
-    if any(a.static and a.symmetric for a in acts):
-        notes.append("symmetric static activations: compressed-tensors' int grid is [-128, 127], vtquant's "
-                     "[-127, 127]; identical inside the calibrated range, an input below it is clamped one step "
-                     "further down")
-    if any(not a.static and a.symmetric for a in acts):
-        notes.append("symmetric per-token dynamic activations: compressed-tensors scales by absmax / 127.5, vtquant "
-                     "by absmax / 127 (the same quantizer on a slightly different grid; logits differ at the "
-                     "quantization-noise level)")
+    if _inexact(plan):
+        notes.append("NOT EXACT: the activation quantizers use vtquant's numerics (symmetric grid [-127, 127], "
+                     "round(x / s) + z); the format computes on [-128, 127] with round(x / s + z) (and symmetric "
+                     "per-token scales absmax / 127.5): the loaded model differs from vtquant's outside the "
+                     "calibrated range and at rounding ties.  Quantize with activations.numerics: compressed-tensors "
+                     "(vtquant quantize --format compressed-tensors does) for an exact export")
+    elif plan.activations is not None or plan.kv_cache is not None:
+        notes.append("exact: the activation quantizers use compressed-tensors' numerics (grid [-2^(b-1), 2^(b-1) - 1], "
+                     "its scales and zero points, round(clamp(x / s + z)))")
     if plan.kv_cache is not None:
         notes.append("key / value cache: written as output_activations of k_proj / v_proj (before RoPE, as vtquant "
                      "calibrated it); transformers applies them, vLLM's kv_cache_scheme (after RoPE) is not written")
@@ -194,51 +215,6 @@ def _notes(plan: Any) -> list[str]:
     if plan.smoothquant is not None:
         notes.append("smoothquant: the smoothing factors are folded into the norms and weights (exact)")
     return notes
-
-
-@contextlib.contextmanager
-def compressed_tensors_numerics() -> Iterator[None]:
-    """Run vtquant's activation quantizers exactly as compressed-tensors computes them (inside the block).
-
-    compressed-tensors quantizes ``round(x / scale + zero_point)`` on ``[-2^(b-1), 2^(b-1) - 1]`` (zero
-    point shifted by ``-2^(b-1)`` for asymmetric grids) with symmetric per-token scales ``absmax /
-    ((2^b - 1) / 2)``; vtquant computes ``round(x / scale) + zero_point`` on ``[-(2^(b-1) - 1), 2^(b-1) - 1]``
-    (``[0, 2^b - 1]`` asymmetric) with ``absmax / (2^(b-1) - 1)``.  The order matters at exact ties: adding
-    the zero point before rounding can move ``x / scale`` onto a ``.5`` in float32.  A model exported by
-    :func:`export_compressed_tensors` and loaded by transformers computes what vtquant's model computes
-    inside this block; outside it the two differ by those grid and rounding-order effects (which a model
-    with massive activations and per-tensor scales can amplify: BENCHMARKS.md).
-    """
-    from .core.quant import ActQuantizer
-
-    saved = ActQuantizer.fake_quant
-
-    def fake_quant(self: Any, x: torch.Tensor) -> torch.Tensor:
-        qmin, qmax = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        if self.static:
-            scale = self.scale.to(x.dtype)
-            zero = None if self.symmetric else (self.zero_point + qmin).to(x.dtype)
-        else:
-            lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
-            hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
-            if self.symmetric:
-                scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
-                zero = None
-            else:
-                scale = (hi - lo) / (qmax - qmin)
-                zero = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
-            scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(x.dtype).eps), scale)
-        scaled = x / scale
-        if zero is not None:
-            scaled = scaled + zero
-        quantized = torch.round(torch.clamp(scaled, qmin, qmax))
-        return (quantized - zero if zero is not None else quantized) * scale
-
-    ActQuantizer.fake_quant = fake_quant
-    try:
-        yield
-    finally:
-        ActQuantizer.fake_quant = saved
 
 
 def _check_out(target: Path) -> None:
@@ -251,7 +227,7 @@ def _check_out(target: Path) -> None:
 
 
 def export_compressed_tensors(model: nn.Module, path: Union[str, os.PathLike], *, tokenizer: Any = None,
-                              quiet: bool = False) -> ExportReport:
+                              quiet: bool = False, allow_inexact: bool = False) -> ExportReport:
     """Write ``model`` (quantized by vtquant) as a compressed-tensors folder at ``path``.
 
     The folder (``config.json`` with ``quant_method: compressed-tensors``, ``model.safetensors``,
@@ -260,13 +236,25 @@ def export_compressed_tensors(model: nn.Module, path: Union[str, os.PathLike], *
     ``compressed-tensors`` package and never imports vtquant.  It is written to a temporary sibling
     and moved into place; an existing folder is replaced only if it is an earlier export.
 
+    Args:
+        allow_inexact: export a model whose activation quantizers use vtquant's own numerics (the
+            loaded folder then differs from it; ``report.exact`` is False and a note says so).
+
     Raises:
         CompressedTensorsExportError: the model holds what the format cannot (insertquant / prefix
-            sink handling, an online rotation); the message says what and what to use instead.
+            sink handling, an online rotation), or its activation numerics are vtquant's and
+            ``allow_inexact`` is False; the message says what and what to use instead.
     """
     problem = _refusal(model)
     if problem is not None:
         raise CompressedTensorsExportError(problem)
+    inexact = _inexact(model.vtquant.plan)
+    if inexact and not allow_inexact:
+        raise CompressedTensorsExportError(
+            f"the {' and '.join(inexact)} quantizers use vtquant's numerics (grid [-127, 127], round(x / s) + z), "
+            "which compressed-tensors cannot reproduce (its grid is [-128, 127] with round(x / s + z)): quantize with "
+            f"{inexact[0]}.numerics: compressed-tensors (recipe.with_numerics('compressed-tensors'); `vtquant "
+            "quantize --format compressed-tensors` sets it) for an exact export, or pass allow_inexact=True")
     try:
         import compressed_tensors
         from compressed_tensors.compressors import ModelCompressor
@@ -298,7 +286,7 @@ def export_compressed_tensors(model: nn.Module, path: Union[str, os.PathLike], *
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     report = ExportReport(path=str(path), method=plan.display_method, quantization_format=fmt,
                           groups={g: {"modules": leaves[g], "scheme": s.model_dump()} for g, s in schemes.items()},
-                          ignore=ignore, notes=_notes(plan))
+                          ignore=ignore, notes=_notes(plan), exact=not inexact)
     try:
         compressor.compress_model(dense)
         dense.save_pretrained(str(tmp))

@@ -75,6 +75,44 @@ def _heat(ax: Any, data: torch.Tensor, title: str, cmap: str = "viridis", center
 
 
 # ------------------------------------------------------------------------------------------
+def _detected_maps(plt: Any, det: dict, vision: dict, figures: dict, path: Path, max_images: int = 8) -> Path:
+    """Per image: the patch grid of the detection quantity (log scale) over the image, detected sinks boxed."""
+    from matplotlib.patches import Rectangle
+
+    maps = det["_maps"]
+    imgs = figures.get("_images")
+    n_img = min(max_images, maps.shape[0])
+    cols = min(4, n_img)
+    rows_ = math.ceil(n_img / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.0 * cols, 3.2 * rows_), squeeze=False)
+    logm = maps[:n_img].clamp_min(1e-3).log10()
+    vmin, vmax = float(logm.min()), float(logm.max())
+    gh, gw = vision["grid"]
+    h_img, w_img = vision["image_size"]
+    names = figures.get("input_names") or []
+    im = None
+    for j, ax in enumerate(axes.flatten()):
+        ax.axis("off")
+        if j >= n_img:
+            continue
+        if imgs is not None:
+            ax.imshow(imgs[j].numpy(), extent=(0, w_img, h_img, 0))
+        im = ax.imshow(logm[j].numpy(), extent=(0, w_img, h_img, 0), cmap="magma",
+                       alpha=0.6 if imgs is not None else 1.0, vmin=vmin, vmax=vmax, interpolation="nearest")
+        info = det["images"][j]
+        for r, c in info["patches"]:
+            ax.add_patch(Rectangle((c * w_img / gw, r * h_img / gh), w_img / gw, h_img / gh, fill=False,
+                                   edgecolor="cyan", linewidth=1.2))
+        chans = sorted(set(info["channels"]), key=info["channels"].count, reverse=True)[:2]
+        ax.set_title((f"{names[j]}\n" if j < len(names) else f"image {j}\n")
+                     + f"{info['count']} sinks" + (f", channel {'/'.join(map(str, chans))}" if chans else ""),
+                     fontsize=7)
+    if im is not None:
+        fig.colorbar(im, ax=axes.flatten().tolist(), fraction=0.02, pad=0.01, label="log10 ||h - mu|| (patch)")
+    fig.suptitle(f"{det['map_quantity']}; cyan: sinks found by the quantizer's rule ({det['rule']})", fontsize=8)
+    return _save(fig, path)
+
+
 def make_plots(figures: dict, out: Path, token_labels: Optional[list] = None) -> dict[str, Path]:
     """Draw every figure the measurements allow; returns ``{key: png path}``."""
     plt = _plt()
@@ -162,6 +200,11 @@ def make_plots(figures: dict, out: Path, token_labels: Optional[list] = None) ->
         fig.suptitle(f"{vision['map_quantity']}; cyan boxes: sink patches (alpha {figures['spikes']['alpha']:g})",
                      fontsize=9)
         paths["patch_maps"] = _save(fig, out / "patch_maps.png")
+
+    # 1d. vision: the quantizer's detection (model-relative rule): per-image map of the detection quantity
+    det = figures.get("detection")
+    if vision and det is not None and det.get("_maps") is not None:
+        paths["detected_sinks"] = _detected_maps(plt, det, vision, figures, out / "detected_sinks.png")
 
     # 2. constant vectors
     cv = figures.get("constant_vectors")
@@ -419,6 +462,22 @@ def _per_type_cosines(figures: dict, name: str = "attention_input") -> dict:
     return out
 
 
+def detection_text(figures: dict) -> str:
+    """One paragraph: what the quantizer's own detection found on the analysed images."""
+    det = figures["detection"]
+    counts = [im["count"] for im in det["images"]]
+    if not det["stages"]:
+        return (f"The quantizer's detection (rule {det['rule']}, calibrated on {len(det.get('calibration_images', []))} "
+                "other images) found no sinks: no probe fired.")
+    stages = ", ".join(f"{k} at {det['sites'].get(k, 'probe')} {v} (threshold {det['thresholds'][k]:g})"
+                       for k, v in det["stages"].items())
+    chans = ", ".join(f"{c} ({n})" for c, n in list(det["channel_counts"].items())[:3]) or "-"
+    return (f"The quantizer's detection (rule {det['rule']}; stages {stages}; calibrated on "
+            f"{len(det.get('calibration_images', []))} other images) marks {det['count_mean']:g} sinks per image beyond "
+            f"the prefix tokens ({min(counts)}-{max(counts)}); their channel (largest |h - mu| at the main layer "
+            f"{det['main_layer']}): {chans}. Map: {det['map_quantity']}.")
+
+
 def summary_text(figures: dict) -> str:
     """A short plain-text summary of the measurements."""
     k = key_numbers(figures)
@@ -448,18 +507,30 @@ def summary_text(figures: dict) -> str:
         lines.append(f"   no massive activations: the largest MLP second-linear input token peak is {_fmt(ratios[j])}x the "
                      f"median token peak (layer {j}), below alpha = {figures['spikes']['alpha']:g}: no sinks, "
                      "emergence layer None")
+    if vision and figures.get("detection") is not None:
+        names = figures.get("input_names") or []
+        det = figures["detection"]
+        lines.append("   detection (the quantizer's rule): " + detection_text(figures))
+        for j, im in enumerate(det["images"]):
+            lines.append(f"     {names[j] if j < len(names) else j}: {im['count']} sinks at "
+                         + (" ".join(f"({r},{c})" for r, c in im["patches"]) or "-")
+                         + (f"; channel(s) {sorted(set(im['channels']), key=im['channels'].count, reverse=True)}"
+                            if im["channels"] else ""))
+    what_in = figures.get("projection_input", "normalized attention input")
     if vision and "sink_pairwise_cosine_attention_input" in k:
         per_type = _per_type_cosines(figures) or {"no sinks": "-"}
-        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' normalized attention inputs, pairwise "
+        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' {what_in}s, pairwise "
                      "cosine across images per sink type: " + "; ".join(f"{n} {v}" for n, v in per_type.items())
                      + f" (non-sink tokens {k['semantic_pairwise_cosine_attention_input']})")
     elif "sink_pairwise_cosine_attention_input" in k:
-        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' normalized attention inputs, pairwise "
+        lines.append(f"2. constant vectors (layers {k['active_layers']}): sinks' {what_in}s, pairwise "
                      f"cosine across inputs {k['sink_pairwise_cosine_attention_input']} (semantic tokens "
                      f"{k['semantic_pairwise_cosine_attention_input']}); template relative spread "
                      f"{k['template_spread_attention_input']}")
     if "attention_share" in k:
-        lines.append(f"3. geometry (layers {k['active_layers']}, mean over heads): attention share on the sink "
+        keys = (figures.get("geometry") or {}).get("keys_measured")
+        lines.append(f"3. geometry (layers {k['active_layers']}, mean over heads{'; keys ' + keys if keys else ''}): "
+                     "attention share on the sink "
                      f"{k['attention_share']} (all layers {k['attention_share_all_layers']}); W_K key norm ratio "
                      f"{k['key_norm_ratio']}; W_Q cos(q, k_sink) {k['query_alignment']} vs semantic keys "
                      f"{k['query_alignment_baseline']} (after RoPE {k.get('query_alignment_rope', '-')} vs "
@@ -494,8 +565,20 @@ def summary_text(figures: dict) -> str:
                          f"calibration template {k['transfer_eval_cosine_to_calib_template']}; key rel. error "
                          f"{k['transfer_key_rel_error']} (own-corpus mean {k['transfer_key_rel_error_in_distribution']}), "
                          f"value rel. error {k['transfer_value_rel_error']}")
+    variants = (figures.get("restoration") or {}).get("variants") or {}
+    first = next(iter(variants.items()), None)
+    if first is not None and first[1].get("report", {}).get("probes"):
+        lines.append(f"6. the quantizer's detection ({first[0]}, on the calibration corpus):")
+        lines += ["   " + line for line in detection_lines(first[1]["report"]["probes"])]
     lines += [f"note: {n}" for n in figures.get("notes", [])]
     return "\n".join(lines)
+
+
+def detection_lines(probes: list) -> list:
+    """The quantizer's per-probe detection summary (``QuantReport.detection_lines``) from a saved report."""
+    from .core.pipeline import QuantReport
+
+    return QuantReport(method="", probes=probes).detection_lines()
 
 
 # ------------------------------------------------------------------------------------------
@@ -562,6 +645,18 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
             "model's input image (min-max scaled for display); sink patches boxed; the prefix tokens' values in "
             "each title.") + "</p>")
         parts.append(_img(plots.get("patch_maps"), "patch maps"))
+        det = figures.get("detection")
+        if det is not None:
+            parts.append("<h3>Sinks found by the quantizer's detection</h3><p>" + html.escape(detection_text(figures))
+                         + "</p>")
+            parts.append(_img(plots.get("detected_sinks"), "detected sinks"))
+            names = figures.get("input_names") or []
+            parts.append(_table(["image", "sinks", "patches (row, col)", "channels"],
+                                [[names[j] if j < len(names) else j, im["count"],
+                                  " ".join(f"({r},{c})" for r, c in im["patches"]) or "-",
+                                  ", ".join(f"{c} x{im['channels'].count(c)}" for c in
+                                            sorted(set(im["channels"]), key=im["channels"].count, reverse=True)) or "-"]
+                                 for j, im in enumerate(det["images"])]))
         if figures["emergence_layer"] is None:
             ratios = [r["probe_top_ratio"] for r in figures["spikes"]["layers"]]
             j = max(range(len(ratios)), key=lambda i: ratios[i])
@@ -582,6 +677,8 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
     # 2
     if figures.get("constant_vectors"):
         h, text = SECTION_TEXT["constant_vectors"]
+        if figures.get("projection_input"):
+            text += f" Here the projections read the {figures['projection_input']}."
         parts += [f"<h2>{h}</h2><p>{html.escape(text)}</p>", _img(plots.get("constant_vectors"), "constant vectors")]
         rows = []
         cv = figures["constant_vectors"]
@@ -611,6 +708,8 @@ def render_html(figures: dict, plots: dict, title: str) -> str:
     geo = figures.get("geometry")
     if geo:
         h, text = SECTION_TEXT["geometry"]
+        if geo.get("keys_measured"):
+            text += f" Queries and keys: {geo['keys_measured']}."
         parts += [f"<h2>{h}</h2><p>{html.escape(text)}</p>", _img(plots.get("geometry"), "geometry")]
         keys = [x for x in ("attention_share", "key_norm_ratio", "query_alignment", "query_alignment_baseline",
                             "query_alignment_rope", "value_norm_ratio", "value_gain_ratio", "value_low_energy_sink",

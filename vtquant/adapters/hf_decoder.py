@@ -283,15 +283,36 @@ class HFDecoderAdapter(ModelAdapter):
             inputs = qkv
         else:
             q, k, v = ([b.get_submodule(name) for b in blocks] for name in layout.attn_readers)
-        rope_note = None
-        if inv_freq is None and rotary is not None:
-            rope_note = f"{type(rotary).__name__} keeps no single inv_freq (per-layer-type rotary): RoPE section skipped"
+        attns = [b.get_submodule(layout.attn_readers[0].rpartition(".")[0]) for b in blocks]
+        rope_note = layer_inv = None
+        if inv_freq is None and rotary is not None:  # Gemma-3: one rotary per layer type (sliding / full)
+            layer_inv = [getattr(rotary, f"{getattr(a, 'layer_type', None)}_inv_freq", None) for a in attns]
+            if any(f is None for f in layer_inv):
+                layer_inv = None
+                rope_note = (f"{type(rotary).__name__} keeps no inv_freq this analysis can read: RoPE section "
+                             "skipped, attention maps only from the model")
+            else:
+                layer_inv = [f.detach().float().cpu() for f in layer_inv]
+                rope_note = (f"{type(rotary).__name__} uses a different RoPE base per layer type (sliding / full "
+                             "attention): the per-frequency RoPE section is skipped (the attention recompute uses "
+                             "each layer's own frequencies)")
+        norms = {name: [getattr(a, name, None) if not isinstance(getattr(a, name, None), nn.Identity) else None
+                        for a in attns] for name in ("q_norm", "k_norm")}
+        windows = [getattr(a, "sliding_window", None) for a in attns]
+        softcap = getattr(attns[0], "attn_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None)
+        scaling = getattr(attns[0], "scaling", None)
         return AttentionSpec(
             q=q, k=k, v=v, mlp_in=[b.get_submodule(layout.mlp_readers[0]) for b in blocks],
             num_heads=heads, num_kv_heads=kv_heads,
             head_dim=head_dim, inv_freq=None if inv_freq is None else inv_freq.detach().float().cpu(),
             rope_scaling=float(getattr(rotary, "attention_scaling", 1.0) or 1.0), causal=True, inputs=inputs,
-            rope_note=rope_note)
+            rope_note=rope_note,
+            q_norm=norms["q_norm"] if any(n is not None for n in norms["q_norm"]) else None,
+            k_norm=norms["k_norm"] if any(n is not None for n in norms["k_norm"]) else None,
+            scaling=None if scaling is None else float(scaling), softcap=None if softcap is None else float(softcap),
+            windows=windows if any(w is not None for w in windows) else None, layer_inv_freq=layer_inv,
+            input_label=("normalized attention input" if layout.pre_attn_norm is not None else
+                         f"raw residual stream ({layout.kind} layout: no norm in front of the projections)"))
 
     def analysis_forward(self, batch: Any, attentions: bool = False) -> tuple:
         """Logits ``[T, V]`` and, with ``attentions`` (eager attention), the maps ``[H, T, T]`` per layer."""

@@ -16,7 +16,7 @@ A whole ``CLIP`` has two towers with separate sink mechanisms: quantize it with
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -45,9 +45,17 @@ def _prepare_tower(transformer: nn.Module) -> int:
 
 
 class _OpenCLIPTower(VisionAdapter):
-    """What both open_clip towers share: ``transformer.resblocks``, the ``mlp.c_proj`` probe, the layout."""
+    """What both open_clip towers share: ``transformer.resblocks``, the ``mlp.c_proj`` probe, the layout.
+
+    The tower's open_clip model config is read here, before quantization changes its modules (rotation
+    replaces LayerNorms, attention gets explicit q/k/v Linears), for :meth:`config_dict`.
+    """
+
+    def _derive_config(self, model: nn.Module) -> dict:
+        raise NotImplementedError
 
     def __init__(self, model: nn.Module) -> None:
+        self.open_clip_config = snapshot_config(self._derive_config, model)
         super().__init__(model)
         self.token_layout = _transformer_layout(model.transformer)
         self.replaced_attention = _prepare_tower(model.transformer)
@@ -90,6 +98,18 @@ class OpenCLIPVisualAdapter(_OpenCLIPTower):
 
     family = "open_clip-visual"
 
+    def _derive_config(self, model: nn.Module) -> dict:
+        return visual_config(model)
+
+    def config_dict(self) -> dict:
+        """The open_clip config of the image tower (``CLIPVisionCfg`` fields, activation, norm, layout, dtype),
+        read before quantization; :meth:`from_config_dict` rebuilds it with open_clip (no download)."""
+        return open_clip_model_config("VisionTransformer", visual=self.open_clip_config)
+
+    @classmethod
+    def from_config_dict(cls, data: dict) -> nn.Module:
+        return build_open_clip(data)
+
     def prefix_kinds(self) -> list[tuple[str, str, int]]:
         return [("cls", "cls", 0)] if getattr(self.model, "class_embedding", None) is not None else []
 
@@ -118,6 +138,7 @@ def text_pool_positions(ids: torch.Tensor, pool_type: str, eos_id: Any = None) -
     return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
 
 
+@register_adapter("open_clip.transformer.TextTransformer")
 class OpenCLIPTextAdapter(_OpenCLIPTower):
     """The text tower of an open_clip ``CLIP`` (``transformer``, ``token_embedding``, ``ln_final``).
 
@@ -131,6 +152,21 @@ class OpenCLIPTextAdapter(_OpenCLIPTower):
         if not hasattr(model, "token_embedding") or not hasattr(model, "transformer"):
             raise ValueError(f"{type(model).__name__} has no open_clip text tower (token_embedding + transformer)")
         super().__init__(model)
+
+    def _derive_config(self, model: nn.Module) -> dict:
+        return text_config(model)
+
+    def config_dict(self) -> dict:
+        """The open_clip config of a ``TextTransformer`` (a ``CLIP``'s text tower is saved with its CLIP)."""
+        if hasattr(self.model, "text_pool_type"):
+            raise NotImplementedError(f"the text tower of an open_clip {type(self.model).__name__} is part of the "
+                                      "CLIP itself: save the whole model (vtquant.save(clip, dir)), which holds both "
+                                      "towers")
+        return open_clip_model_config("TextTransformer", text=self.open_clip_config)
+
+    @classmethod
+    def from_config_dict(cls, data: dict) -> nn.Module:
+        return build_open_clip(data)
 
     def known_sink_kinds(self) -> tuple[str, ...]:
         return ("first_token", "eot")
@@ -198,3 +234,195 @@ class _OpenCLIPTwoTowers(OpenCLIPVisualAdapter):
     @classmethod
     def encoders(cls, model: nn.Module) -> tuple:
         return model.encode_image, model.encode_text
+
+    @classmethod
+    def model_config_dict(cls, model: nn.Module) -> dict:
+        """The whole CLIP's open_clip config for a checkpoint: each tower's config as its adapter read it
+        before quantization (a tower left unquantized is read now), and the CLIP's own switches."""
+        text_root = getattr(model, "text", None) or model
+        handles = {"visual": getattr(model.visual, "vtquant", None),
+                   "text": getattr(text_root if text_root is not model else model.transformer, "vtquant", None)}
+        configs = {name: (h.adapter.open_clip_config if h is not None else
+                          snapshot_config(visual_config if name == "visual" else text_config,
+                                          model.visual if name == "visual" else text_root))
+                   for name, h in handles.items()}
+        return open_clip_model_config(type(model).__name__, visual=configs["visual"], text=configs["text"], root=model)
+
+    @classmethod
+    def from_config_dict(cls, data: dict) -> nn.Module:
+        return build_open_clip(data)
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints: the open_clip model config, read off a tower before quantization, rebuilt on load
+# ------------------------------------------------------------------------------------------
+_NOT_SAVABLE = "open_clip_config_error"
+
+
+def _tower_common(transformer: nn.Module) -> dict:
+    """Activation, norm and layout of a ``Transformer`` of default ``ResidualAttentionBlock`` blocks."""
+    from open_clip.transformer import LayerScale, QuickGELU
+
+    blocks = list(transformer.resblocks)
+    block = blocks[0]
+    if type(block).__name__ != "ResidualAttentionBlock" or hasattr(block, "ln_1_kv"):
+        raise NotImplementedError(f"its blocks are {type(block).__name__}s (only the default ResidualAttentionBlock "
+                                  "self-attention block is rebuilt from a config)")
+    act = block.mlp.gelu
+    if isinstance(act, QuickGELU):
+        quick, act_kwargs = True, None
+    elif isinstance(act, nn.GELU):
+        quick, act_kwargs = False, ({"approximate": act.approximate} if act.approximate != "none" else None)
+    else:
+        raise NotImplementedError(f"its MLP activation is a {type(act).__name__} (QuickGELU or GELU are rebuilt)")
+    norm = block.ln_1
+    if type(norm).__name__ not in ("LayerNorm", "LayerNormFp32"):
+        raise NotImplementedError(f"its norms are {type(norm).__name__}s (open_clip LayerNorm / LayerNormFp32 are "
+                                  "rebuilt)")
+    width = int(norm.normalized_shape[0])
+    mlp_width = int(block.mlp.c_fc.out_features)
+    heads = int(block.attn.num_heads)
+    return {"common": {"quick_gelu": quick, "norm": type(norm).__name__,
+                       "batch_first": bool(getattr(transformer, "batch_first", True)),
+                       "dtype": str(next(p for p in block.parameters() if p.is_floating_point()).dtype)},
+            "cfg": {"layers": len(blocks), "width": width, "heads": heads, "mlp_ratio": mlp_width / width,
+                    "ls_init_value": 1e-5 if isinstance(block.ls_1, LayerScale) else None,  # gamma comes from the weights
+                    "act_kwargs": act_kwargs, "norm_kwargs": {"eps": norm.eps} if norm.eps != 1e-5 else None}}
+
+
+def visual_config(visual: nn.Module) -> dict:
+    """The open_clip model config of an unquantized ``VisionTransformer`` (``CLIPVisionCfg`` fields + switches)."""
+    from open_clip.transformer import PatchDropout
+
+    if type(visual).__name__ != "VisionTransformer" or getattr(visual, "attn_pool", None) is not None:
+        raise NotImplementedError(f"{type(visual).__name__}" + (" with an attentional pooler" if
+                                                               getattr(visual, "attn_pool", None) is not None else "")
+                                  + " (only open_clip's VisionTransformer without attentional pooling is rebuilt)")
+    tower = _tower_common(visual.transformer)
+    cfg = tower["cfg"]
+    heads = cfg.pop("heads")
+    if cfg["width"] % heads:
+        raise NotImplementedError(f"width {cfg['width']} is not a multiple of its {heads} heads")
+    cfg.update(head_width=cfg["width"] // heads, patch_size=list(visual.patch_size), image_size=list(visual.image_size),
+               patch_dropout=float(visual.patch_dropout.prob) if isinstance(visual.patch_dropout, PatchDropout) else 0.0,
+               no_ln_pre=isinstance(visual.ln_pre, nn.Identity), final_ln_after_pool=bool(visual.final_ln_after_pool),
+               pool_type=str(visual.pool_type), output_tokens=bool(visual.output_tokens))
+    return {**tower["common"], "output_dim": int(visual.output_dim), "cfg": cfg}
+
+
+def text_config(root: nn.Module) -> dict:
+    """The open_clip model config of an unquantized text tower: a ``TextTransformer``, or the text modules
+    of a ``CLIP`` (``root`` is then the CLIP)."""
+    is_clip = hasattr(root, "text_pool_type")
+    tower = _tower_common(root.transformer)
+    cfg = tower["cfg"]
+    proj = root.text_projection
+    if proj is None:
+        proj_type, proj_bias, out = "none", False, None
+    elif isinstance(proj, nn.Linear):
+        proj_type, proj_bias, out = "linear", True, int(proj.out_features)
+    else:
+        proj_type, proj_bias, out = "linear", False, int(proj.shape[1])
+    if is_clip and root.positional_embedding.shape[0] != root.context_length:
+        raise NotImplementedError("its positional embedding has a class-token row, which a CLIP does not keep")
+    if getattr(root, "use_pad_mask", False) or getattr(root, "correct_cls_mask", False):
+        raise NotImplementedError("it uses a padding / class mask (not part of open_clip's CLIPTextCfg)")
+    cfg.update(context_length=int(root.context_length), vocab_size=int(root.vocab_size),
+               embed_cls=getattr(root, "cls_emb", None) is not None, pad_id=int(getattr(root, "pad_id", 0)),
+               eos_id=int(root.text_eos_id if is_clip else root.eos_id), no_causal_mask=root.attn_mask is None,
+               pool_type=str(root.text_pool_type if is_clip else root.pool_type), proj_type=proj_type,
+               proj_bias=proj_bias, output_tokens=bool(getattr(root, "output_tokens", False)))
+    return {**tower["common"], "output_dim": out, "cfg": cfg}
+
+
+def snapshot_config(derive: Any, model: nn.Module) -> dict:
+    """``derive(model)``, or ``{_NOT_SAVABLE: why}`` (the tower still quantizes; saving it says why not)."""
+    try:
+        return derive(model)
+    except (NotImplementedError, AttributeError, TypeError, IndexError, StopIteration, ImportError) as err:
+        return {_NOT_SAVABLE: f"{type(model).__name__}: {err}"}
+
+
+def _checked(config: dict, what: str) -> dict:
+    if _NOT_SAVABLE in config:
+        raise NotImplementedError(f"saving this quantized open_clip {what} is not supported: {config[_NOT_SAVABLE]}; "
+                                  "re-run the quantization instead (calibration takes seconds to minutes)")
+    return config
+
+
+def open_clip_model_config(kind: str, visual: Optional[dict] = None, text: Optional[dict] = None,
+                           root: Optional[nn.Module] = None) -> dict:
+    """The checkpoint's model config: the class, the towers' configs and the CLIP's own switches."""
+    import open_clip
+
+    data: dict = {"library": "open_clip", "open_clip_version": getattr(open_clip, "__version__", "?"), "class": kind}
+    if visual is not None:
+        data["visual"] = _checked(visual, "image tower")
+    if text is not None:
+        data["text"] = _checked(text, "text tower")
+    if root is not None:  # a two-tower model
+        v, t = data["visual"], data["text"]
+        for key in ("quick_gelu", "norm", "dtype"):
+            if v[key] != t[key]:
+                raise NotImplementedError(f"saving this {kind}: its towers differ in {key} ({v[key]} / {t[key]}), "
+                                          "which one open_clip config cannot say")
+        if t["output_dim"] not in (None, v["output_dim"]):
+            raise NotImplementedError(f"saving this {kind}: the towers' embedding widths differ")
+        data.update(embed_dim=v["output_dim"], init_logit_bias=0.0 if getattr(root, "logit_bias", None) is not None
+                    else None, nonscalar_logit_scale=root.logit_scale.ndim > 0)
+    return data
+
+
+def build_open_clip(data: dict) -> nn.Module:
+    """Rebuild the unquantized open_clip model of :func:`open_clip_model_config` (random weights, eval mode),
+    and check that the rebuilt towers give the same config again."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
+
+    kind = data["class"]
+    first = data.get("visual") or data["text"]
+    cast = torch.bfloat16 if first["norm"] == "LayerNormFp32" else None
+
+    def vision_cfg(tower: dict) -> Any:
+        cfg = dict(tower["cfg"])
+        cfg["patch_size"] = tuple(cfg["patch_size"]) if cfg["patch_size"][0] != cfg["patch_size"][1] else \
+            cfg["patch_size"][0]
+        cfg["image_size"] = tuple(cfg["image_size"])
+        return CLIPVisionCfg(**cfg)
+
+    def text_cfg(tower: dict) -> Any:
+        cfg = dict(tower["cfg"])
+        return CLIPTextCfg(**cfg)
+
+    if kind in ("CLIP", "CustomTextCLIP"):
+        model = getattr(open_clip, kind)(
+            embed_dim=data["embed_dim"], vision_cfg=vision_cfg(data["visual"]), text_cfg=text_cfg(data["text"]),
+            quick_gelu=first["quick_gelu"], init_logit_bias=data.get("init_logit_bias"),
+            nonscalar_logit_scale=bool(data.get("nonscalar_logit_scale")), cast_dtype=cast)
+        parts = {"visual": model.visual.transformer,
+                 "text": (model.text if kind == "CustomTextCLIP" else model).transformer}
+    elif kind == "VisionTransformer":
+        model = _build_vision_tower(data["visual"]["output_dim"], vision_cfg(data["visual"]),
+                                    data["visual"]["quick_gelu"], cast)
+        parts = {"visual": model.transformer}
+    elif kind == "TextTransformer":
+        model = _build_text_tower(data["text"]["output_dim"] or 0, text_cfg(data["text"]), data["text"]["quick_gelu"],
+                                  cast)
+        parts = {"text": model.transformer}
+    else:
+        raise ValueError(f"cannot rebuild open_clip model class {kind!r} (CLIP, CustomTextCLIP, VisionTransformer, "
+                         "TextTransformer)")
+    for name, transformer in parts.items():
+        if not data[name]["batch_first"]:  # sequence-first blocks, as open_clip releases before 2.2x ran
+            transformer.batch_first = False
+            for block in transformer.resblocks:
+                block.attn.batch_first = False
+    model = model.to(getattr(torch, first["dtype"].replace("torch.", ""))).eval()
+    again = {"visual": lambda: visual_config(model.visual if kind in ("CLIP", "CustomTextCLIP") else model),
+             "text": lambda: text_config(model.text if kind == "CustomTextCLIP" else model)}
+    for name in parts:
+        if again[name]() != data[name]:
+            raise ValueError(f"the rebuilt open_clip {kind} (open_clip {getattr(open_clip, '__version__', '?')}; saved "
+                             f"with {data.get('open_clip_version')}) differs from the saved one in its {name} tower "
+                             "config; load it with the open_clip version that saved it")
+    return model

@@ -57,6 +57,14 @@ class AttentionSpec:
         causal: causal self-attention.
         inputs: per block, a module whose input is the attention input (default: ``q``).
         rope_note: why there is no RoPE section (non-rotary / unsupported rotary).
+        q_norm, k_norm: per block, the norm applied to the projected queries / keys before RoPE (Qwen3,
+            Gemma-3: over each head's ``head_dim``; OLMo-2: over the whole projection), or ``None``.
+        scaling: the attention logit scale (``None``: ``head_dim ** -0.5``; Gemma: ``query_pre_attn_scalar ** -0.5``).
+        softcap: attention logit soft-capping ``cap * tanh(logit / cap)`` (Gemma-2), or ``None``.
+        windows: per block, the sliding-window length (a key is seen when ``query - key < window``), or ``None``.
+        layer_inv_freq: per block, the RoPE inverse frequencies when they differ between layers (Gemma-3's
+            sliding / full layers); ``inv_freq`` is then ``None`` and the RoPE section is skipped.
+        input_label: what the projections read (``normalized`` after a norm, or the raw residual stream).
     """
 
     q: list
@@ -71,9 +79,41 @@ class AttentionSpec:
     causal: bool = True
     inputs: Optional[list] = None
     rope_note: Optional[str] = None
+    q_norm: Optional[list] = None
+    k_norm: Optional[list] = None
+    scaling: Optional[float] = None
+    softcap: Optional[float] = None
+    windows: Optional[list] = None
+    layer_inv_freq: Optional[list] = None
+    input_label: str = "normalized attention input"
 
     def input_module(self, i: int) -> Any:
         return self.inputs[i] if self.inputs is not None else self.q[i]
+
+    def inv_freq_of(self, i: Optional[int]) -> Optional[torch.Tensor]:
+        """The RoPE inverse frequencies block ``i`` uses (``None``: no rotary embedding)."""
+        if self.layer_inv_freq is not None and i is not None:
+            return self.layer_inv_freq[i]
+        return self.inv_freq
+
+    def project(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[T, H, d]``, keys and values ``[T, KV, d]`` of block ``i`` from its attention input ``x``
+        ``[T, C]``, the queries and keys after the block's q / k norms (the ones the attention uses)."""
+        t, d = x.shape[0], self.head_dim
+        q, k, v = self.q[i](x).float(), self.k[i](x).float(), self.v[i](x).float()
+        q, k = (_norm_heads(norms[i] if norms is not None else None, y, d)
+                for norms, y in ((self.q_norm, q), (self.k_norm, k)))
+        return q.reshape(t, -1, d), k.reshape(t, -1, d), v.reshape(t, -1, d)
+
+
+def _norm_heads(norm: Any, y: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``norm`` over each head (weight of ``head_dim``) or over the whole projection (OLMo-2)."""
+    if norm is None:
+        return y
+    width = getattr(norm, "weight", None)
+    if width is not None and width.shape[-1] == head_dim and y.shape[-1] != head_dim:
+        return norm(y.reshape(*y.shape[:-1], -1, head_dim).to(width.dtype)).float().reshape(y.shape)
+    return norm(y.to(width.dtype) if width is not None else y).float()
 
 
 class RowSlice(nn.Module):

@@ -189,7 +189,7 @@ class VisionAdapter(ModelAdapter):
 
     def config_dict(self) -> dict:
         raise NotImplementedError(
-            f"saving a quantized {type(self.model).__name__} is not supported yet (timm ViTs and transformers "
+            f"saving a quantized {type(self.model).__name__} is not supported yet (timm ViTs, open_clip and transformers "
             "towers are): re-run vtquant.quantize_ (calibration takes seconds) or save the fake-quantized model "
             "with torch.save")
 

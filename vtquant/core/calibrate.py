@@ -52,6 +52,11 @@ class ProbeStatistics:
         known: ``[N]`` bool of adapter-known sinks, or ``None`` when no kinds are configured.
         residual_scores: ``[n_layers, N]`` per-token ``||h - baseline||`` at every block output.
         baselines: ``[n_layers, C]`` per-channel median of each block output (over the first batch).
+        channel_abs: ``[n_layers, C]`` per-channel median of ``|h|`` of each block output (first batch).
+        channel_large_share: ``[n_layers, C]`` share of the first batch's tokens whose ``|h_c|`` exceeds
+            :data:`OUTLIER_CHANNEL_FACTOR` x the typical channel (the median of ``channel_abs``).
+        inputs: ``(layer, position in the layer's call order, Linear name) -> [N]`` per-token peak at every
+            other distinct quantized input (one Linear per group that shares its input).
     """
 
     layers: list
@@ -61,6 +66,20 @@ class ProbeStatistics:
     known: Optional[torch.Tensor]
     residual_scores: Optional[torch.Tensor] = None
     baselines: Optional[torch.Tensor] = None
+    channel_abs: Optional[torch.Tensor] = None
+    channel_large_share: Optional[torch.Tensor] = None
+    inputs: Optional[dict] = None
+
+
+#: a residual channel whose median |h| over the tokens is this many times the typical channel's is an
+#: always-on outlier channel (large on most tokens): an outlier *feature*, reported, never a sink.
+OUTLIER_CHANNEL_FACTOR = 8.0
+#: with the fixed rule, an earlier block output joins as a detection stage when at least this share of
+#: its outliers are the fixed rule's sinks (they are confirmed massive; the relative rule uses 0.5).
+ALPHA_EARLIER_PRECISION = 0.9
+#: the sinks' residual is restored from its template only where their states spread at most this much
+#: around it (mean ||h - t|| / ||t||): a content sink's residual after cancellation carries its context.
+RESTORE_MAX_SPREAD = 0.05
 
 
 @dataclass
@@ -93,31 +112,43 @@ def _probes(adapter: "ModelAdapter", wrapped: Wrapped, ignore: list) -> dict[int
     return probes
 
 
-def _relative_detection(stats: ProbeStatistics, ratios: torch.Tensor, references: torch.Tensor, cfg: SinkConfig,
-                        known_flat: Optional[torch.Tensor], report: "QuantReport") -> Optional[dict]:
-    """The model-relative rule over every probe (docs/method.md: probes where the spike is, thresholds from the model).
+def _outlier_channels(stats: ProbeStatistics, layer: int) -> list:
+    """Always-on outlier channels of block output ``layer``: median |h_c| >= OUTLIER_CHANNEL_FACTOR x typical."""
+    if stats.channel_abs is None:
+        return []
+    chan = stats.channel_abs[layer]
+    typical = float(chan.median().clamp_min(1e-12))
+    idx = (chan >= OUTLIER_CHANNEL_FACTOR * typical).nonzero().flatten().tolist()
+    share = stats.channel_large_share[layer] if stats.channel_large_share is not None else None
+    return [{"channel": c, "median_abs": round(float(chan[c]), 4), "times_typical": round(float(chan[c]) / typical, 1),
+             "tokens_share": None if share is None else round(float(share[c]), 3)} for c in idx]
 
-    Probes, in forward order: each layer's probe-Linear input (token peak / median token peak) and
-    each block output but the last (``||h - mu||`` / its median, ``mu`` the per-channel median).  Per
-    probe, over the content tokens (known sinks left out), the fence :func:`robust_fence`
-    (``fence_k`` robust standard deviations of the log ratios above their median, at least
-    ``min_ratio``); a probe *fires* when some token passes it and at most ``max_share`` of the
-    tokens do.  The main stage (``stage2``) is the firing probe whose largest ratio is furthest
-    above its fence; every earlier firing probe whose outliers are mostly (>= 50 %) sinks of the
-    main stage too becomes an extra stage (``stage1.<site><layer>``): the sink set of an input is the
-    union of all stages.  Every probe's numbers and decision go to ``report.probes``.
+
+def _probe_rows(stats: ProbeStatistics, ratios: torch.Tensor, references: torch.Tensor, cfg: SinkConfig,
+                content: torch.Tensor, with_inputs: bool = False) -> list:
+    """Every probe, in forward order, with its model-relative fence and what lies above it.
+
+    Probes: each layer's probe-Linear input (token peak / median token peak) and each block output
+    but the last (``||h - mu||`` / its median, ``mu`` the per-channel median).  Per probe, over the
+    content tokens (known sinks left out), the fence :func:`robust_fence` (``fence_k`` robust standard
+    deviations of the log ratios above their median, at least ``min_ratio``); a probe *fires* when
+    some token passes it and at most ``max_share`` of the tokens do.  ``with_inputs`` adds every
+    other quantized input (site ``input:<Linear>``, token peak / median token peak).
     """
-    n_tok = ratios.shape[1]
-    content = ~known_flat if known_flat is not None else torch.ones(n_tok, dtype=torch.bool)
     n_content = int(content.sum())
-    if n_content == 0:
-        return None
-    candidates = [(2 * li, "probe", li, ratios[i], float(references[i]), None) for i, li in enumerate(stats.layers)]
+    probe_pos = {li: j for (li, j, name) in (stats.inputs or {}) if name is None}
+    candidates = [((li, probe_pos.get(li, 500)), "probe", li, ratios[i], float(references[i]), None)
+                  for i, li in enumerate(stats.layers)]
     if stats.residual_scores is not None:
         for li in range(stats.residual_scores.shape[0] - 1):  # the last block output feeds no quantized Linear
             sc = stats.residual_scores[li]
             ref = float(sc.median().clamp_min(1e-12))
-            candidates.append((2 * li + 1, "residual", li, sc / ref, ref, stats.baselines[li]))
+            candidates.append(((li, 1000), "residual", li, sc / ref, ref, stats.baselines[li]))
+    if with_inputs:
+        for (li, j, name), peaks in (stats.inputs or {}).items():
+            if name is not None and peaks is not None and peaks.numel() == ratios.shape[1]:
+                ref = float(peaks.median().clamp_min(1e-12))
+                candidates.append(((li, j), f"input:{name}", li, peaks / ref, ref, None))
     candidates.sort(key=lambda c: c[0])
     rows = []
     for order, site, li, r, ref, base in candidates:
@@ -127,52 +158,143 @@ def _relative_detection(stats: ProbeStatistics, ratios: torch.Tensor, references
         above = above_all & content
         count = int(above.sum())
         share = count / n_content
-        top = float(rc.max())
-        fired = count > 0 and share <= cfg.max_share
+        row = {"order": order, "site": site, "layer": li, "ratio": r, "reference": ref, "baseline": base, "fence": tau,
+               "sigma": sigma, "above": above, "above_all": above_all, "count": count, "share": share,
+               "max": float(rc.max()), "fired": count > 0 and share <= cfg.max_share, "sinks": None}
+        if site == "residual":
+            norms = stats.residual_norms[li]
+            row["plain_max"] = float((norms / norms.median().clamp_min(1e-12))[content].max())
+            row["channels"] = _outlier_channels(stats, li)
         if count == 0:
-            decision = "no outlier"
-        elif not fired:
-            decision = (f"{100 * share:.0f} % of the tokens above the fence: a wide tail (outlier feature), "
-                        "not a few sinks")
+            row["decision"] = "no outlier"
+        elif not row["fired"]:
+            row["decision"] = (f"{100 * share:.0f} % of the tokens above the fence: a wide tail (outlier feature), "
+                               "not a few sinks")
         else:
-            decision = "fires"
-        rows.append({"order": order, "site": site, "layer": li, "reference": ref, "baseline": base, "fence": tau,
-                     "sigma": sigma, "above": above, "above_all": above_all, "count": count, "share": share,
-                     "max": top, "fired": fired, "decision": decision})
+            row["decision"] = "fires"
+        rows.append(row)
+    return rows
+
+
+def _why(row: dict, cfg: SinkConfig, rule: str) -> str:
+    """One sentence: why this probe's tokens were or were not called sinks."""
+    what = ("||h - mu|| / its median (mu: per-channel median of the block output)" if row["site"] == "residual"
+            else "token peak / median token peak")
+    fence = f"fence {row['fence']:.3g} (max(min_ratio {cfg.min_ratio:g}, exp(median + {cfg.fence_k:g} sigma)))"
+    if row.get("threshold") is not None:  # a fixed-rule stage: its own threshold, every token counted
+        text = (f"{row['sinks']} tokens with {what} above {row['threshold']:.3g} (largest {row['max_all']:.3g}): "
+                "called sinks")
+    elif row["count"] == 0:
+        text = f"largest {what} {row['max']:.3g} <= {fence}: no token called a sink here"
+    elif not row["fired"]:
+        text = (f"{row['count']} tokens ({100 * row['share']:.1f} %) above {fence}, more than max_share "
+                f"{100 * cfg.max_share:g} %: an outlier feature, not sinks")
+    elif row["decision"].startswith("stage"):
+        text = f"{row['count']} content tokens above {fence} (largest {row['max']:.3g}): called sinks"
+    else:
+        text = f"{row['count']} content tokens above {fence} (largest {row['max']:.3g})"
+    if row["site"] == "residual" and row.get("channels"):
+        chans = ", ".join(f"{c['channel']} ({c['times_typical']:g}x the typical channel"
+                          + (f", large on {100 * c['tokens_share']:.0f} % of tokens" if c["tokens_share"] is not None
+                             else "") + ")" for c in row["channels"])
+        text += (f"; outlier channel(s) {chans}: an always-on feature of most tokens, not sinks (rotation / smoothing "
+                 f"handles it); the per-channel baseline mu removes it from the score (largest plain norm ratio "
+                 f"{row['plain_max']:.3g}, baselined {row['max']:.3g})")
+    return text
+
+
+def _public_probes(rows: list, cfg: SinkConfig, rule: str) -> list:
+    out = []
+    for row in rows:
+        entry = {"site": row["site"], "layer": row["layer"], "rule": rule,
+                 "measure": "baselined residual norm" if row["site"] == "residual" else "peak",
+                 "reference": round(row["reference"], 6), "max_ratio": round(row["max"], 2),
+                 "fence": round(row["fence"], 2), "sigma_log": round(row["sigma"], 3), "outliers": row["count"],
+                 "share": round(row["share"], 4), "decision": row["decision"], "why": _why(row, cfg, rule)}
+        if row["sinks"] is not None:
+            entry["sinks"] = row["sinks"]
+        if row.get("alpha_count") is not None:
+            entry["alpha"] = round(float(row.get("threshold") or cfg.alpha), 2)
+            entry["above_alpha"] = row["alpha_count"]
+        if row["site"] == "residual":
+            entry["max_ratio_without_baseline"] = round(row["plain_max"], 2)
+            entry["outlier_channels"] = row["channels"]
+        out.append(entry)
+    return out
+
+
+def _relative_detection(rows: list, n_tok: int) -> Optional[dict]:
+    """The model-relative rule over the probe rows (docs/method.md: probes where the spike is, thresholds from the model).
+
+    The main stage (``stage2``) is the firing probe whose largest ratio is furthest above its fence;
+    every earlier firing probe whose outliers are mostly (>= 50 %) sinks of the main stage too becomes
+    an extra stage (``stage1.<site><layer>``): the sink set of an input is the union of all stages.
+    Each row's ``decision`` says what was made of it.
+    """
     fired = [row for row in rows if row["fired"]]
     main = max(fired, key=lambda row: row["max"] / row["fence"]) if fired else None
-    stages: dict = {}
-    if main is not None:
-        main["decision"] = "stage2 (main: largest ratio over its fence)"
-        stages["stage2"] = main
-        for row in fired:
-            if row["order"] >= main["order"]:
-                if row is not main:
-                    row["decision"] = "fires, after the main probe (its sinks are already known there)"
-                continue
-            precision = float((row["above"] & main["above"]).sum()) / row["count"]
-            if precision >= 0.5:
-                name = f"stage1.{row['site']}{row['layer']}"
-                row["decision"] = f"{name} ({100 * precision:.0f} % of its outliers are main-stage sinks)"
-                stages[name] = row
-            else:
-                row["decision"] = (f"fires, not used: only {100 * precision:.0f} % of its outliers are sinks at "
-                                   "the main probe (another phenomenon)")
-    report.probes = [{"site": row["site"], "layer": row["layer"], "max_ratio": round(row["max"], 2),
-                      "fence": round(row["fence"], 2), "sigma_log": round(row["sigma"], 3),
-                      "outliers": row["count"], "share": round(row["share"], 4), "decision": row["decision"]}
-                     for row in rows]
     if main is None:
         return None
+    stages: dict = {}
+    main["decision"] = "stage2 (main: largest ratio over its fence)"
+    stages["stage2"] = main
+    for row in fired:
+        if row["order"] >= main["order"]:
+            if row is not main:
+                row["decision"] = "fires, after the main probe (its sinks are already known there)"
+            continue
+        precision = float((row["above"] & main["above"]).sum()) / row["count"]
+        if precision >= 0.5:
+            name = f"stage1.{row['site']}{row['layer']}"
+            row["decision"] = f"{name} ({100 * precision:.0f} % of its outliers are main-stage sinks)"
+            stages[name] = row
+        else:
+            row["decision"] = (f"fires, not used: only {100 * precision:.0f} % of its outliers are sinks at "
+                               "the main probe (another phenomenon)")
     sink_flat = torch.zeros(n_tok, dtype=torch.bool)
     for row in stages.values():
         sink_flat |= row["above_all"]
+        row["sinks"] = int(row["above_all"].sum())
     return {"stages": {n: row["layer"] for n, row in stages.items()},
             "alphas": {n: float(row["fence"]) for n, row in stages.items()},
             "references": {n: float(row["reference"]) for n, row in stages.items()},
             "sites": {n: row["site"] for n, row in stages.items()},
             "baselines": {n: row["baseline"] for n, row in stages.items() if row["site"] == "residual"},
             "sink_flat": sink_flat, "emergence": main["layer"]}
+
+
+def _earlier_stages(rows: list, main_order: tuple, sink_flat: torch.Tensor, content: torch.Tensor,
+                    alpha: float) -> dict:
+    """Fixed rule: block outputs and quantized inputs before the fixed stage where its sinks are already massive.
+
+    A block output or a quantized input joins as a stage (name -> row, threshold ``alpha`` on its
+    ratio: baselined norm / token peak) when
+    some content token's ratio there exceeds ``alpha`` and at least :data:`ALPHA_EARLIER_PRECISION` of
+    those tokens are the fixed stage's sinks.  A spike written by an attention head (or visible in
+    the residual stream before any probe Linear reads it massively) is caught where it is born, not
+    only where a later MLP happens to read it.
+    """
+    stages = {}
+    target = sink_flat & content
+    for row in rows:
+        if row["site"] == "probe" or row["order"] >= main_order:
+            continue
+        massive = (row["ratio"] > alpha) & content
+        count = int(massive.sum())
+        if count == 0:
+            continue
+        precision = float((massive & target).sum()) / count
+        if precision >= ALPHA_EARLIER_PRECISION:
+            name = f"stage1.{row['site'].replace('input:', 'input.')}{row['layer']}"
+            row["decision"] = (f"{name} ({count} tokens above alpha {alpha:g}, {100 * precision:.0f} % of them "
+                               "fixed-rule sinks: the spike is in the stream here already)")
+            row["alpha_count"], row["threshold"], row["max_all"] = count, alpha, float(row["ratio"].max())
+            row["sinks"] = int((row["ratio"] > alpha).sum())
+            stages[name] = row
+        else:
+            row["decision"] = (f"{count} tokens above alpha {alpha:g}, only {100 * precision:.0f} % of them fixed-rule "
+                               "sinks: not used (another phenomenon)")
+    return stages
 
 
 def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAdapter",
@@ -190,8 +312,19 @@ def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAda
     report.probe_max_ratio = [round(float(r), 2) for r in ratios.max(dim=1).values]
     known_kinds = list(cfg.known_sinks)
     known_flat = stats.known if known_kinds else None
+    n_tok = ratios.shape[1]
+    content = ~known_flat if known_flat is not None else torch.ones(n_tok, dtype=torch.bool)
     emergence_idx = (find_emergence_layer(ratios.max(dim=1).values, cfg.alpha)
                      if cfg.detect in ("auto", "alpha") else None)
+    # the fixed rule looks at every quantized input too (a spike an attention head writes is massive at
+    # its o_proj input first); the relative rule at the probe Linears and block outputs
+    rows = (_probe_rows(stats, ratios, references, cfg, content, with_inputs=emergence_idx is not None)
+            if bool(content.any()) else [])
+    probe_row = {row["layer"]: row for row in rows if row["site"] == "probe"}
+    for i, li in enumerate(layers):
+        if li in probe_row:
+            probe_row[li]["alpha_count"] = int((ratios[i] > cfg.alpha).sum())
+            probe_row[li]["max_all"] = float(ratios[i].max())
     sites: dict = {}
     baselines: dict = {}
     if emergence_idx is not None:
@@ -201,10 +334,32 @@ def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAda
         stages = {"stage2": emergence}
         alphas = {"stage2": float(cfg.alpha)}
         refs = {"stage2": float(references[emergence_idx])}
+        main = probe_row.get(emergence)
+        if main is not None:
+            main["decision"] = f"stage2 (fixed rule: the largest probe ratio, above alpha {cfg.alpha:g})"
+            main["sinks"], main["threshold"] = int(sink_flat.sum()), float(cfg.alpha)
+            if cfg.detect == "auto":  # the spike may be in the residual stream before that probe
+                for name, row in _earlier_stages(rows, main["order"], sink_flat, content, cfg.alpha).items():
+                    stages[name], alphas[name], refs[name] = row["layer"], float(cfg.alpha), float(row["reference"])
+                    sites[name] = row["site"]
+                    if row["site"] == "residual":
+                        baselines[name] = row["baseline"]
+                    sink_flat = sink_flat | (row["ratio"] > cfg.alpha)
+                    emergence = min(emergence, row["layer"])  # where the spike is first in the stream
+            for row in rows:
+                if row is main or row["decision"].startswith("stage"):
+                    continue
+                if row.get("alpha_count"):
+                    row["decision"] = (f"{row['alpha_count']} tokens above alpha, not the largest ratio "
+                                       f"(the fixed rule uses layer {layers[emergence_idx]})")
+                elif row["decision"] == "fires":
+                    row["decision"] = ("fires, after the main probe (its sinks are already known there)"
+                                       if row["order"] > main["order"] else
+                                       "fires (relative fence), not used: the fixed rule decides")
     else:
-        found = (_relative_detection(stats, ratios, references, cfg, known_flat, report)
-                 if cfg.detect in ("auto", "relative") else None)
+        found = _relative_detection(rows, n_tok) if (cfg.detect in ("auto", "relative") and rows) else None
         if found is None:
+            report.probes = _public_probes(rows, cfg, "none")
             why = {"alpha": f"no token exceeds alpha={cfg.alpha:g} x the median token peak at any probe",
                    "relative": f"no probe has a few tokens {cfg.fence_k:g} robust standard deviations above its bulk",
                    "auto": f"no token exceeds alpha={cfg.alpha:g} x the median token peak at any probe, and no probe "
@@ -261,6 +416,12 @@ def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAda
             alphas["stage1"] = alpha0
             refs["stage1"] = float(references[idx])
             report.stage1_recall = recall
+            row = probe_row.get(layers[idx])
+            if row is not None:
+                row["decision"] = (f"stage1 (fixed rule: the earliest probe separating the stage-2 sinks, "
+                                   f"{cfg.stage1_margin:g} x the largest other ratio, recall {100 * recall:.0f} %)")
+                row["threshold"], row["sinks"] = alpha0, int((ratios[idx] > alpha0).sum())
+    report.probes = _public_probes(rows, cfg, rule)
     report.emergence_layer, report.cancellation_layer = emergence, cancellation
     report.stages, report.alphas, report.known_sinks = stages, alphas, known_kinds
     return Detection(stages=stages, alphas=alphas, references=refs, num_types=k, known_sinks=known_kinds,
@@ -330,10 +491,11 @@ def install_sink_modules(adapter: "ModelAdapter", wrapped: Wrapped, plan: SinkPl
         det.state = state
         blocks[layer].vtquant_detect = det
         hooks.forward(blocks[layer], _DetectHook(adapter))
-    stage_of_layer = {layer: stage for stage, layer in plan.stages.items() if plan.site(stage) == "probe"}
+    stage_at = {(layer, probe if plan.site(stage) == "probe" else plan.site(stage)[len("input:"):]): stage
+                for stage, layer in plan.stages.items() if plan.site(stage) != "residual"}
     for (li, name), q in wrapped.items():
-        if name == probe and li in stage_of_layer:
-            stage = stage_of_layer[li]
+        if (li, name) in stage_at:
+            stage = stage_at[(li, name)]
             q.detector = SinkDetector(stage, plan.alphas[stage], plan.references[stage]).to(q.device)
             q.detector.state = state
             probe_device[stage] = q.device
@@ -390,6 +552,8 @@ class SinkCalibrator:
         res_norms: dict[int, list] = {li: [] for li in range(len(blocks))}
         res_scores: dict[int, list] = {li: [] for li in range(len(blocks))}
         baselines: dict[int, torch.Tensor] = {}
+        chan_abs: dict[int, torch.Tensor] = {}
+        chan_share: dict[int, torch.Tensor] = {}
         state = SinkState(layout=adapter.token_layout)
         known_masks: list = []
 
@@ -400,12 +564,32 @@ class SinkCalibrator:
             res_norms[li].append(rows.norm(dim=-1).view(*shape).cpu())
             if li not in baselines:  # per-channel median of the first batch: the channel baseline
                 baselines[li] = rows.median(dim=0).values
+                absolute = rows.abs()
+                chan_abs[li] = absolute.median(dim=0).values
+                typical = chan_abs[li].median().clamp_min(1e-12)
+                chan_share[li] = (absolute > OUTLIER_CHANNEL_FACTOR * typical).float().mean(dim=0)
             res_scores[li].append(residual_scores(rows, baselines[li]).view(*shape).cpu())
+
+        # every other distinct quantized input, in call order (one Linear per shared-input group)
+        probe = adapter.probe_name()
+        input_peaks: dict[tuple, list] = {}
+        position: dict[int, int] = {}
+        for (li, name), q in self.wrapped.items():
+            group = next((g for g in adapter.input_groups(blocks[li]) if name in g), [name])
+            if name != group[0] and group[0] in {n for (l2, n) in self.wrapped if l2 == li}:
+                continue  # reads the same tensor as its group's first Linear
+            j = position[li] = position.get(li, -1) + 1
+            input_peaks[(li, j, None if name == probe else name)] = []
+        input_mods = {key: self.wrapped[(key[0], key[2] or probe)] for key in input_peaks}
 
         with HookManager() as tmp:
             for li, q in self.probes.items():
                 tmp.pre_forward(q, lambda m, inp, li=li: peaks[li].append(
                     token_peaks(state.rows(inp[0])).view(*state.batch_tokens(inp[0])).float().cpu()))
+            for key, q in input_mods.items():
+                if key[2] is not None:
+                    tmp.pre_forward(q, lambda m, inp, key=key: input_peaks[key].append(
+                        token_peaks(state.rows(inp[0])).float().cpu()))
             for li, block in enumerate(blocks):
                 tmp.forward(block, lambda m, inp, out, li=li: on_block(li, out))
             adapter.install_known_sinks(state, list(self.cfg.known_sinks), tmp)
@@ -427,7 +611,10 @@ class SinkCalibrator:
             known=known,
             residual_scores=torch.stack([torch.cat([r.flatten() for r in res_scores[li]])
                                          for li in range(len(blocks))]),
-            baselines=torch.stack([baselines[li].cpu() for li in range(len(blocks))]))
+            baselines=torch.stack([baselines[li].cpu() for li in range(len(blocks))]),
+            channel_abs=torch.stack([chan_abs[li].cpu() for li in range(len(blocks))]),
+            channel_large_share=torch.stack([chan_share[li].cpu() for li in range(len(blocks))]),
+            inputs={key: (torch.cat(v) if v else None) for key, v in input_peaks.items()})
 
     # ---- the whole calibration ---------------------------------------------------------------
     def calibrate(self) -> tuple[Optional[SinkPlan], Optional[SinkState]]:
@@ -548,7 +735,8 @@ class SinkCalibrator:
                 state.det_templates[stage] = det if device is None else det.to(device)
         if restore_layer is not None:
             self._fit_restore(blocks[restore_layer].vtquant_restore, res_records, k, protected, restore_layer)
-            report.restore_layer = restore_layer
+            if bool(blocks[restore_layer].vtquant_restore.restore_type.any()):  # else the note says why not
+                report.restore_layer = restore_layer
         return dataclasses.replace(plan, guard_modes=modes,
                                    det_templates={s: v.tolist() for s, v in state.det_templates.items()})
 
@@ -561,12 +749,16 @@ class SinkCalibrator:
         t = torch.cat([r[2][r[1]] for r in rows]).clamp_min(0)
         for i in range(k):
             if bool((t == i).any()):
-                mean, cos, _ = template_statistics(h[t == i])
+                mean, cos, spread = template_statistics(h[t == i])
+                self.report.restore_spread[i] = round(spread, 4)
                 restore.template[i] = mean.to(restore.template)
-                # restore only residual states that are (nearly) constant across inputs
-                restore.restore_type[i] = cos >= self.cfg.template_min_cosine and i not in protected
+                # restore only residual states that are (nearly) constant across inputs: the template replaces
+                # the whole state for every later layer, so its spread is the error it brings
+                restore.restore_type[i] = (cos >= self.cfg.template_min_cosine and spread <= RESTORE_MAX_SPREAD
+                                           and i not in protected)
             else:
                 restore.restore_type[i] = False
         if not bool(restore.restore_type.any()):
-            self.report.notes.append(f"sink residual after layer {layer} is not constant across inputs: "
-                                     "not restored")
+            spreads = ", ".join(f"{v:.3g}" for v in self.report.restore_spread.values())
+            self.report.notes.append(f"sink residual after layer {layer} is not constant across inputs (relative "
+                                     f"spread {spreads} > {RESTORE_MAX_SPREAD:g}): not restored")

@@ -75,6 +75,7 @@ class QuantReport:
     layer_template_cosine: dict = field(default_factory=dict)
     layer_template_spread: dict = field(default_factory=dict)
     restore_layer: Optional[int] = None
+    restore_spread: dict = field(default_factory=dict)
     type_names: list = field(default_factory=list)
     protected_types: list = field(default_factory=list)
     structure_recall: Optional[float] = None
@@ -100,13 +101,61 @@ class QuantReport:
             lines.append("guard modes by layer: " + "; ".join(f"{m}: {_ranges(v)}" for m, v in modes.items()))
             if self.restore_layer is not None:
                 lines.append(f"residual restored after layer {self.restore_layer}")
-            used = [p for p in self.probes if p["decision"].startswith("stage")]
-            if used:
-                lines.append("detection probes (model-relative): " + "; ".join(
-                    f"{p['site']} {p['layer']}: max {p['max_ratio']:g} > fence {p['fence']:g}, "
-                    f"{p['outliers']} tokens ({p['decision'].split(' ')[0]})" for p in used))
+        lines += self.detection_lines()
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+    def detection_lines(self) -> list[str]:
+        """What each probe showed, compactly: the stages and why, outlier channels, where nothing was found."""
+        if not self.probes:
+            return []
+        lines = []
+        for p in self.probes:
+            if p["decision"].startswith("stage"):
+                lines.append(f"detection {p['decision'].split(' ')[0]} at {_site(p)}: {p['why']}")
+        channels: dict = {}
+        for p in self.probes:
+            for c in p.get("outlier_channels") or []:
+                entry = channels.setdefault(c["channel"], {"layers": [], "times": [], "share": []})
+                entry["layers"].append(p["layer"])
+                entry["times"].append(c["times_typical"])
+                if c.get("tokens_share") is not None:
+                    entry["share"].append(c["tokens_share"])
+        for ch, e in channels.items():
+            share = f", large on {100 * min(e['share']):.0f}-{100 * max(e['share']):.0f} % of tokens" if e["share"] else ""
+            lines.append(f"outlier channel {ch} at block outputs {_ranges(e['layers'])} ({min(e['times']):g}-"
+                         f"{max(e['times']):g}x the typical channel{share}): an always-on feature, not sinks (the "
+                         "per-channel baseline takes it out of the sink score; rotation / smoothing handles it)")
+        quiet = [p for p in self.probes if p["decision"] == "no outlier"]
+        if quiet:
+            worst = max(quiet, key=lambda p: p["max_ratio"] / p["fence"])
+            by_site: dict = {}
+            for p in quiet:
+                by_site.setdefault(p["site"], []).append(p["layer"])
+            lines.append("no sink at " + "; ".join(f"{site} {_ranges(v)}" for site, v in by_site.items())
+                         + f" (closest: {_site(worst)}, largest ratio {worst['max_ratio']:g} <= fence {worst['fence']:g})")
+        other = [p for p in self.probes if not p["decision"].startswith("stage") and p["decision"] != "no outlier"]
+        for p in other:
+            lines.append(f"{_site(p)}: {p['decision']}")
+        return lines
+
+    def detection_table(self) -> str:
+        """Every probe, one line each: site, layer, reference, largest ratio vs threshold, decision and why."""
+        rows = [f"{'site':<28} {'layer':>5} {'reference':>10} {'max ratio':>10} {'fence':>7} {'alpha':>6}  decision / why"]
+        for p in self.probes:
+            alpha = f"{p['alpha']:g}" if "alpha" in p else "-"
+            rows.append(f"{p['site']:<28} {p['layer']:>5} {p['reference']:>10.4g} {p['max_ratio']:>10.4g} "
+                        f"{p['fence']:>7.3g} {alpha:>6}  {p['decision']}: {p['why']}")
+        return "\n".join(rows)
+
+
+def _site(p: dict) -> str:
+    if p["site"] == "probe":
+        return f"probe-Linear input {p['layer']}"
+    if p["site"] == "residual":
+        return f"block output {p['layer']}"
+    return f"{p['site'][len('input:'):]} input {p['layer']}"
 
 
 def _ranges(values: list[int]) -> str:

@@ -49,7 +49,8 @@ class SinkPlan:
         det_templates: stage name -> ``[K][C]`` detection templates (least-squares type assignment).
         inserts_templates: templates are inserted (insertquant) rather than full-precision rows only (prefix).
         sites: stage name -> where its detector reads: ``probe`` (the probe Linear's input, the default
-            for stages not listed) or ``residual`` (the block output, :class:`~vtquant.core.sinks.ResidualDetector`).
+            for stages not listed), ``residual`` (the block output, :class:`~vtquant.core.sinks.ResidualDetector`)
+            or ``input:<Linear name>`` (the input of another quantized Linear of that layer).
         rule: how the thresholds were chosen: ``alpha`` (fixed ratio) or ``relative`` (model-relative fences).
     """
 
@@ -72,9 +73,11 @@ class SinkPlan:
     rule: str = "alpha"
 
     def __post_init__(self) -> None:
-        bad_sites = {k: v for k, v in self.sites.items() if k not in self.stages or v not in ("probe", "residual")}
+        bad_sites = {k: v for k, v in self.sites.items() if k not in self.stages
+                     or not (v in ("probe", "residual") or (isinstance(v, str) and v.startswith("input:")))}
         if bad_sites:
-            raise ConfigError(f"sink plan: sites {bad_sites} must name stages and be 'probe' or 'residual'")
+            raise ConfigError(f"sink plan: sites {bad_sites} must name stages and be 'probe', 'residual' or "
+                              "'input:<Linear name>'")
         bad = {name: mode for name, mode in self.guard_modes.items() if mode not in GUARD_MODES}
         if bad:
             raise ConfigError(f"sink plan: unknown guard modes {bad}; valid: {list(GUARD_MODES)}")

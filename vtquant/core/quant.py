@@ -70,6 +70,30 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor,
     return (codes.view(out_f, groups, in_f // groups).float() * scale.unsqueeze(-1)).view(out_f, in_f)
 
 
+def ct_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int,
+               symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' ``calculate_qparams`` for int grids: ``(scale, zero point)`` from a range.
+
+    The range is widened to hold 0; symmetric: ``scale = max(|lo|, |hi|) / ((qmax - qmin) / 2)``, zero 0;
+    asymmetric: ``scale = (hi - lo) / (qmax - qmin)``, zero ``round(clamp(qmin - lo / scale, qmin, qmax))``
+    (int8 there, held as float here); a zero scale becomes the dtype's eps.  Computed in ``lo``'s dtype.
+    """
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    span = torch.tensor(float(qmax - qmin), dtype=lo.dtype, device=lo.device)
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / (span / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / span
+        zero = torch.round(torch.clamp(qmin - lo / scale, qmin, qmax))
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype,
+                                                 device=scale.device), scale)
+    if not symmetric:  # a zero range: compressed-tensors divided by 0 above (nan -> clamp), then round
+        zero = torch.nan_to_num(zero, nan=0.0)
+    return scale, zero
+
+
 class ActQuantizer(nn.Module):
     """Activation fake-quantizer with a MinMax observer.
 
@@ -83,6 +107,7 @@ class ActQuantizer(nn.Module):
         self.static = args.static
         self.symmetric = args.symmetric
         self.clip_ratio = float(args.clip_ratio)
+        self.numerics = getattr(args, "numerics", "vtquant")
         self.mode = "quant" if not self.static else "observe"
         self.register_buffer("observed_min", torch.tensor(float("inf")))
         self.register_buffer("observed_max", torch.tensor(float("-inf")))
@@ -93,12 +118,18 @@ class ActQuantizer(nn.Module):
         kind = "static" if self.static else "dynamic"
         sym = "sym" if self.symmetric else "asym"
         text = f"bits={self.bits}, {self.granularity}, {kind}, {sym}, mode={self.mode}"
+        if self.numerics != "vtquant":
+            text += f", numerics={self.numerics}"
         if self.static:
             text += f", scale={float(self.scale):.4g}"
         return text
 
     @property
     def qrange(self) -> tuple[int, int]:
+        """The integer grid: ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` symmetric / ``[0, 2^b - 1]`` asymmetric, or
+        compressed-tensors' ``[-2^(b-1), 2^(b-1) - 1]`` for both (``numerics: compressed-tensors``)."""
+        if self.numerics == "compressed-tensors":
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         if self.symmetric:
             return -(2 ** (self.bits - 1)) + 1, 2 ** (self.bits - 1) - 1
         return 0, 2 ** self.bits - 1
@@ -120,7 +151,11 @@ class ActQuantizer(nn.Module):
             raise RuntimeError("activation observer saw no data; run calibration before finalize()")
         lo, hi = self.observed_min * self.clip_ratio, self.observed_max * self.clip_ratio
         qmin, qmax = self.qrange
-        if self.symmetric:
+        if self.numerics == "compressed-tensors":
+            scale, zero = ct_qparams(lo, hi, qmin, qmax, self.symmetric)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero)
+        elif self.symmetric:
             self.scale.copy_(torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8) / qmax)
             self.zero_point.zero_()
         else:
@@ -131,6 +166,8 @@ class ActQuantizer(nn.Module):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.qrange
+        if self.numerics == "compressed-tensors":
+            return self._fake_quant_ct(x, qmin, qmax)
         if self.static:
             scale, zero = self.scale.to(x.dtype), self.zero_point.to(x.dtype)
         else:  # per-token dynamic
@@ -143,6 +180,17 @@ class ActQuantizer(nn.Module):
                 scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
                 zero = torch.round(qmin - lo / scale)
         q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+        return (q - zero) * scale
+
+    def _fake_quant_ct(self, x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        """compressed-tensors' quantize-dequantize (``_quantize_dequantize``), op for op."""
+        if self.static:
+            scale, zero = self.scale.to(x.dtype), self.zero_point.to(x.dtype)
+        else:  # per token: compressed-tensors reduces over every dim but the first two ([B, T, C] -> per token)
+            scale, zero = ct_qparams(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True), qmin, qmax,
+                                     self.symmetric)
+        scaled = x / scale + zero
+        q = torch.round(torch.clamp(scaled, qmin, qmax))
         return (q - zero) * scale
 
 

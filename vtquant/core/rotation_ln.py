@@ -173,6 +173,7 @@ class LNRotationSpec:
     start_norms: list = field(default_factory=list)
     end: Optional[tuple] = None
     final_norm_readers: Optional[tuple] = None  # the interface smoothing shares with RotationSpec
+    layout: str = "pre-LayerNorm tower"  # named in error hints (smoothing, rotation), as RotationSpec.layout
 
     @staticmethod
     def norm_scale(norm: nn.Module) -> torch.Tensor:

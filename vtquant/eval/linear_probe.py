@@ -52,6 +52,9 @@ class ProbeModel:
     act_granularity: Optional[str] = None
     static: Optional[bool] = None
     extra: dict = dataclasses.field(default_factory=dict)
+    build: Optional[Callable[["ProbeModel"], FeatureFn]] = None
+    """Built just before its features are extracted (a quantized copy made then, freed after: one copy
+    in memory at a time); returns the feature function and may add to ``extra`` (the calibration)."""
 
 
 def gray_pixels(size: int, mean: Sequence[float], std: Sequence[float], *, interpolation: str = "bicubic") -> PixelFn:
@@ -218,10 +221,14 @@ def evaluate_linear_probe(models: Sequence[ProbeModel], train_images: np.ndarray
     rows, probe = [], None
     for model in models:
         t0 = time.time()
-        ftr = extract_features(model, train_images, batch_size=batch_size, device=device, quiet=quiet,
+        built = model
+        if model.build is not None:
+            built = dataclasses.replace(model, features=model.build(model), build=None)
+        ftr = extract_features(built, train_images, batch_size=batch_size, device=device, quiet=quiet,
                                desc=f"{model.method} train")
-        fte = extract_features(model, test_images, batch_size=batch_size, device=device, quiet=quiet,
+        fte = extract_features(built, test_images, batch_size=batch_size, device=device, quiet=quiet,
                                desc=f"{model.method} test")
+        del built  # a built (quantized) copy is freed before the next one is made
         extra = dict(common, feature_dim=int(ftr.shape[1]), **model.extra)
         if probe is None:
             tp = time.time()
@@ -291,13 +298,54 @@ def _load_encoder(spec: str, library: str, pretrained: bool, device: str, quiet:
                     pil_pixels(vm.preprocess), vm.name)
 
 
+def probe_recipes(model: str, library: str, recipe: Optional[Any], methods: Optional[Sequence[str]],
+                  w_bits: int = 8, a_bits: int = 8) -> list:
+    """The quantized recipes a probe run scores: ``recipe`` as written when no ``methods`` are given; else
+    each of ``methods`` derived from ``recipe`` (default: the shipped CLIP recipe of ``library`` for the
+    CLIP asset, :func:`vtquant.vision.default_vision_recipe` otherwise) at ``w_bits`` / ``a_bits``.
+    ``fp`` in ``methods`` is the reference, always scored first, and not repeated."""
+    from ..config import METHOD_NAMES, ConfigError, method_recipe
+
+    if isinstance(recipe, (str, bytes)) or hasattr(recipe, "__fspath__"):
+        from ..recipe import load_recipe
+
+        recipe = load_recipe(recipe)
+    if not methods:
+        return [recipe] if recipe is not None else []
+    bad = [m for m in methods if m not in METHOD_NAMES]
+    if bad:
+        raise ConfigError(f"--methods: unknown {bad}; choose from {list(METHOD_NAMES)}")
+    if recipe is None:
+        if model == CLIP_ASSET_SPEC:
+            from .vision_compare import clip_recipe
+
+            recipe = clip_recipe(library)
+        else:
+            from ..vision import default_vision_recipe
+
+            recipe = default_vision_recipe()
+    names = list(dict.fromkeys(m for m in methods if m != "fp"))
+    return [method_recipe(m, recipe, w_bits=w_bits, a_bits=a_bits) for m in names]
+
+
+def set_tf32(device: str, allow: bool = False) -> Optional[bool]:
+    """On a CUDA device: allow / forbid TF32 matmuls and convolutions (fp32 features need it off); returns
+    the setting (``None`` off-GPU)."""
+    if not str(device).startswith("cuda"):
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    return allow
+
+
 def run_fashion_mnist_probe(model: str = CLIP_ASSET_SPEC, *, library: str = "hf", pretrained: bool = True,
                             data_dir: Optional[str] = None, train_size: Optional[int] = 10000,
                             test_size: Optional[int] = 2000, seed: int = 0, k: int = 20,
-                            recipe: Optional[Any] = None, batch_size: int = 64, device: str = "cpu",
-                            weight_decay: float = 1e-3, quiet: bool = False,
+                            recipe: Optional[Any] = None, methods: Optional[Sequence[str]] = None,
+                            w_bits: int = 8, a_bits: int = 8, batch_size: int = 64, device: str = "cpu",
+                            tf32: bool = False, weight_decay: float = 1e-3, quiet: bool = False,
                             log: Callable[[str], None] = print) -> tuple[list[Row], dict]:
-    """Fashion-MNIST linear-probe and k-NN top-1 of an image encoder, FP and (with ``recipe``) quantized.
+    """Fashion-MNIST linear-probe and k-NN top-1 of an image encoder, FP and quantized copies.
 
     Args:
         model: ``asset:clip-vit-b16-openai`` (the real CLIP ViT-B/16), ``timm:NAME``,
@@ -311,7 +359,12 @@ def run_fashion_mnist_probe(model: str = CLIP_ASSET_SPEC, *, library: str = "hf"
         recipe: a :class:`~vtquant.config.Recipe` or a YAML path: its image tower is quantized on a
             copy, calibrated on ``calibration.num_samples`` training images outside the probe's
             subset, and evaluated with the FP probe.
-        batch_size, device: feature extraction.
+        methods: score each of these methods instead (:func:`probe_recipes`: derived from ``recipe``
+            or the default recipe, at ``w_bits`` / ``a_bits``); each one a fresh copy of the FP tower,
+            all calibrated on the same images, made just before its features and freed after.
+        batch_size, device: feature extraction; calibration and fake quantization run where the
+            model is (``device``), in float32.
+        tf32: on CUDA, allow TF32 (default off: fp32 matmuls, as the FP reference numbers).
         weight_decay: the probe's L2 penalty.
 
     Returns:
@@ -321,10 +374,8 @@ def run_fashion_mnist_probe(model: str = CLIP_ASSET_SPEC, *, library: str = "hf"
 
     from .fashion_mnist import load_fashion_mnist, sample, subset_indices
 
-    if isinstance(recipe, (str, bytes)) or hasattr(recipe, "__fspath__"):
-        from ..recipe import load_recipe
-
-        recipe = load_recipe(recipe)
+    recipes = probe_recipes(model, library, recipe, methods, w_bits, a_bits)  # bad names fail before any load
+    tf32_state = set_tf32(device, tf32)
     train_all, ytrain_all = load_fashion_mnist("train", root=data_dir, quiet=quiet)
     test_all, ytest_all = load_fashion_mnist("test", root=data_dir, quiet=quiet)
     x_train, y_train = sample(train_all, ytrain_all, train_size, seed)
@@ -341,38 +392,61 @@ def run_fashion_mnist_probe(model: str = CLIP_ASSET_SPEC, *, library: str = "hf"
     models = [probe_model("fp", enc.model)]
     meta: dict = {"model": enc.name, "dataset": "fashion-mnist", "train_images": len(x_train),
                   "test_images": len(x_test), "seed": seed, "k": k, "device": device,
+                  "dtype": str(next(enc.model.parameters()).dtype).replace("torch.", ""),
                   "protocol": "probe: multinomial logistic regression (L-BFGS, L2 "
                               f"{weight_decay:g}) on L2-normalized, standardized FP train features, applied to each "
                               f"model's test features; k-NN: cosine, k={k}, one vote each, each model's own train "
                               "features; images: 28x28 gray upscaled to the model's size, 3 channels, its normalization"}
-    if recipe is not None:
+    if tf32_state is not None:
+        meta["tf32"] = tf32_state
+    if recipes:
         from ..adapters import get_adapter
         from ..api import quantize_
         from ..vision import tower_recipe
 
-        cal = recipe.calibration
+        cal = recipes[0].calibration
         in_subset = set(subset_indices(len(train_all), train_size, seed).tolist())
         pool = np.array([i for i in np.random.default_rng(seed + 1).permutation(len(train_all)) if i not in in_subset])
         calib_idx = pool[: cal.num_samples]
         calib = [enc.pixels(train_all[calib_idx[s:s + cal.batch_size]]).to(device)
                  for s in range(0, len(calib_idx), cal.batch_size)]
-        qmodel = copy.deepcopy(enc.model)
-        qtower = qmodel if enc.tower is enc.model else _same_submodule(enc.model, enc.tower, qmodel)
-        adapter = get_adapter(qtower)
-        t0 = time.time()
-        report = quantize_(qtower, tower_recipe(recipe, adapter), calib, adapter=adapter, quiet=quiet)
-        log(f"quantized with {recipe.display_method} on {len(calib_idx)} training images outside the probe subset "
-            f"({time.time() - t0:.0f} s)")
-        act = recipe.activations
-        models.append(probe_model(recipe.display_method, qmodel,
-                                  w_bits=recipe.weights.bits if recipe.weights else None,
-                                  a_bits=act.bits if act else None, act_granularity=act.granularity if act else None,
-                                  static=act.static if act else None, extra={"recipe": recipe.name}))
-        meta["calibration"] = f"{len(calib_idx)} Fashion-MNIST training images outside the probe subset"
-        meta["reports"] = {recipe.display_method: report.to_dict()}
+        meta["calibration"] = (f"{len(calib_idx)} Fashion-MNIST training images outside the probe subset (the same "
+                               "for every method)")
+        meta["calibration_indices"] = [int(i) for i in calib_idx]
+        meta["reports"] = {}
+
+        def quantized_features(rec: Any) -> Callable[[ProbeModel], FeatureFn]:
+            def build(pm: ProbeModel) -> FeatureFn:
+                qmodel = copy.deepcopy(enc.model)
+                qtower = qmodel if enc.tower is enc.model else _same_submodule(enc.model, enc.tower, qmodel)
+                adapter = get_adapter(qtower)
+                t0 = time.time()
+                report = quantize_(qtower, tower_recipe(rec, adapter), calib, adapter=adapter, quiet=quiet)
+                seconds = time.time() - t0
+                log(f"quantized {rec.display_method} W{rec.weights.bits if rec.weights else 'fp'}"
+                    f"A{rec.activations.bits if rec.activations else 'fp'} on {len(calib_idx)} training images "
+                    f"outside the probe subset ({seconds:.0f} s)")
+                pm.extra["calib_seconds"] = round(seconds, 1)
+                meta["reports"][rec.display_method] = report.to_dict()
+                return lambda x: enc.features(qmodel, x)
+
+            return build
+
+        for rec in recipes:
+            act = rec.activations
+            models.append(ProbeModel(method=rec.display_method, features=_unbuilt, pixels=enc.pixels,
+                                     w_bits=rec.weights.bits if rec.weights else None,
+                                     a_bits=act.bits if act else None,
+                                     act_granularity=act.granularity if act else None,
+                                     static=act.static if act else None, extra={"recipe": rec.name},
+                                     build=quantized_features(rec)))
     rows = evaluate_linear_probe(models, x_train, y_train, x_test, y_test, model_name=enc.name, k=k,
                                  weight_decay=weight_decay, batch_size=batch_size, device=device, quiet=quiet, log=log)
     return rows, meta
+
+
+def _unbuilt(x: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("a quantized ProbeModel is built by evaluate_linear_probe before use")
 
 
 def _same_submodule(root: Any, sub: Any, other_root: Any) -> Any:

@@ -231,6 +231,10 @@ class RealQuantLinear(nn.Module):
             raise UnsupportedConversionError(
                 f"{fake.name}: real kernels run W8 per-channel weights; this layer has {fake.w_bits}-bit "
                 f"{fake.w_granularity} (keep it fake-quant or re-quantize with weights.bits: 8)")
+        if act is not None and getattr(act, "numerics", "vtquant") != "vtquant":
+            raise UnsupportedConversionError(
+                f"{fake.name}: real kernels run vtquant's int8 grid [-127, 127]; this layer uses {act.numerics} "
+                "numerics (made for that export): evaluate it in fake quantization or re-quantize without it")
         if act is None or not act.static or act.granularity != "per-tensor" or not act.symmetric or act.bits != 8:
             raise UnsupportedConversionError(
                 f"{fake.name}: real kernels run symmetric per-tensor static 8-bit activations "
