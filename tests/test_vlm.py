@@ -125,7 +125,7 @@ def test_clamp_and_insert_quant_off_matches_fp(family):
     report = vtquant.quantize_vlm_(model, _recipe(weights=None, activations=None), _calib(family), quiet=True)
     for name in ("vision", "language"):
         assert report.towers[name].equivalence["sinks"]["ok"] is not None  # the pipeline's own check ran
-        assert report.towers[name].restore_layer is not None
+        assert "template" in report.towers[name].layer_modes.values()  # templates inserted somewhere
     test = _test_batch(family, 60)
     assert _rel(_logits(fp, test), _logits(model, test)) < 3e-2
 
