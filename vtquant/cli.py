@@ -372,8 +372,8 @@ def _eval_vlm(args: argparse.Namespace) -> int:
         methods = [m.strip() for m in (args.methods or VLM_METHODS).split(",") if m.strip()]
         if "recipe" in methods and base is None:
             raise ConfigError("--methods recipe: the recipe as written needs --recipe R")
-        settings = [(f"recipe {base.name}", base) if m == "recipe" else vlm_method_recipe(m, base or Recipe(), w_bits=args.w_bits,
-                                                                 a_bits=args.a_bits) for m in methods]
+        settings = [(f"recipe {base.name}", base) if m == "recipe" else
+                    vlm_method_recipe(m, base or Recipe(), w_bits=args.w_bits, a_bits=args.a_bits) for m in methods]
     threads = set_threads(args.threads)
     start = time.time()
     log(f"loading {model_spec} ({threads} threads) ...")
