@@ -164,16 +164,20 @@ def test_idefics3_rotation_in_both_towers():
 
 def test_llava_language_rotation_folds_into_projector_and_rollback():
     """The language model's residual rotation folds into the decoder, lm_head and the projector's output
-    Linear (checked for equivalence on the VLM's logits); a vision rotation, which LLaVA's layer -2
-    features cannot take, is refused with a clear error and leaves the whole model as it was."""
+    Linear (checked for equivalence on the VLM's logits); the vision tower's LayerNorm rotation, whose layer -2
+    hidden states stay rotated, folds into the projector's first Linear (exact: equivalence on the logits);
+    a projector that cannot take it (features of two layers side by side, a Linear one layer wide) is refused
+    with a clear error and leaves the whole model as it was."""
     fp = _llava()
     model = copy.deepcopy(fp)
     rec = _recipe()
     rec.towers = {"language": method_recipe("insertquant+rotate", rec),
-                  "vision": method_recipe("insertquant", rec)}
+                  "vision": method_recipe("insertquant+rotate", rec)}
     report = vtquant.quantize_vlm_(model, rec, _calib(), quiet=True)
-    eq = report.towers["language"].equivalence["rotation"]
-    assert eq["ok"] and eq["residual_folded"]
+    for name in ("language", "vision"):
+        eq = report.towers[name].equivalence["rotation"]
+        assert eq["ok"] and eq["residual_folded"], name
+    assert report.towers["vision"].equivalence["rotation"]["output_error"] < 1e-4
     test = _test_batch("llava", 62)
     assert _rel(_logits(fp, test), _logits(model, test)) < 0.05
 
@@ -182,14 +186,16 @@ def test_llava_language_rotation_folds_into_projector_and_rollback():
     assert all(report.towers[t].equivalence["smoothquant"]["ok"] for t in ("vision", "language"))
 
     model = copy.deepcopy(fp)
+    model.config.vision_feature_layer = [-2, -3]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bad = _recipe()
     bad.towers = {"vision": method_recipe("insertquant+rotate", bad)}
-    with pytest.raises(ConfigError, match="hidden states of layer -2.*rotation.residual: false"):
+    with pytest.raises(ConfigError, match="hidden states of layer \\[-2, -3\\]"):
         vtquant.quantize_vlm_(model, bad, _calib(), quiet=True)
-    assert getattr(model, "vtquant", None) is None
+    assert getattr(model, "vtquant", None) is None and model.config.vision_feature_layer == [-2, -3]
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    model.config.vision_feature_layer = -2
     assert _rel(_logits(fp, test), _logits(model, test)) == 0.0
 
 

@@ -205,7 +205,7 @@ def test_evaluate_vlm_counts_implanted_sinks_per_tower():
     from vtquant.eval.vlm import VLMData, evaluate_vlm, vlm_method_recipe
 
     model = vl.tiny_llava()
-    calib = _pairs_from([vl.llava_batch(vm.random_painted(4, s), seed=s) for s in range(3)])
+    calib = _pairs_from([vl.llava_batch(vm.random_painted(4, s), seed=s) for s in range(2)])
     painted = vm.random_painted(4, 60, max_per_image=3)
     held = _pairs_from([vl.llava_batch(painted, seed=60)])
     base = Recipe(sinks=SinkConfig(known_sinks=["cls", "first_token"]), ignore=[])
@@ -226,3 +226,19 @@ def test_evaluate_vlm_counts_implanted_sinks_per_tower():
     rows = [r for r in res.rows if r.method == "insertquant"]
     assert {r.metric for r in rows} == {"next_token_agreement", "logit_rel_error", "greedy_agreement", "greedy_exact"}
     assert rows[0].extra["tower_methods"]["vision"] == "insertquant"
+
+
+def test_cli_vlm_bad_inputs(capsys):
+    """One-line errors before any model load: --out for a VLM (saving is not supported), a non-VLM model for
+    eval vlm, --methods recipe without --recipe."""
+    from vtquant.cli import main
+
+    rc = main(["quantize", "--model", "asset:clip-smollm2-llava", "--recipe", "recipes/hf/clip-smollm2-llava.yaml",
+               "--out", "somewhere"])
+    assert rc == 2 and "saving a quantized vision-language model is not supported" in capsys.readouterr().err
+    rc = main(["eval", "vlm", "--model", "timm:vit_small_patch16_224"])
+    assert rc == 2 and "needs asset:clip-smollm2-llava" in capsys.readouterr().err
+    rc = main(["eval", "vlm", "--methods", "fp,recipe"])
+    assert rc == 2 and "--recipe" in capsys.readouterr().err
+    rc = main(["quantize", "--recipe", "recipes/hf/smollm2-135m.yaml"])
+    assert rc == 2 and "--out" in capsys.readouterr().err

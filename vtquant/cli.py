@@ -468,12 +468,15 @@ def _eval_vlm(args: argparse.Namespace) -> int:
         raise ConfigError(f"--new-tokens {args.new_tokens}: give 0 (no generation) or more")
     base = load_recipe(args.recipe) if args.recipe else None  # a bad recipe fails before the model load
     if base is not None and args.methods is None:
-        settings = [None, base]  # the recipe as written
+        settings = [None, (f"recipe {base.name}", base)]  # the recipe as written
     else:
         from .config import Recipe
 
         methods = [m.strip() for m in (args.methods or VLM_METHODS).split(",") if m.strip()]
-        settings = [vlm_method_recipe(m, base or Recipe(), w_bits=args.w_bits, a_bits=args.a_bits) for m in methods]
+        if "recipe" in methods and base is None:
+            raise ConfigError("--methods recipe: the recipe as written needs --recipe R")
+        settings = [(f"recipe {base.name}", base) if m == "recipe" else
+                    vlm_method_recipe(m, base or Recipe(), w_bits=args.w_bits, a_bits=args.a_bits) for m in methods]
     threads = set_threads(args.threads)
     start = time.time()
     log(f"loading {model_spec} ({threads} threads) ...")
@@ -1016,7 +1019,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods to compare when no --recipe / --checkpoint is given (default: {EVAL_METHODS}); "
                    "linear-probe: the methods scored beside fp, derived from --recipe or the default CLIP recipe "
                    "(default: only the --recipe as written); "
-                   "vlm: with --recipe, the methods derived from it (each part's section)")
+                   "vlm: with --recipe, the methods derived from it (each part's section; 'recipe': as written)")
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
     p.add_argument("--data", default=None, help="imagenet / retrieval: dataset directory (docs/vision.md lists the layouts); "

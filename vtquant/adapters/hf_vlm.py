@@ -146,18 +146,25 @@ class VLMVisionAdapter(_VLMForward, HFVisionAdapter):
         super().__init__(tower)
         self.vlm = vlm
 
-    def residual_rotation_blocker(self) -> Optional[str]:
-        """Why the residual stream of this tower cannot be rotated in this VLM (``None``: it can).
-
-        LLaVA reads hidden states of an inner layer (``vision_feature_layer``), not the tower's output;
-        the LayerNorm rotation un-rotates the stream only at the output, so those features would stay
-        rotated.  Smoothing and the online / per-head rotations leave the stream alone and stay allowed."""
-        if VLMS[type(self.vlm).__name__]["family"] == "llava":
+    def rotation_spec(self) -> Any:
+        """The tower's LayerNorm rotation; for LLaVA, which reads hidden states of ``vision_feature_layer``
+        (intermediate states stay rotated), the projector's first Linear is folded (``W' = W Q`` per
+        selected layer) so the features it computes are unchanged (the equivalence check on the logits
+        confirms it)."""
+        spec = super().rotation_spec()
+        fam = VLMS[type(self.vlm).__name__]["family"]
+        if fam == "llava":
             layer = getattr(self.vlm.config, "vision_feature_layer", None)
-            return (f"{type(self.vlm).__name__} reads the vision tower's hidden states of layer {layer!r} (not its "
-                    "output), and the LayerNorm rotation un-rotates the residual stream only at the tower's output: "
-                    "the features the projector reads would stay rotated")
-        return None
+            blocks = len(layer) if isinstance(layer, (list, tuple)) else 1
+            reader = getattr(_resolve(self.vlm, VLMS[type(self.vlm).__name__]["projector"]), "linear_1", None)
+            if not isinstance(reader, nn.Linear) or reader.in_features != blocks * self.hidden_size():
+                raise ConfigError(
+                    f"{type(self.vlm).__name__} reads the vision tower's hidden states of layer {layer!r} (not its "
+                    f"output), which stay rotated, and its projector's first Linear ({type(reader).__name__}) cannot "
+                    "take the rotation (quantized already, or not hidden-size blocks). Set towers.vision.rotation."
+                    "enabled: false")
+            spec.stream_readers = [(reader, blocks)]
+        return spec
 
 
 class QwenVisionAdapter(_VLMForward, VisionAdapter):

@@ -174,6 +174,10 @@ class LNRotationSpec:
     end: Optional[tuple] = None
     final_norm_readers: Optional[tuple] = None  # the interface smoothing shares with RotationSpec
     layout: str = "pre-LayerNorm tower"  # named in error hints (smoothing, rotation), as RotationSpec.layout
+    stream_readers: list = field(default_factory=list)
+    """``[(Linear, blocks)]``: Linears outside the tower that read an intermediate hidden state of the
+    stream as it is (a LLaVA projector reads layer -2, which stays rotated): their input is ``blocks``
+    hidden states side by side, and each block of ``hidden`` input columns gets ``W' = W Q``."""
 
     @staticmethod
     def norm_scale(norm: nn.Module) -> torch.Tensor:
@@ -324,6 +328,8 @@ def rotate_ln_model_(spec: LNRotationSpec, *, seed: int = 0, residual: bool = Tr
             for lin in layer.writers:
                 _rotate_channels_out(lin, q)
         install_unrotate(spec, q, hooks)
+        for lin, blocks in spec.stream_readers:
+            _fold_stream_reader(lin, q, blocks)
         result["residual"] = q.float()
     if online:
         for layer in spec.layers:
@@ -337,6 +343,16 @@ def rotate_ln_model_(spec: LNRotationSpec, *, seed: int = 0, residual: bool = Tr
             rotate_value_heads_(v, o, head_dim, random_hadamard(head_dim, seed + 2),
                                 rows=(offset, offset + o.in_features))
     return result
+
+
+def _fold_stream_reader(lin: nn.Module, q: torch.Tensor, blocks: int) -> None:
+    """``y = [h_1 .. h_k] W^T`` read from the rotated stream ``h_i' = h_i Q``: ``W_i' = W_i Q`` per block."""
+    d = q.shape[0]
+    w = lin.weight.data
+    if w.shape[1] != blocks * d:
+        raise ValueError(f"stream reader {type(lin).__name__} has {w.shape[1]} input columns, not {blocks} x {d}")
+    folded = (w.double().reshape(w.shape[0], blocks, d) @ q.to(w.device)).reshape(w.shape[0], blocks * d)
+    lin.weight.data = folded.to(w.dtype)
 
 
 def apply_ln_rotation_structure_(spec: LNRotationSpec, hooks: Any) -> None:

@@ -313,8 +313,8 @@ def evaluate_vlm(fp_model: Any, processor: Any, settings: list, model_name: str,
     Args:
         fp_model: the full-precision VLM (left unchanged: each setting quantizes a deep copy).
         processor: its processor (only for the protocol text).
-        settings: ``None`` (FP) or recipes (each run as written; :func:`vlm_method_recipe` derives the
-            named methods).
+        settings: ``None`` (FP), recipes (each run as written; :func:`vlm_method_recipe` derives the
+            named methods) or ``(label, recipe)`` pairs (the label names the row; default: the method).
         model_name: the rows' model name.
         data: :func:`prepare_vlm_data`.
         new_tokens: greedy tokens generated per prompt (0: no generation).
@@ -327,8 +327,9 @@ def evaluate_vlm(fp_model: Any, processor: Any, settings: list, model_name: str,
     ref_seconds = time.time() - t0
     rows, reports, details = [], {}, []
     extra_common = {"fp_reference": fp_reference} if fp_reference else {}
-    for recipe in settings:
-        label = "fp" if recipe is None else f"{recipe.display_method}"
+    for setting in settings:
+        label, recipe = setting if isinstance(setting, tuple) else (None, setting)
+        label = label or ("fp" if recipe is None else recipe.display_method)
         t0 = time.time()
         if recipe is None:
             model, report = fp_model, None
@@ -341,7 +342,7 @@ def evaluate_vlm(fp_model: Any, processor: Any, settings: list, model_name: str,
         scores = score(model, data.eval, ref, new_tokens)
         eval_s = time.time() - t1 + (ref_seconds if recipe is None else 0.0)
         calib_sinks = getattr(report, "sinks", None) if report is not None else None
-        extra = dict(extra_common, calib_seconds=round(calib_s, 2), eval_seconds=round(eval_s, 2),
+        extra = dict(extra_common, label=label, calib_seconds=round(calib_s, 2), eval_seconds=round(eval_s, 2),
                      positions=scores["positions"], eval_sinks=scores["sinks"])
         if calib_sinks:
             extra["calib_sinks"] = calib_sinks
