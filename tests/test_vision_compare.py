@@ -138,6 +138,7 @@ def test_cli_compare_vision(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                                                    ("insertquant", 4)]
     assert data["rows"][-1]["w_algorithm"] == "gptq+clip"  # the vision default: GPTQ below 8 bits
     assert data["rows"][1]["eval_images"] == 4 and data["base_recipe"]["name"].startswith("clip-vit-b16")
+    assert data["partial"] is False and len(data["reports"]) == 4
     assert png.read_bytes()[:4] == b"\x89PNG"
     bd = tmp_path / "bd.json"
     assert main(["compare", "--model", "asset:clip-vit-b16-openai", "--breakdown", "insertquant@W8A6",

@@ -409,8 +409,16 @@ def _vision_compare(args: argparse.Namespace) -> int:
                  "calibration_images": setup["calib_names"], "evaluation_images": setup["eval_names"],
                  "recipe": recipes[0].to_dict(), **result}, indent=1, default=str))
         return 0
+    meta = dict(protocol=protocol, calibration=calibration, calibration_images=setup["calib_names"],
+                evaluation_images=setup["eval_names"], base_recipe=base.to_dict(), threads=threads)
+
+    def partial(rows, reports) -> None:  # a long CPU run keeps what it measured if it is stopped
+        if args.results_file:
+            write_results(args.results_file, rows, partial=True, **meta, reports=reports)
+
     rows, reports = run_vision_compare(setup["model"], setup["embed"], setup["calib_pixels"], setup["eval_pixels"],
-                                       base, methods, settings, model_name=name, quiet=args.quiet, log=log)
+                                       base, methods, settings, model_name=name, quiet=args.quiet, log=log,
+                                       on_row=partial)
     total = time.time() - start
     print(f"\nvtquant compare --vision: {name}; {protocol}; calibration: {calibration}")
     print(format_vision_table(rows))
@@ -421,9 +429,7 @@ def _vision_compare(args: argparse.Namespace) -> int:
         plot_vision_compare(rows, args.plot, title=f"{name}: {protocol}")
         log(f"wrote {args.plot}")
     if args.results_file:
-        write_results(args.results_file, rows, protocol=protocol, calibration=calibration,
-                      calibration_images=setup["calib_names"], evaluation_images=setup["eval_names"],
-                      base_recipe=base.to_dict(), total_seconds=round(total, 1), threads=threads, reports=reports)
+        write_results(args.results_file, rows, partial=False, **meta, total_seconds=round(total, 1), reports=reports)
         log(f"wrote {args.results_file}")
     return 0
 

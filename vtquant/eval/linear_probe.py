@@ -18,6 +18,7 @@ Rows come out as :class:`vtquant.eval.results.Row` (``linear_probe_top1`` and ``
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -228,7 +229,9 @@ def evaluate_linear_probe(models: Sequence[ProbeModel], train_images: np.ndarray
                                desc=f"{model.method} train")
         fte = extract_features(built, test_images, batch_size=batch_size, device=device, quiet=quiet,
                                desc=f"{model.method} test")
-        del built  # a built (quantized) copy is freed before the next one is made
+        if model.build is not None:  # a built (quantized) copy is freed before the next one is made
+            del built
+            gc.collect()  # its reference cycles (handle <-> adapter <-> model) hold the weights otherwise
         extra = dict(common, feature_dim=int(ftr.shape[1]), **model.extra)
         if probe is None:
             tp = time.time()

@@ -25,6 +25,7 @@ embedding cosine of each part.
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -119,7 +120,8 @@ def quantize_copy(fp_model: torch.nn.Module, recipe: Recipe, calib_batches: list
 def run_vision_compare(fp_model: torch.nn.Module, embed: EmbedFn, calib_pixels: torch.Tensor,
                        eval_pixels: torch.Tensor, base: Recipe, methods: Sequence[str],
                        settings: Sequence[tuple[int, int]], *, model_name: str, quiet: bool = True,
-                       log: Callable[[str], None] = print) -> tuple[list[Row], dict]:
+                       log: Callable[[str], None] = print,
+                       on_row: Optional[Callable[[list, dict], None]] = None) -> tuple[list[Row], dict]:
     """Quantize a copy of ``fp_model`` per method x setting and score its embeddings against FP.
 
     Args:
@@ -130,6 +132,7 @@ def run_vision_compare(fp_model: torch.nn.Module, embed: EmbedFn, calib_pixels: 
         base: the recipe every method derives from (sinks, rotation, weight algorithm, clip searches).
         methods: :data:`~vtquant.config.METHOD_NAMES` entries; ``fp`` gives the reference row once.
         settings: ``[(w_bits, a_bits)]``.
+        on_row: called with ``(rows, reports)`` after every row (e.g. to write partial results).
 
     Returns:
         ``(rows, reports)``: one ``emb_cos_mean`` row per method and setting (``extra``: ``emb_cos_min``,
@@ -171,7 +174,10 @@ def run_vision_compare(fp_model: torch.nn.Module, embed: EmbedFn, calib_pixels: 
             log(f"{row.method} {setting_label(row)}: emb cos {row.value:.4f} (min {extra['emb_cos_min']:.4f}), "
                 f"NN agree {extra['nn_agree']:.2f}, calibrate {calib_s:.1f} s"
                 + (f", content sinks / image {extra['content_sinks_mean']:.1f}" if sinks is not None else ""))
-            del model
+            del model, report
+            gc.collect()  # a quantized copy holds reference cycles (handle <-> adapter <-> model): free it now
+            if on_row is not None:
+                on_row(rows, reports)
     return rows, reports
 
 
@@ -303,6 +309,7 @@ def vision_breakdown(fp_model: torch.nn.Module, embed: EmbedFn, recipe: Recipe, 
         log(f"{label:<17} emb cos {entry['emb_cos_mean']:.4f}; last block error CLS {entry['cls'][-1]:.4f}, "
             f"patches {entry['patches'][-1]:.4f}")
         del model
+        gc.collect()
     return result
 
 
