@@ -34,7 +34,8 @@ class Tower:
         name: ``visual`` or ``text``.
         module: the module that carries ``.vtquant`` after quantization.
         adapter: its adapter.
-        inputs: what its batches hold: ``images`` (``[B, 3, H, W]``) or ``tokens`` (ids ``[B, T]``).
+        inputs: what its batches hold: ``images`` (``[B, 3, H, W]``), ``tokens`` (ids ``[B, T]``) or
+            ``image-text`` (a part of a vision-language model: the processor's mappings, read by the whole VLM).
     """
 
     name: str
