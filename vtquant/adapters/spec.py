@@ -31,10 +31,11 @@ class Tower:
     """One tower of a model, as the core quantizes it.
 
     Attributes:
-        name: ``visual`` or ``text``.
+        name: ``visual`` or ``text`` (a VLM's parts: ``vision``, ``language``, ``projector``).
         module: the module that carries ``.vtquant`` after quantization.
         adapter: its adapter.
-        inputs: what its batches hold: ``images`` (``[B, 3, H, W]``) or ``tokens`` (ids ``[B, T]``).
+        inputs: what its batches hold: ``images`` (``[B, 3, H, W]``), ``tokens`` (ids ``[B, T]``) or
+            ``image-text`` (a part of a vision-language model: the processor's mappings, read by the whole VLM).
     """
 
     name: str
