@@ -272,10 +272,6 @@ def quantize_vlm_(model: nn.Module, recipe: Recipe, batches: Iterable, *, quiet:
             raise ConfigError(f"recipe.towers.projector: method {rec.method} calibrates sinks, but the projector has no "
                               "blocks of its own (its inputs' sinks are the vision tower's output tokens); use fp, "
                               "dynamic-token or naive-static for the projector")
-        blocker = getattr(tower.adapter, "residual_rotation_blocker", lambda: None)()
-        if rec.rotation.enabled and rec.rotation.residual and handler.quantizes and blocker:
-            raise ConfigError(f"recipe.towers.{tower.name}: {blocker}; set towers.{tower.name}.rotation.residual: false "
-                              "(the online and per-head rotations stay) or rotation.enabled: false")
         if tower.name == "projector" and rec.rotation.enabled and handler.quantizes:
             raise ConfigError("recipe.towers.projector: rotation is enabled, but the projector has no residual stream "
                               "of its own to rotate (the language model's rotation folds into its output Linear); set "
