@@ -15,7 +15,7 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("n", [14336, 4096, 3584, 3072])
+@pytest.mark.parametrize("n", [14336, 4096, 3584, 2048])
 def test_hadamard_kernel_matches_torch(n):
     from vtquant.core.rotation import random_hadamard, random_hadamard_factors
     from vtquant.kernels import triton_hadamard as th
@@ -61,8 +61,35 @@ def _quantized(method, layers=4):
     return base, model
 
 
+def _block_io(model, x, feed=None, only=None):
+    """Inputs and outputs of every block in one forward; ``feed`` {i: hidden} replaces block ``only``'s input."""
+    ins, outs, hooks = {}, {}, []
+    for i, blk in enumerate(model.model.layers):
+        def pre(m, args, kwargs, i=i):
+            if feed is not None and i == only:
+                args = (feed[i],) + tuple(args[1:]) if args else args
+                if not args:
+                    kwargs = dict(kwargs, hidden_states=feed[i])
+            ins[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+            return args, kwargs
+
+        def post(m, args, out, i=i):
+            outs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
+        hooks += [blk.register_forward_pre_hook(pre, with_kwargs=True), blk.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=x, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return ins, outs, logits
+
+
 @pytest.mark.parametrize("method", ["insertquant", "insertquant+rotate"])
 def test_fused_static_model_matches_unfused(method):
+    """Block by block on the same input (random-weight models amplify any rounding difference through
+    depth, so whole-model logits are compared for accuracy, not identity)."""
     from vtquant.bench_e2e import token_batches
     from vtquant.kernels import convert_
 
@@ -70,19 +97,25 @@ def test_fused_static_model_matches_unfused(method):
     unfused = convert_(copy.deepcopy(model), "cuda-fp8", fused=False)
     fused = convert_(copy.deepcopy(model), "cuda-fp8", fused=True)
     n_fused = sum(v == "fused" for v in fused.vtquant.fused.values())
-    assert n_fused >= 2, fused.vtquant.fused  # a stage layer (sink detector) keeps its forward
+    assert n_fused == 4, fused.vtquant.fused
     x = token_batches(1, 512, 512, seed=3)[0].cuda()
     with torch.no_grad():
         ref = base(input_ids=x, use_cache=False).logits
-        a = unfused(input_ids=x, use_cache=False).logits
-        b = fused(input_ids=x, use_cache=False).logits
-    calls = [blk.forward.calls for blk in fused.model.layers if hasattr(blk, "_vtquant_fused")]
-    assert calls == [1] * n_fused
-    err_a, err_b, diff = _rel(a, ref), _rel(b, ref), _rel(b, a)
-    print(f"{method}: unfused err {err_a:.4f}, fused err {err_b:.4f}, fused vs unfused {diff:.4f}")
-    # same codes up to rounding flips (the fused RMSNorm keeps float32 where the unfused one rounds to bf16):
-    # the two models must be closer to each other than to bf16, and the fused one no less accurate
-    assert diff < max(0.05, 0.6 * err_a) and err_b < 1.15 * err_a + 0.01
+    ins, outs, a = _block_io(unfused, x)
+    local = []
+    for k in range(len(fused.model.layers)):
+        _, fouts, _ = _block_io(fused, x, feed=ins, only=k)
+        local.append(_rel(fouts[k], outs[k]))
+    _, _, b = _block_io(fused, x)
+    calls = [blk.forward.calls for blk in fused.model.layers]
+    assert all(c >= 1 for c in calls)
+    err_a, err_b = _rel(a, ref), _rel(b, ref)
+    print(f"{method}: per-block fused vs unfused {[round(v, 4) for v in local]}; logits err vs bf16: "
+          f"unfused {err_a:.4f}, fused {err_b:.4f}")
+    # bf16 / FP8 rounding flips only (the fused kernels keep float32 where the unfused modules round to bf16);
+    # block 0's residual is the small embedding, so its relative difference is the largest
+    assert local[0] < 0.1 and max(local[1:]) < 0.03
+    assert err_b < 1.1 * err_a + 0.01
 
 
 def test_fused_dynamic_matches_unfused():
@@ -94,7 +127,33 @@ def test_fused_dynamic_matches_unfused():
     x = token_batches(1, 512, 512, seed=3)[0].cuda()
     with torch.no_grad():
         ref = base(input_ids=x, use_cache=False).logits
-        la = a(input_ids=x, use_cache=False).logits
-        lb = b(input_ids=x, use_cache=False).logits
-    print(f"dynamic: unfused err {_rel(la, ref):.4f}, fused err {_rel(lb, ref):.4f}, diff {_rel(lb, la):.4f}")
-    assert _rel(lb, la) < max(0.05, 0.6 * _rel(la, ref)) and _rel(lb, ref) < 1.15 * _rel(la, ref) + 0.01
+    ins, outs, la = _block_io(a, x)
+    local = [_rel(_block_io(b, x, feed=ins, only=k)[1][k], outs[k]) for k in range(4)]
+    _, _, lb = _block_io(b, x)
+    print(f"dynamic: per-block {[round(v, 4) for v in local]}; err unfused {_rel(la, ref):.4f}, fused {_rel(lb, ref):.4f}")
+    assert local[0] < 0.1 and max(local[1:]) < 0.03 and _rel(lb, ref) < 1.1 * _rel(la, ref) + 0.01
+
+
+def test_kernel_timings():
+    """Not a check: prints the fused kernels' times at the Llama-3-8B shape (4,096 tokens) for the notes."""
+    import triton
+
+    from vtquant.core.rotation import random_hadamard_factors
+    from vtquant.kernels import triton_hadamard as th
+    from vtquant.kernels import triton_quant as tq
+    from vtquant.kernels.fused import rotary_inplace_
+
+    m, n = 4096, 14336
+    gu = torch.randn(m, 2 * n, device="cuda", dtype=torch.bfloat16)
+    signs, factors = random_hadamard_factors(n, 1)
+    signs, factors = signs.cuda(), [f.cuda() for f in factors]
+    t_had = triton.testing.do_bench(lambda: th.silu_mul_hadamard_quant(gu, signs, factors, 0.01, torch.float8_e4m3fn),
+                                    return_mode="median")
+    t_silu = triton.testing.do_bench(lambda: tq.silu_mul_quant_static(gu, 0.01, torch.float8_e4m3fn),
+                                     return_mode="median")
+    qkv = torch.randn(m, 6144, device="cuda", dtype=torch.bfloat16)
+    cos = torch.randn(1, m, 128, device="cuda", dtype=torch.bfloat16)
+    sin = torch.randn(1, m, 128, device="cuda", dtype=torch.bfloat16)
+    t_rope = triton.testing.do_bench(lambda: rotary_inplace_(qkv, cos, sin, 40, 128), return_mode="median")
+    print(f"kernels at 4096 x 14336: silu*up+Hadamard+FP8 {t_had * 1e3:.1f} us, silu*up+FP8 {t_silu * 1e3:.1f} us; "
+          f"rotary q/k in place (4096 x 40 heads) {t_rope * 1e3:.1f} us")

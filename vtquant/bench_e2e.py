@@ -180,7 +180,9 @@ def profile_top(fn: Callable[[], Any], top: int = 12) -> list[dict]:
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) > 0]
+    # kernels only: an aten:: op's self device time is its kernels' time again
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) > 0
+              and not e.key.startswith("aten::")]
 
     def dev(e: Any) -> float:
         return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))

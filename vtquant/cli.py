@@ -32,6 +32,43 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="asset:NAME, a .gguf file or a local transformers directory (default: %(default)s)")
     p.add_argument("--model-file", default=None,
                    help="a GGUF model file given by hand (use when the asset cannot be fetched)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs and is calibrated: cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="the model's dtype; calibration buffers follow it (default: %(default)s)")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _target(args: argparse.Namespace):
+    """``(torch.device, torch.dtype)`` of ``--device`` / ``--dtype``; one clear error for a device that is not there."""
+    import torch
+
+    from .config import ConfigError
+
+    device = getattr(args, "device", "cpu") or "cpu"
+    dtype = getattr(torch, getattr(args, "dtype", "float32") or "float32")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a device name ({exc}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: no such CUDA GPU is visible here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: vtquant runs on cpu or cuda")
+    return dev, dtype
+
+
+def _place(model, args: argparse.Namespace, log):
+    """Move a loaded model to ``--device`` / ``--dtype``."""
+    import torch
+
+    dev, dtype = _target(args)
+    if dev.type != "cpu" or dtype != torch.float32:
+        model.to(device=dev, dtype=dtype)
+        log(f"model on {dev}, {str(dtype).replace('torch.', '')}")
+    return model
 
 
 def _text_args(p: argparse.ArgumentParser, chunks: Optional[int]) -> None:
@@ -83,9 +120,11 @@ def _load(args: argparse.Namespace, log, **kwargs):
     from .models import load_causal_lm, set_threads
 
     threads = set_threads(args.threads)
+    _target(args)  # a device that is not there fails before the model is loaded
     log(f"loading {args.model_file or args.model} ({threads} threads) ...")
     model, tok, name = load_causal_lm(args.model, args.model_file, quiet=args.quiet, **kwargs)
     log(f"loaded {type(model).__name__} in {model.vtquant_load_seconds:.1f} s")
+    _place(model, args, log)
     model.vtquant_fp_reference = fp_reference(args.model, args.model_file, name)
     return model, tok, name
 
@@ -742,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--train-size", type=int, default=10000, help="probe training images, 0 = all 60k (default: %(default)s)")
     lp.add_argument("--test-size", type=int, default=2000, help="test images, 0 = all 10k (default: %(default)s)")
     lp.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
-    lp.add_argument("--device", default="cpu", help="device of the feature extraction (default: %(default)s)")
+    # linear-probe: --device (above) is the device of the feature extraction
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="real low-bit speed: fp32/bf16 vs per-token dynamic int8 vs vtquant static")

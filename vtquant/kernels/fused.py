@@ -20,7 +20,8 @@ Mistral, Qwen2 and their kind) by one that:
 The block's forward hooks (vtquant's residual detector and residual restore) still run: only the
 block's ``forward`` is replaced.  Calls the fast path does not cover fall back, per call, to the
 block's original forward: a KV cache (decoding), missing rotary embeddings; blocks it cannot cover
-at all keep their original forward: a probe Linear with a sink detector (the stage layers), a guard
+at all keep their original forward: a sink detector on a Linear other than the MLP down-projection (the
+probe of a stage layer, ``silu(g) * u``, is materialised there for the detector, then quantized), a guard
 that computes sink rows in full precision (``fp-row``), an online rotation anywhere but the
 down-projection input, a layout other than plain pre-norm RMSNorm / SwiGLU.  :func:`fused_blocks`
 says which blocks run fused.
@@ -37,6 +38,60 @@ import torch.nn.functional as F
 from . import triton_quant as tq
 
 FUSED_ATTR = "_vtquant_fused"
+
+try:  # pragma: no cover - exercised on the GPU machine or with TRITON_INTERPRET=1
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    HAVE_TRITON = False
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, x_stride, cs_stride, t, NH, HALF: tl.constexpr, NHP: tl.constexpr):
+        """In place: the rotary embedding of the ``NH`` leading heads (queries then keys) of one row of
+        the fused q/k/v GEMM output, ``x1 cos - x2 sin | x2 cos + x1 sin`` (HF's ``rotate_half`` layout)."""
+        row = tl.program_id(0)
+        hs = tl.arange(0, NHP)
+        d = tl.arange(0, HALF)
+        m = (hs < NH)[:, None]
+        base = x_ptr + row.to(tl.int64) * x_stride + hs[:, None] * (2 * HALF) + d[None, :]
+        x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
+        cb = cos_ptr + row.to(tl.int64) * cs_stride
+        sb = sin_ptr + row.to(tl.int64) * cs_stride
+        c1 = tl.load(cb + d).to(tl.float32)[None, :]
+        c2 = tl.load(cb + HALF + d).to(tl.float32)[None, :]
+        s1 = tl.load(sb + d).to(tl.float32)[None, :]
+        s2 = tl.load(sb + HALF + d).to(tl.float32)[None, :]
+        tl.store(base, (x1 * c1 - x2 * s1).to(x_ptr.dtype.element_ty), mask=m)
+        tl.store(base + HALF, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty), mask=m)
+
+
+def rotary_inplace_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> bool:
+    """Apply the rotary embedding to the first ``heads`` heads of ``qkv`` ``[M, N]`` in place (one Triton
+    kernel); ``cos`` / ``sin`` ``[B, T, head_dim]`` with ``B * T = M``.  ``False`` where it cannot run."""
+    import os
+
+    if not HAVE_TRITON or not (qkv.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or head_dim % 2:
+        return False
+    half = head_dim // 2
+    if half & (half - 1) or qkv.stride(-1) != 1:
+        return False
+    m = qkv.shape[0]
+    cos2 = cos.reshape(-1, head_dim)
+    sin2 = sin.reshape(-1, head_dim)
+    if cos2.shape[0] != m:
+        if m % cos2.shape[0]:
+            return False
+        cos2 = cos2.repeat(m // cos2.shape[0], 1)  # positions shared across the batch
+        sin2 = sin2.repeat(m // sin2.shape[0], 1)
+    cos2, sin2 = cos2.contiguous(), sin2.contiguous()
+    _rotary_kernel[(m,)](qkv, cos2, sin2, qkv.stride(0), cos2.stride(0), 0, heads, HALF=half,
+                         NHP=triton.next_power_of_2(heads), num_warps=4)
+    return True
 
 
 class FusionError(ValueError):
@@ -162,7 +217,7 @@ def _static_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
         members = [block.get_submodule(n) for n in names]
         if not all(isinstance(m, RealQuantLinear) for m in members):
             return None, f"{key}: not every Linear is a converted RealQuantLinear"
-        if any(m.detector is not None for m in members):
+        if any(m.detector is not None for m in members) and (key != "down" or len(members) > 1):
             return None, f"{key}: a sink detector reads this input (a stage layer)"
         if len({m._a_scale_value for m in members}) != 1:
             return None, f"{key}: the fused Linears have different activation scales"
@@ -184,6 +239,7 @@ def _static_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
         site = _Site(qweight, col, bias, [m.out_features for m in members], m0._a_scale_value, *policy)
         site.codes_dtype = m0.qweight.dtype
         site.rot = (m0.rot_signs, m0.rot_factors) if m0.rot_signs is not None else None
+        site.detector = m0.detector
         site.members = members
         sites[key] = site
     return sites, ""
@@ -208,6 +264,7 @@ def _dynamic_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
         site = _Site(qweight, col, bias, [m.out_features for m in members], None)
         site.codes_dtype = members[0].qweight.dtype
         site.rot = None
+        site.detector = None
         site.members = members
         sites[key] = site
     return sites, ""
@@ -231,6 +288,9 @@ class FusedBlockForward:
         self.head_dim = int(getattr(self.attn, "head_dim", 0) or layout.head_dim)
         self.scaling = float(getattr(self.attn, "scaling", self.head_dim ** -0.5))
         self.calls = 0  # fused calls (tests and the bench read it)
+        # the one-kernel in-place rotary embedding: only for the standard rotate_half rotary (checked once
+        # against the model's own function in _check_rotary) on CUDA
+        self.fused_rotary = _rotary_is_standard(self.rotary)
 
     # -- producers -> codes ---------------------------------------------------------------
     def _norm_codes(self, x2: torch.Tensor, norm: nn.Module, eps: float, site: _Site,
@@ -239,6 +299,25 @@ class FusedBlockForward:
             return tq.rmsnorm_quant_static(x2, norm.weight, eps, site.a_scale, site.codes_dtype,
                                            zero if site.policy != "none" else None), None
         return tq.rmsnorm_quant_dynamic(x2, norm.weight, eps, site.codes_dtype)
+
+    def _detect_and_codes(self, gu: torch.Tensor, site: _Site, b: int, t: int) -> tuple:
+        """A stage layer: the probe (sink detector) reads ``silu(g) * u`` as the unfused model materialises
+        it; the sink set may grow here, so the zero rows and index are read again afterwards."""
+        from ..core.rotation import hadamard_apply
+
+        g, u = gu.chunk(2, dim=-1)
+        h = (F.silu(g) * u).view(b, t, -1)
+        site.detector(h)
+        state = self.state
+        mask = state.mask_for(h) if state is not None else None
+        index = state.flat_index() if mask is not None else None
+        h2 = h.view(b * t, -1)
+        if site.rot is not None:
+            h2 = hadamard_apply(h2, *site.rot)
+        q = tq.quant_static(h2, site.a_scale, site.codes_dtype)
+        if index is not None and site.policy != "none":
+            (q.view(torch.uint8) if q.dtype == torch.float8_e4m3fn else q).index_fill_(0, index, 0)
+        return q, index
 
     def _act_codes(self, gu: torch.Tensor, site: _Site, zero: Optional[torch.Tensor]
                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -287,11 +366,13 @@ class FusedBlockForward:
         s["qkv"].write_sinks(qkv, index, state)
         nq, nk, nv = s["qkv"].sizes
         hd = self.head_dim
+        cos, sin = position_embeddings
+        fused_rope = self.fused_rotary and rotary_inplace_(qkv, cos, sin, (nq + nk) // hd, hd)
         qs = qkv[:, :nq].view(b, t, -1, hd).transpose(1, 2)
         ks = qkv[:, nq:nq + nk].view(b, t, -1, hd).transpose(1, 2)
         vs = qkv[:, nq + nk:].view(b, t, -1, hd).transpose(1, 2)
-        cos, sin = position_embeddings
-        qs, ks = self.rotary(qs, ks, cos, sin)
+        if not fused_rope:
+            qs, ks = self.rotary(qs, ks, cos, sin)
         attn_mask = kwargs.get("attention_mask")
         if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != qs.dtype:
             attn_mask = attn_mask.to(qs.dtype)
@@ -309,10 +390,33 @@ class FusedBlockForward:
         q, rs = self._norm_codes(h.reshape(-1, d), self.norm2, self.eps2, s["gu"], zero)
         gu = s["gu"].gemm(q, rs, dtype)
         s["gu"].write_sinks(gu, index, state)
-        q, rs = self._act_codes(gu, s["down"], zero)
+        if s["down"].detector is not None:
+            q, index = self._detect_and_codes(gu, s["down"], b, t)
+            rs = None
+        else:
+            q, rs = self._act_codes(gu, s["down"], zero)
         y = s["down"].gemm(q, rs, dtype)
         s["down"].write_sinks(y, index, state)
         return h + y.view(b, t, d)
+
+
+def _rotary_is_standard(fn: Any) -> bool:
+    """Whether the model's ``apply_rotary_pos_emb`` is ``x cos + rotate_half(x) sin`` (checked on numbers)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 3, 8, generator=g)
+    k = torch.randn(1, 1, 3, 8, generator=g)
+    cos = torch.randn(1, 3, 8, generator=g)
+    sin = torch.randn(1, 3, 8, generator=g)
+    try:
+        qr, kr = fn(q, k, cos, sin)
+    except Exception:  # noqa: BLE001 - another signature: keep the model's function
+        return False
+
+    def ref(x):
+        x1, x2 = x[..., :4], x[..., 4:]
+        return x * cos.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(1)
+
+    return torch.allclose(qr, ref(q), atol=1e-5) and torch.allclose(kr, ref(k), atol=1e-5)
 
 
 def _install(block: nn.Module, fused: FusedBlockForward) -> None:

@@ -3,11 +3,13 @@
 The online rotation of vtquant (``vtquant.core.rotation``) is ``x @ diag(s) (F_1 kron F_2)`` with
 ``F_1`` an orthonormal Sylvester Hadamard of a power-of-two order ``A`` and ``F_2`` a small
 Hadamard factor of order ``B`` (Paley, or Sylvester): 14336 = 64 x 224 (Llama-3-8B's MLP width),
-4096 = 32 x 128.  One program per row holds the row as an ``[A, B]`` tile (``B`` padded to a power
-of two) and computes ``H_A (X F_2)`` with two tensor-core products per column chunk: ``X F_2`` in
-bf16 with +-1 entries (exact products, float32 sums) and ``H_A (.)`` in tf32 (+-1 entries exact; the
-operand rounded to 10 mantissa bits, below the bf16 / FP8 output rounding).  The normalisation
-``1 / sqrt(A B)`` is applied once at the end.  The same math as :func:`vtquant.core.rotation.kron_apply`
+4096 = 32 x 128.  A program holds ``BM`` rows, each an ``[A, B]`` tile (``B`` padded to a power of
+two), stacked as one ``[BM A, B]`` operand, and computes ``H_A (X F_2)`` per column chunk with
+tensor-core products: ``X F_2`` in bf16 with +-1 entries (exact products, float32 sums; the ``F_2``
+chunk is loaded once for ``BM`` rows), then ``H_A (.)`` as a batched product with +-1 entries on the
+bf16-rounded intermediate (for bf16 / fp16 outputs the rounding remainder goes through a second
+product, so the result is float32-accurate; for 8-bit codes the bf16 intermediate is far below the
+code step).  The normalisation ``1 / sqrt(A B)`` is applied once at the end.  The same math as :func:`vtquant.core.rotation.kron_apply`
 (factor order and signs identical), so weights rotated offline stay valid.
 
 Fused variants (the down-projection input of a rotated SwiGLU MLP): the kernel reads ``[g | u]``
@@ -68,62 +70,84 @@ def _make_plan(n: int, signs: torch.Tensor, factors: list[torch.Tensor], device:
     if plan is not None:
         a, b, fb = plan
         bp = max(16, triton.next_power_of_2(b)) if HAVE_TRITON else b
-        if a * bp <= MAX_TILE:
+        if a * bp <= MAX_TILE and a <= 64:
             pad = torch.zeros(bp, bp, dtype=torch.float64)
             pad[:b, :b] = fb
-            result = (a, b, bp, _sylvester(a).to(device=device, dtype=torch.float32).contiguous(),
+            low = torch.bfloat16 if device.type == "cuda" else torch.float32
+            result = (a, b, bp, _sylvester(a).to(device=device, dtype=low).contiguous(),
                       # bf16 operands for the tensor cores; float32 (same values) where Triton interprets on
                       # the CPU (its interpreter multiplies bf16 wrongly)
-                      pad.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-                             ).contiguous(),
+                      pad.to(device=device, dtype=low).contiguous(),
                       signs.detach().to(device=device, dtype=torch.float32).contiguous())
     return result
 
 
 if HAVE_TRITON:
 
+    def _had_configs():
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return [triton.Config({"BMA": 128, "BC": 64}, num_warps=4)]
+        return [triton.Config({"BMA": bma, "BC": bc}, num_warps=w)
+                for bma in (64, 128) for bc in (64, 128) for w in (4, 8)]
+
+    @triton.autotune(configs=_had_configs(), key=["n", "A", "B", "SILU", "QUANT", "IS_INT8"])
     @triton.jit
-    def _hadamard_kernel(x_ptr, out_ptr, s_ptr, ha_ptr, fb_ptr, zero_ptr, n, x_stride, out_stride, norm,
-                         inv_scale, qmax, A: tl.constexpr, B: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
-                         SILU: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr, IS_INT8: tl.constexpr,
-                         LOWP: tl.constexpr):
-        row = tl.program_id(0)
-        ra = tl.arange(0, A)
+    def _hadamard_kernel(x_ptr, out_ptr, s_ptr, ha_ptr, fb_ptr, zero_ptr, M, n, x_stride, out_stride, norm,
+                         inv_scale, qmax, A: tl.constexpr, B: tl.constexpr, BP: tl.constexpr,
+                         SILU: tl.constexpr, QUANT: tl.constexpr, HAS_ZERO: tl.constexpr,
+                         IS_INT8: tl.constexpr, LOWP: tl.constexpr, BMA: tl.constexpr, BC: tl.constexpr):
+        # BMA // A rows per program, each an [A, B] tile; stacked, they are one [BMA, BP] operand, so the
+        # B-factor product is one tensor-core GEMM tile per column chunk (its operand loaded once for all
+        # the program's rows); the A-factor (+-1 Sylvester) is one more 2-D product with the
+        # block-diagonal [BMA, BMA] matrix I kron H_A.
+        BM: tl.constexpr = BMA // A
+        pid = tl.program_id(0)
+        rs = tl.arange(0, BMA)
+        r = pid * BM + rs // A
+        i = rs % A
         rb = tl.arange(0, BP)
-        idx = ra[:, None] * B + rb[None, :]
-        m = (rb < B)[None, :] & (ra < A)[:, None]
-        base = row.to(tl.int64) * x_stride
+        rowok = r < M
+        m = rowok[:, None] & (rb < B)[None, :]
+        col = (i * B)[:, None] + rb[None, :]
+        off = r.to(tl.int64)[:, None] * x_stride + col
         if SILU:
-            g = tl.load(x_ptr + base + idx, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + base + n + idx, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + off + n, mask=m, other=0.0).to(tl.float32)
             h = (g / (1.0 + tl.exp(-g)) * u).to(tl.bfloat16).to(tl.float32)
         else:
-            h = tl.load(x_ptr + base + idx, mask=m, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + idx, mask=m, other=0.0)
-        xb = (h * s).to(tl.bfloat16)
+            h = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        sg = tl.load(s_ptr + col, mask=(rb < B)[None, :], other=0.0)
+        xb = (h * sg).to(tl.bfloat16)
         if not LOWP:
             xb = xb.to(tl.float32)
-        ha = tl.load(ha_ptr + ra[:, None] * A + ra[None, :])
-        zero_row = False
+        # I kron H_A as a [BMA, BMA] matrix (zero off the diagonal blocks)
+        hv = tl.load(ha_ptr + i[:, None] * A + i[None, :])
+        hb = tl.where((rs // A)[:, None] == (rs // A)[None, :], hv, tl.zeros_like(hv))
         if HAS_ZERO:
-            zero_row = tl.load(zero_ptr + row) != 0
-        obase = row.to(tl.int64) * out_stride
-        for c in tl.static_range(0, BP, BC):
+            zr = tl.load(zero_ptr + r, mask=rowok, other=0) != 0
+        obase = r.to(tl.int64)[:, None] * out_stride + (i * B)[:, None]
+        for c in tl.range(0, BP, BC, num_stages=1):
             rc = c + tl.arange(0, BC)
-            fb = tl.load(fb_ptr + rb[:, None] * BP + rc[None, :])
-            z = tl.dot(xb, fb)  # [A, BC] float32: bf16 x +-1, exact products
-            y = tl.dot(ha, z, input_precision="tf32") * norm
-            oidx = ra[:, None] * B + rc[None, :]
-            om = (rc < B)[None, :] & (ra < A)[:, None]
+            fb = tl.load(fb_ptr + rb[:, None] * BP + rc[None, :], mask=(rc < BP)[None, :], other=0.0)
+            z = tl.dot(xb, fb)  # [BMA, BC] float32: bf16 x +-1, exact products
+            zh = z.to(hb.dtype)
+            y = tl.dot(hb, zh)
+            if (not QUANT) or IS_INT8:  # add the rounding remainder of z: a float32-accurate result
+                zl = (z - zh.to(tl.float32)).to(hb.dtype)
+                y += tl.dot(hb, zl)
+            y = y * norm
+            om = rowok[:, None] & (rc < B)[None, :]
             if QUANT:
                 v = tl.minimum(tl.maximum(y * inv_scale, -qmax), qmax)
                 if IS_INT8:
                     v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
                 if HAS_ZERO:
-                    v = tl.where(zero_row, 0.0, v)
-                tl.store(out_ptr + obase + oidx, v.to(out_ptr.dtype.element_ty), mask=om)
+                    v = tl.where(zr[:, None], 0.0, v)
+                tl.store(out_ptr + obase + rc[None, :], v.to(out_ptr.dtype.element_ty), mask=om)
             else:
-                tl.store(out_ptr + obase + oidx, y.to(out_ptr.dtype.element_ty), mask=om)
+                tl.store(out_ptr + obase + rc[None, :], y.to(out_ptr.dtype.element_ty), mask=om)
 
 
 def _launch(x2: torch.Tensor, n: int, plan: tuple, silu: bool, out: torch.Tensor, scale: Optional[float],
@@ -135,13 +159,13 @@ def _launch(x2: torch.Tensor, n: int, plan: tuple, silu: bool, out: torch.Tensor
     zero = zero_rows.reshape(-1) if zero_rows is not None else None
     if zero is not None and zero.dtype == torch.bool:
         zero = zero.view(torch.uint8)
-    bc = min(bp, 64)
-    warps = 8 if a * bp >= 8192 else 4
-    _hadamard_kernel[(x2.shape[0],)](
-        x2, out, signs, ha, fb, zero if zero is not None else x2, n, x2.stride(0), out.stride(0),
-        1.0 / math.sqrt(a * b), (1.0 / scale) if quant else 1.0, qmax, A=a, B=b, BP=bp, BC=bc,
+    m = x2.shape[0]
+    grid = lambda meta: (triton.cdiv(m, max(1, meta["BMA"] // a)),)  # noqa: E731
+    _hadamard_kernel[grid](
+        x2, out, signs, ha, fb, zero if zero is not None else x2, m, n, x2.stride(0), out.stride(0),
+        1.0 / math.sqrt(a * b), (1.0 / scale) if quant else 1.0, qmax, A=a, B=b, BP=bp,
         SILU=silu, QUANT=quant, HAS_ZERO=zero is not None, IS_INT8=is_int8,
-        LOWP=fb.dtype == torch.bfloat16, num_warps=warps)
+        LOWP=fb.dtype == torch.bfloat16)
     return out
 
 
