@@ -132,10 +132,14 @@ def test_fused_static_forward_matches_per_linear_modules(method):
     assert [blk.forward.calls for blk in blocks] == [1, 1, 1, 1]
     assert _rel(b, a) < 1e-4, _rel(b, a)  # float32 model: the same int8 codes and sums
     assert _rel(a, ref) < 0.05
-    # a KV cache (decoding) takes the original forward: same logits, no fused call
+    # with transformers' DynamicCache (the default): prefill and greedy decoding run fused, same tokens
     with torch.no_grad():
         c = fused(input_ids=x, use_cache=True).logits
-    assert [blk.forward.calls for blk in blocks] == [1, 1, 1, 1] and _rel(c, a) < 1e-4
+        assert [blk.forward.calls for blk in blocks] == [2, 2, 2, 2] and _rel(c, a) < 1e-4
+        ones = torch.ones_like(x)
+        ga = unfused.generate(x, attention_mask=ones, max_new_tokens=4, do_sample=False)
+        gb = fused.generate(x, attention_mask=ones, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ga, gb) and [blk.forward.calls for blk in blocks] == [6, 6, 6, 6]
     # the sinks' template rows are what make it right: without them the output is far off
     orig = fz._Site.write_sinks
     fz._Site.write_sinks = lambda *args, **kw: None
@@ -171,3 +175,23 @@ def test_fused_true_refuses_models_it_cannot_run():
     _, model = _quantized_tiny("insertquant")
     with pytest.raises(UnsupportedConversionError, match="group_shared_inputs"):
         convert_(copy.deepcopy(model), "cpu-int8", fused=True, group_shared_inputs=False)
+
+
+def test_fused_forward_batch_and_padding_mask():
+    """Several sequences with right padding: the 4-D attention mask reaches SDPA, rotary rows line up."""
+    from vtquant.bench_e2e import token_batches
+    from vtquant.kernels import convert_
+
+    _, model = _quantized_tiny("insertquant")
+    a = convert_(copy.deepcopy(model), "cpu-int8", fused=False)
+    b = convert_(copy.deepcopy(model), "cpu-int8", fused=True)
+    x = token_batches(1, 40, 64, seed=5, batch=3)[0]
+    mask = torch.ones_like(x)
+    mask[1, -7:] = 0
+    mask[2, -3:] = 0
+    with torch.no_grad():
+        la = a(input_ids=x, attention_mask=mask, use_cache=False).logits
+        lb = b(input_ids=x, attention_mask=mask, use_cache=False).logits
+    keep = mask.bool()
+    assert all(blk.forward.calls == 1 for blk in b.model.layers)
+    assert _rel(lb[keep], la[keep]) < 1e-4

@@ -157,3 +157,22 @@ def test_kernel_timings():
     t_rope = triton.testing.do_bench(lambda: rotary_inplace_(qkv, cos, sin, 40, 128), return_mode="median")
     print(f"kernels at 4096 x 14336: silu*up+Hadamard+FP8 {t_had * 1e3:.1f} us, silu*up+FP8 {t_silu * 1e3:.1f} us; "
           f"rotary q/k in place (4096 x 40 heads) {t_rope * 1e3:.1f} us")
+
+
+def test_fused_forward_with_dynamic_cache():
+    """Prefill into transformers' DynamicCache and decode one token: the fused forward with the cache gives
+    the logits of the fused forward without it (keys / values appended, attention over the cached length)."""
+    from vtquant.bench_e2e import token_batches
+    from vtquant.kernels import convert_
+
+    _, model = _quantized("insertquant")
+    fused = convert_(model, "cuda-fp8", fused=True)
+    x = token_batches(1, 257, 512, seed=4)[0].cuda()
+    with torch.no_grad():
+        full = fused(input_ids=x, use_cache=False).logits
+        calls = [blk.forward.calls for blk in fused.model.layers]
+        out = fused(input_ids=x[:, :-1], use_cache=True)
+        step = fused(input_ids=x[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+    assert [blk.forward.calls for blk in fused.model.layers] == [c + 2 for c in calls]
+    assert _rel(out.logits, full[:, :-1]) < 1e-3
+    assert _rel(step[:, -1], full[:, -1]) < 0.05  # one decoded token: no sink in it, its own rounding

@@ -18,8 +18,10 @@ Mistral, Qwen2 and their kind) by one that:
 * runs attention through ``F.scaled_dot_product_attention`` (flash / efficient kernels on CUDA).
 
 The block's forward hooks (vtquant's residual detector and residual restore) still run: only the
-block's ``forward`` is replaced.  Calls the fast path does not cover fall back, per call, to the
-block's original forward: a KV cache (decoding), missing rotary embeddings; blocks it cannot cover
+block's ``forward`` is replaced.  Prefill and decoding with transformers' ``DynamicCache`` run fused
+(keys / values appended to the cache, attention over the cached length).  Calls the fast path does not
+cover fall back, per call, to the block's original forward: other cache classes (static, sliding-window),
+missing rotary embeddings, ``output_attentions``; blocks it cannot cover
 at all keep their original forward: a sink detector on a Linear other than the MLP down-projection (the
 probe of a stage layer, ``silu(g) * u``, is materialised there for the detector, then quantized), a guard
 that computes sink rows in full precision (``fp-row``), an online rotation anywhere but the
@@ -347,8 +349,9 @@ class FusedBlockForward:
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         position_embeddings = kwargs.get("position_embeddings")
-        if args or cache is not None or position_embeddings is None or hidden_states.dim() != 3 \
-                or kwargs.get("output_attentions"):
+        if args or (cache is not None and type(cache).__name__ != "DynamicCache") or position_embeddings is None \
+                or hidden_states.dim() != 3 or kwargs.get("output_attentions") \
+                or (cache is not None and getattr(self.attn, "layer_idx", None) is None):
             return self.original(hidden_states, *args, **kwargs)
         self.calls += 1
         state = self.state
@@ -373,6 +376,8 @@ class FusedBlockForward:
         vs = qkv[:, nq + nk:].view(b, t, -1, hd).transpose(1, 2)
         if not fused_rope:
             qs, ks = self.rotary(qs, ks, cos, sin)
+        if cache is not None:  # a DynamicCache (generation): keys / values as their own tensors, not views
+            ks, vs = cache.update(ks.contiguous(), vs.contiguous(), self.attn.layer_idx)
         attn_mask = kwargs.get("attention_mask")
         if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != qs.dtype:
             attn_mask = attn_mask.to(qs.dtype)
