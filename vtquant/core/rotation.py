@@ -190,20 +190,24 @@ def is_sylvester_factor(f: torch.Tensor) -> bool:
 
 def fwht_(y: torch.Tensor, axis: int) -> torch.Tensor:
     """Orthonormal Walsh-Hadamard transform (Sylvester order) of ``y`` along ``axis``: ``log2(n)``
-    butterfly stages, each one reshape and one add / subtract pass (no ``n x n`` matrix)."""
+    butterfly stages, each one reshape and one add / subtract pass (no ``n x n`` matrix).  Only the
+    leading dimension is left symbolic (-1), so an ONNX export keeps a dynamic batch / length there."""
     n = y.shape[axis]
-    pre = 1
-    for d in y.shape[:axis]:
-        pre *= d
-    post = y.numel() // max(pre * n, 1)
-    z = y.reshape(pre, n, post)
+    post = 1
+    for d in y.shape[axis + 1:]:
+        post *= d
+    lead = 1 if axis == 0 else -1
+    if axis > 1:  # fold the middle dimensions (static sizes) into the leading one
+        lead = -1
+    z = y.reshape(lead, n, post)
     h = 1
     while h < n:
-        z4 = z.view(pre, n // (2 * h), 2, h, post)
+        z4 = z.reshape(-1, n // (2 * h), 2, h, post)
         a, b = z4[:, :, 0], z4[:, :, 1]
-        z = torch.stack((a + b, a - b), dim=2).view(pre, n, post)
+        z = torch.stack((a + b, a - b), dim=2).reshape(-1, n, post)
         h *= 2
-    return (z * n ** -0.5).view(y.shape)
+    z = z * n ** -0.5
+    return z.reshape(y.shape) if axis == 0 else z.reshape(-1, *y.shape[1:])
 
 
 def hadamard_apply(x: torch.Tensor, signs: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
@@ -213,7 +217,7 @@ def hadamard_apply(x: torch.Tensor, signs: torch.Tensor, factors: list[torch.Ten
     matmul along their axis; float32 arithmetic for low-precision inputs, result in ``x.dtype``.
     On CUDA the two-factor case (a power of two times one small factor, e.g. 14336 = 64 x 224) runs
     as one Triton kernel (``vtquant.kernels.triton_hadamard``)."""
-    if x.is_cuda and x.dim() >= 1:
+    if x.is_cuda and x.dim() >= 1 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
         try:
             from ..kernels.triton_hadamard import hadamard_cuda
         except Exception:  # noqa: BLE001 - no Triton: the torch path below
