@@ -32,7 +32,7 @@ if [[ $stage == offload || $stage == all ]]; then
 fi
 if [[ $stage == fused ]]; then
   $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
-  $PY -m pytest -q -s -p no:cacheprovider tests/test_gpu_fused_model.py 2>&1 | tee "$OUT/tests_fused.log"
+  $PY -m pytest -q -s -p no:cacheprovider tests/test_gpu_fused_model.py tests/test_device_dtype.py 2>&1 | tee "$OUT/tests_fused.log"
   $PY -m vtquant.bench_e2e --model-shape llama-3-8b --layers 8 --tokens 4096 --calib-batches 16 --calib-len 2048 \
       --profile --results-file "$OUT/e2e_llama3_8b_8l_fused.json" 2>&1 | tee "$OUT/e2e_llama3_8b_8l_fused.log"
 fi
