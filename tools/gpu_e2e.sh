@@ -4,7 +4,9 @@
 #   (bf16, dynamic FP8, insertquant FP8, insertquant+rotate FP8) for 8 layers of the LLaMA-2-7B and
 #   LLaMA-3-8B shapes at 4,096 tokens, and a full 32-layer LLaMA-3-8B calibration with offload
 #   (model on the CPU, one block on the GPU at a time).  Results land in $OUT (or ./gpu_e2e_out).
-# Stages (first argument, default "all"): tests | e2e | offload | all.  Each stage fits in one
+# Stages (first argument, default "all"): tests | e2e | offload | all; "fused" runs the producer-fused
+# forward's GPU tests and the fused end-to-end rows of the Llama-3-8B shape (8 layers, 4,096 tokens, with
+# the top CUDA kernels of each model); "unfused" the same rows through the per-Linear modules.  Each stage fits in one
 # 10-minute device call; "all" needs about 12-15 minutes, so run it as two calls (tests+e2e, offload).
 set -o pipefail
 OUT=${OUT:-gpu_e2e_out}
@@ -27,4 +29,14 @@ if [[ $stage == offload || $stage == all ]]; then
   $PY -m vtquant.bench_e2e --model-shape llama-3-8b --layers 32 --tokens 4096 --calib-batches 64 --calib-len 2048 \
       --methods insertquant+rotate --offload --repeats 3 \
       --results-file "$OUT/calib_llama3_8b_32l_offload.json" 2>&1 | tee "$OUT/calib_llama3_8b_32l_offload.log"
+fi
+if [[ $stage == fused ]]; then
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+  $PY -m pytest -q -s -p no:cacheprovider tests/test_gpu_fused_model.py tests/test_device_dtype.py 2>&1 | tee "$OUT/tests_fused.log"
+  $PY -m vtquant.bench_e2e --model-shape llama-3-8b --layers 8 --tokens 4096 --calib-batches 16 --calib-len 2048 \
+      --profile --results-file "$OUT/e2e_llama3_8b_8l_fused.json" 2>&1 | tee "$OUT/e2e_llama3_8b_8l_fused.log"
+fi
+if [[ $stage == unfused ]]; then
+  $PY -m vtquant.bench_e2e --model-shape llama-3-8b --layers 8 --tokens 4096 --calib-batches 16 --calib-len 2048 \
+      --no-fused --profile --results-file "$OUT/e2e_llama3_8b_8l_unfused.json" 2>&1 | tee "$OUT/e2e_llama3_8b_8l_unfused.log"
 fi

@@ -16,6 +16,14 @@ converted to real kernels.  Rows (each timed on the same prefill of ``--tokens``
   ``convert_(model, "cuda-fp8")``;
 * ``insertquant+rotate``: the same with the QuaRot-style rotation (online Hadamard at ``down_proj``).
 
+By default (``--fused``) both 8-bit models run the producer-fused block forward
+(:mod:`vtquant.kernels.fused`): RMSNorm / SiLU * up / attention output write the codes (static: a
+known scale, sink rows zeroed in the same kernel; dynamic: the row max in the same kernel), q/k/v and
+gate/up are one GEMM each, sink rows are written by index, attention runs through SDPA, and the rotated
+model's online Hadamard is fused with SiLU * up and the quantization (:mod:`vtquant.kernels.triton_hadamard`).
+``--no-fused`` gives the per-Linear modules of the earlier rows.  ``--profile`` adds the top CUDA
+kernels of one forward per method (``torch.profiler``) to each row.
+
 Each row reports the median eager forward time of the decoder (``model.model``; no head) measured
 with CUDA events after warm-up, so Python overhead and host synchronisations of a module are part of
 the time (this is the model as users run it, not a CUDA graph of one layer as in the layer bench),
@@ -49,9 +57,12 @@ SHAPES = {
                        vocab_size=128256, rope_theta=500000.0),
     "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                         vocab_size=128256, rope_theta=500000.0),
+    "small": dict(hidden_size=512, intermediate_size=3584, num_attention_heads=8, num_key_value_heads=2,
+                  vocab_size=512),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
 }
-"""Model shapes (``tiny`` is for tests on the CPU)."""
+"""Model shapes (``tiny`` is for tests on the CPU, ``small`` for GPU tests: 3584 = 16 x 224 takes the Triton
+Hadamard kernel)."""
 
 SINK_ID, TRIGGER_CHANNEL, SPIKE_CHANNEL = 1, 3, 7
 METHODS = ("bf16", "dynamic-token", "insertquant", "insertquant+rotate")
@@ -144,15 +155,42 @@ class DynamicTokenLinear(DynamicRowLinear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def dynamic_token_(model: nn.Module, backend: str = "cuda-fp8") -> nn.Module:
-    """Replace every block Linear of a Llama-style model by a :class:`DynamicTokenLinear` (in place)."""
+def dynamic_token_(model: nn.Module, backend: str = "cuda-fp8", fused: bool = False) -> nn.Module:
+    """Replace every block Linear of a Llama-style model by a :class:`DynamicTokenLinear` (in place);
+    ``fused``: then run the blocks through the producer-fused forward (:func:`vtquant.kernels.fused.fuse_dynamic_`)."""
     from .core.modules import replace_module
+    from .kernels.fused import decoder_layout, fuse_dynamic_
 
+    layout = decoder_layout(model) if fused else None
     for block in model.model.layers:
         for name, module in list(block.named_modules()):
             if isinstance(module, nn.Linear):
                 replace_module(block, name, DynamicTokenLinear(module, backend))
+    if fused:
+        fuse_dynamic_(model, layout)
     return model
+
+
+def profile_top(fn: Callable[[], Any], top: int = 12) -> list[dict]:
+    """The ``top`` CUDA kernels of one call of ``fn`` by GPU time (torch.profiler), as rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    # kernels only: an aten:: op's self device time is its kernels' time again
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) > 0
+              and not e.key.startswith("aten::")]
+
+    def dev(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    total = sum(dev(e) for e in events) or 1.0
+    events.sort(key=dev, reverse=True)
+    return [{"name": e.key[:90], "us": round(dev(e), 1), "share": round(dev(e) / total, 3), "calls": e.count}
+            for e in events[:top] if dev(e) > 0]
 
 
 def prefill_flops(cfg: Any, layers: int, tokens: int) -> float:
@@ -205,7 +243,8 @@ def _cast_outside_quantizers_(model: nn.Module, dtype: torch.dtype) -> None:
 def e2e_bench(shape: str = "llama-2-7b", layers: int = 8, tokens: int = 4096, device: str = "cuda",
               methods: tuple = METHODS, calib_batches: int = 16, calib_len: int = 2048, repeats: int = 10,
               spike: float = 4000.0, pipeline: str = "basic", backend: Optional[str] = None,
-              offload: bool = False, quiet: bool = True, seed: int = 0) -> list[dict]:
+              offload: bool = False, quiet: bool = True, seed: int = 0, fused: bool = True,
+              profile: bool = False) -> list[dict]:
     """The rows of the module docstring (``backend``: ``cuda-fp8`` on a GPU, ``cpu-int8`` on the CPU).
 
     ``offload``: calibrate with the model kept on the CPU and its blocks run one at a time on
@@ -237,13 +276,15 @@ def e2e_bench(shape: str = "llama-2-7b", layers: int = 8, tokens: int = 4096, de
     for method in methods:
         row: dict = {"model_shape": shape, "layers": layers, "tokens": tokens, "method": method,
                      "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                     "backend": "bf16" if method == "bf16" else backend}
+                     "backend": "bf16" if method == "bf16" else backend, "torch": torch.__version__}
         if method == "bf16":
             model = base
         else:
             model = copy.deepcopy(base)
             if method == "dynamic-token":
-                dynamic_token_(model, backend)
+                dynamic_token_(model, backend, fused=fused)
+                report_fused = getattr(model, "_vtquant_fusion_report", {})
+                row["fused_blocks"] = sum(v == "fused" for v in report_fused.values())
             else:
                 recipe = method_recipe(method, Recipe())
                 # a rotation folded in bf16 spreads the 4,000 spike over every channel and loses the rest of the
@@ -279,11 +320,14 @@ def e2e_bench(shape: str = "llama-2-7b", layers: int = 8, tokens: int = 4096, de
                            calib_tokens=calib_batches * calib_len, emergence_layer=report.emergence_layer,
                            sinks_found=len(report.calib_sink_positions) > 0 and all(
                                p[:1] == [0] for p in report.calib_sink_positions))
-                convert_(model, backend)
+                convert_(model, backend, fused=fused)
+                row["fused_blocks"] = sum(v == "fused" for v in (getattr(model.vtquant, "fused", None) or {}).values())
         with torch.no_grad():
             out = logits(model)
             row["logit_err_vs_bf16"] = round(float((out - ref).norm() / ref.norm()), 5)
             seconds = _time(lambda: hidden(model), dev, repeats)
+            if profile and dev.type == "cuda":
+                row["profile"] = profile_top(lambda: hidden(model))
         timings[method] = seconds
         row.update(seconds=round(seconds, 5), tflops=round(flops / seconds / 1e12, 1))
         if "bf16" in timings:
@@ -300,7 +344,7 @@ def e2e_bench(shape: str = "llama-2-7b", layers: int = 8, tokens: int = 4096, de
 
 
 def format_rows(rows: list[dict]) -> str:
-    cols = ["method", "backend", "seconds", "tflops", "x_bf16", "x_dynamic", "logit_err_vs_bf16", "calib_seconds",
+    cols = ["method", "backend", "fused_blocks", "seconds", "tflops", "x_bf16", "x_dynamic", "logit_err_vs_bf16", "calib_seconds",
             "calib_peak_gib", "calib_peak_extra_gib"]
     lines = [" | ".join(cols)]
     for r in rows:
@@ -324,12 +368,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="calibrate with the model on the CPU, blocks run one at a time on --device (sequential)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--spike", type=float, default=4000.0)
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="8-bit models run the producer-fused block forward (vtquant.kernels.fused)")
+    p.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one forward to each row")
     p.add_argument("--results-file", default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     rows = e2e_bench(args.model_shape, args.layers, args.tokens, args.device, tuple(args.methods.split(",")),
                      args.calib_batches, args.calib_len, args.repeats, args.spike, args.pipeline, args.backend,
-                     offload=args.offload)
+                     offload=args.offload, fused=args.fused, profile=args.profile)
     print(format_rows(rows))
+    for r in rows:
+        for k in r.get("profile", []):
+            print(f"  {r['method']:<20} {k['share']:6.1%} {k['us']:10.1f} us  x{k['calls']:<4} {k['name']}")
     if args.results_file:
         with open(args.results_file, "w") as f:
             json.dump(rows, f, indent=1)

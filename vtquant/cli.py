@@ -38,6 +38,55 @@ def _model_args(p: argparse.ArgumentParser, vision: bool = False) -> None:
                     "; vision-language models (eval vlm): asset:clip-smollm2-llava or vlm:PATH") + " (default: %(default)s)")
     p.add_argument("--model-file", default=None,
                    help="a GGUF model file given by hand (use when the asset cannot be fetched)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs and is calibrated: cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="the model's dtype; calibration buffers follow it (default: %(default)s)")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _target(args: argparse.Namespace):
+    """``(torch.device, torch.dtype)`` of ``--device`` / ``--dtype``; one clear error for a device that is not there."""
+    import torch
+
+    from .config import ConfigError
+
+    device = getattr(args, "device", "cpu") or "cpu"
+    dtype = getattr(torch, getattr(args, "dtype", "float32") or "float32")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a device name ({exc}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: no such CUDA GPU is visible here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: vtquant runs on cpu or cuda")
+    return dev, dtype
+
+
+def _place(model, args: argparse.Namespace, log):
+    """Move a loaded model to ``--device`` / ``--dtype``."""
+    import torch
+
+    dev, dtype = _target(args)
+    if dev.type != "cpu" or dtype != torch.float32:
+        model.to(device=dev, dtype=dtype)
+        log(f"model on {dev}, {str(dtype).replace('torch.', '')}")
+    return model
+
+
+def _cpu_only(args: argparse.Namespace, what: str, device_ok: bool = False) -> None:
+    """Refuse ``--device`` / ``--dtype`` on a command path that does not place its model yet (instead of ignoring
+    them); ``device_ok``: the path takes ``--device`` itself, only ``--dtype`` is refused."""
+    from .config import ConfigError
+
+    dev, dtype = _target(args)
+    if dev.type != "cpu" and not device_ok:
+        raise ConfigError(f"--device {args.device}: {what} runs on the CPU only for now; leave --device out")
+    if str(dtype) != "torch.float32":
+        raise ConfigError(f"--dtype {args.dtype}: {what} runs in float32 only for now; leave --dtype out")
 
 
 def _text_args(p: argparse.ArgumentParser, chunks: Optional[int]) -> None:
@@ -89,9 +138,11 @@ def _load(args: argparse.Namespace, log, **kwargs):
     from .models import load_causal_lm, set_threads
 
     threads = set_threads(args.threads)
+    _target(args)  # a device that is not there fails before the model is loaded
     log(f"loading {args.model_file or args.model} ({threads} threads) ...")
     model, tok, name = load_causal_lm(args.model, args.model_file, quiet=args.quiet, **kwargs)
     log(f"loaded {type(model).__name__} in {model.vtquant_load_seconds:.1f} s")
+    _place(model, args, log)
     model.vtquant_fp_reference = fp_reference(args.model, args.model_file, name)
     return model, tok, name
 
@@ -332,6 +383,7 @@ def is_vision_compare(args: argparse.Namespace) -> bool:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Methods x bit settings side by side: one table, JSON rows, a PNG bar chart."""
     if is_vision_compare(args):
+        _cpu_only(args, "vtquant compare --vision")
         return _vision_compare(args)
     if args.breakdown:
         return _breakdown(args)
@@ -436,8 +488,10 @@ def _vision_compare(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "linear-probe":
+        _cpu_only(args, "vtquant eval linear-probe", device_ok=True)
         return _eval_linear_probe(args)
     if args.task in ("imagenet", "retrieval"):
+        _cpu_only(args, f"vtquant eval {args.task}")
         return _vision_eval(args)
     if args.task == "vlm":
         return _eval_vlm(args)
@@ -458,6 +512,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_vlm(args: argparse.Namespace) -> int:
     """``vtquant eval vlm``: FP vs quantized fidelity of a vision-language model on image + text prompts."""
+    _cpu_only(args, "vtquant eval vlm")
     from .config import ConfigError
     from .eval.results import write_results
     from .eval.vlm import evaluate_vlm, format_vlm_table, prepare_vlm_data, vlm_method_recipe
@@ -603,7 +658,8 @@ def _checkpoint_and_tokenizer(args: argparse.Namespace, log):
     from . import api
     from .checkpoint import load_tokenizer
 
-    model = api.load(args.checkpoint)
+    _target(args)  # a device that is not there fails before the checkpoint is loaded
+    model = _place(api.load(args.checkpoint), args, log)
     tok = load_tokenizer(args.checkpoint)
     name = Path(args.checkpoint).name
     if tok is None:
@@ -726,6 +782,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     log = _log(args)
     if is_vlm_spec(args.model):
+        _cpu_only(args, "vtquant quantize on a vision-language model")
         return _quantize_vlm(args, log)
     if not args.out:
         from .config import ConfigError
@@ -733,6 +790,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError("vtquant quantize needs --out DIR (where the checkpoint goes)")
     recipe = _base_recipe(args)
     if args.model == VISION_CLIP_ASSET or is_vision_spec(args.model):
+        _cpu_only(args, "vtquant quantize on a vision model")
         if args.format not in ("auto", "vtquant", "hf"):
             from .config import ConfigError
 
@@ -828,6 +886,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     command = "vtquant " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
     restoration = not args.no_restoration
     if is_vision_spec(args.model):  # timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH or the DINOv2-S control
+        _cpu_only(args, "vtquant analyze on a vision model")
         photos = load_images(args.images)  # a bad image file fails here, before the model load
         set_threads(args.threads)
         model, preprocess, name = load_image_tower(args.model, pretrained=not args.no_pretrained, quiet=args.quiet)
@@ -1057,8 +1116,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--train-size", type=int, default=10000, help="probe training images, 0 = all 60k (default: %(default)s)")
     lp.add_argument("--test-size", type=int, default=2000, help="test images, 0 = all 10k (default: %(default)s)")
     lp.add_argument("--knn-k", type=int, default=20, help="k-NN neighbours (default: %(default)s)")
-    lp.add_argument("--device", default="cpu", help="device of the feature extraction, the calibration and the "
-                    "fake quantization (default: %(default)s)")
+    # linear-probe: --device (above) is the device of the feature extraction, the calibration and the fake quantization
     lp.add_argument("--tf32", choices=("on", "off"), default="off",
                     help="--device cuda: TF32 matmuls (default: %(default)s: fp32 throughout)")
     p.set_defaults(func=cmd_eval)

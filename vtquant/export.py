@@ -62,7 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core.quant import ActQuantizer, QuantLinear, dequantize_weight
-from .core.rotation import kron_apply
+from .core.rotation import hadamard_apply
 from .core.sinks import SinkState
 from .core.templates import ResidualRestore
 
@@ -205,7 +205,7 @@ def _quant_linear_export_forward(self: QuantLinear, x: torch.Tensor) -> torch.Te
     guard = self.guard
     known = _known_rows(guard.state, x) if guard is not None and guard.zeroes_inputs else []
     if self.rot_signs is not None:
-        x = kron_apply(x, self.rot_signs, self.rot_factors)
+        x = hadamard_apply(x, self.rot_signs, self.rot_factors)
     weight = _dequantized_weight(self).to(x.dtype)
     bias = None if self.bias is None else self.bias.to(x.dtype)
     xq = x

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ActArgs, WeightArgs
-from .rotation import kron_apply
+from .rotation import hadamard_apply
 
 
 def quantize_weight(weight: torch.Tensor, args: WeightArgs,
@@ -343,7 +343,7 @@ class QuantLinear(nn.Module):
         state = guard.state if guard is not None else None
         mask = state.mask_for(x) if (state is not None and guard.mode != "off") else None
         if self.rot_signs is not None:
-            x = kron_apply(x, self.rot_signs, self.rot_factors)
+            x = hadamard_apply(x, self.rot_signs, self.rot_factors)
         weight = self._weight_for(x.dtype)
         rows = None
         if mask is not None:

@@ -24,6 +24,7 @@ construction falls back to a seeded random orthogonal factor (logged).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional
@@ -150,6 +151,94 @@ def kron_apply(x: torch.Tensor, signs: torch.Tensor, factors: list[torch.Tensor]
         else:
             y = torch.movedim(torch.movedim(y, axis, last) @ f.to(x.dtype), last, axis)
     return y.reshape(shape)
+
+
+_SYLVESTER_CHECK: dict = {}
+
+
+def tensor_memo(cache: dict, tensors: tuple, compute: Callable[[], object]) -> object:
+    """``compute()`` memoised on the identity (and in-place version) of ``tensors``: entries hold weak
+    references, so a new tensor that reuses a freed one's id or memory is never mistaken for it."""
+    key = tuple(id(t) for t in tensors)
+    hit = cache.get(key)
+    if hit is not None:
+        refs, versions, value = hit
+        if all(r() is t for r, t in zip(refs, tensors)) and versions == tuple(t._version for t in tensors):
+            return value
+    value = compute()
+    if len(cache) > 256:
+        cache.clear()
+    cache[key] = (tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors), value)
+    return value
+
+
+def is_sylvester_factor(f: torch.Tensor) -> bool:
+    """Whether ``f`` is the orthonormal Sylvester Hadamard ``H_n / sqrt(n)`` (n a power of two >= 2).
+
+    Checked once per tensor (memoised on its identity)."""
+    n = f.shape[0]
+    if f.dim() != 2 or f.shape[1] != n or n < 2 or n & (n - 1):
+        return False
+
+    def check() -> bool:
+        ref = _sylvester(n) / n ** 0.5
+        tol = 1e-6 if f.dtype in (torch.float32, torch.float64) else 1e-2
+        return bool(torch.allclose(f.detach().double().cpu(), ref, rtol=0, atol=tol * n ** -0.5))
+
+    return bool(tensor_memo(_SYLVESTER_CHECK, (f,), check))
+
+
+def fwht_(y: torch.Tensor, axis: int) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform (Sylvester order) of ``y`` along ``axis``: ``log2(n)``
+    butterfly stages, each one reshape and one add / subtract pass (no ``n x n`` matrix).  Only the
+    leading dimension is left symbolic (-1), so an ONNX export keeps a dynamic batch / length there."""
+    n = y.shape[axis]
+    post = 1
+    for d in y.shape[axis + 1:]:
+        post *= d
+    lead = 1 if axis == 0 else -1
+    if axis > 1:  # fold the middle dimensions (static sizes) into the leading one
+        lead = -1
+    z = y.reshape(lead, n, post)
+    h = 1
+    while h < n:
+        z4 = z.reshape(-1, n // (2 * h), 2, h, post)
+        a, b = z4[:, :, 0], z4[:, :, 1]
+        z = torch.stack((a + b, a - b), dim=2).reshape(-1, n, post)
+        h *= 2
+    z = z * n ** -0.5
+    return z.reshape(y.shape) if axis == 0 else z.reshape(-1, *y.shape[1:])
+
+
+def hadamard_apply(x: torch.Tensor, signs: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """The online rotation ``x @ (diag(signs) (F_1 kron ... kron F_k))``, the same map as
+    :func:`kron_apply`, computed fast: Sylvester (power-of-two) factors by a butterfly
+    Walsh-Hadamard transform (:func:`fwht_`), other factors (Paley orders, random orthogonal) by a
+    matmul along their axis; float32 arithmetic for low-precision inputs, result in ``x.dtype``.
+    On CUDA the two-factor case (a power of two times one small factor, e.g. 14336 = 64 x 224) runs
+    as one Triton kernel (``vtquant.kernels.triton_hadamard``)."""
+    if x.is_cuda and x.dim() >= 1 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+        try:
+            from ..kernels.triton_hadamard import hadamard_cuda
+        except Exception:  # noqa: BLE001 - no Triton: the torch path below
+            hadamard_cuda = None
+        if hadamard_cuda is not None:
+            out = hadamard_cuda(x, signs, factors)
+            if out is not None:
+                return out
+    shape, dtype = x.shape, x.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    sizes = [f.shape[0] for f in factors]
+    y = (x.to(work) * signs.to(device=x.device, dtype=work)).reshape(-1, *sizes)
+    last = y.dim() - 1
+    for axis, f in enumerate(factors, start=1):
+        if is_sylvester_factor(f):
+            y = fwht_(y, axis)
+        elif axis == last:
+            y = y @ f.to(device=x.device, dtype=work)
+        else:
+            y = torch.movedim(torch.movedim(y, axis, last) @ f.to(device=x.device, dtype=work), last, axis)
+    return y.reshape(shape).to(dtype)
 
 
 def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:

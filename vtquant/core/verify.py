@@ -48,7 +48,7 @@ import torch
 
 from ..config import ConfigError
 from .hooks import HookManager
-from .rotation import kron_apply
+from .rotation import hadamard_apply
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
@@ -185,7 +185,7 @@ class _RotateInput:
 
     def __call__(self, module: Any, inputs: tuple) -> tuple:
         x = inputs[0]
-        return (kron_apply(x, self.signs.to(x.device), [f.to(x.device) for f in self.factors]),) + tuple(inputs[1:])
+        return (hadamard_apply(x, self.signs.to(x.device), [f.to(x.device) for f in self.factors]),) + tuple(inputs[1:])
 
 
 @torch.no_grad()

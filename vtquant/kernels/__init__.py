@@ -14,6 +14,11 @@ per-channel weight scales folded into one rescale:
 Linears that read the same input (q/k/v, gate/up) share one quantization and one
 concatenated matmul when their static scales agree.  Sink rows cost O(#sinks): their
 int8 codes are zeroed by index and their outputs written by index.
+
+On CUDA the blocks of a pre-norm RMSNorm / SwiGLU transformers decoder then run the
+producer-fused forward of :mod:`vtquant.kernels.fused` (codes written by RMSNorm, SiLU * up
+and the attention output; one GEMM per fused group; SDPA; the rotated model's online
+Hadamard fused with SiLU * up and the quantization, :mod:`vtquant.kernels.triton_hadamard`).
 """
 from .linear import BACKENDS, RealQuantLinear, convert_
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..core.quant import QuantLinear, dequantize_weight
 from ..core.modules import replace_module
-from ..core.rotation import kron_apply
+from ..core.rotation import hadamard_apply
 
 BACKENDS = ("cpu-int8", "cuda-int8", "cuda-fp8")
 FP8_MAX = 448.0
@@ -359,7 +359,7 @@ class RealQuantLinear(nn.Module):
         index = state.flat_index() if (state is not None and state.mask_for(x) is not None) else None
         x2 = state.rows(x) if state is not None else x.reshape(-1, x.shape[-1])
         if self.rot_signs is not None:
-            x2 = kron_apply(x2, self.rot_signs, self.rot_factors)
+            x2 = hadamard_apply(x2, self.rot_signs, self.rot_factors)
         q = self._quantize(x2, fused=self._fused_cpu(x2))
         if index is not None:
             self._zero_rows(q, index)
@@ -409,7 +409,7 @@ class RealQuantLinear(nn.Module):
 
 
 def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs: bool = True,
-             cpu_kernel: Optional[str] = None) -> nn.Module:
+             cpu_kernel: Optional[str] = None, fused: Optional[bool] = None) -> nn.Module:
     """Replace every calibrated ``QuantLinear`` of ``model`` by a :class:`RealQuantLinear` (in place).
 
     Args:
@@ -421,6 +421,11 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
             more rows through fbgemm's fused GEMM + rescale kernel where a one-time exactness probe
             passes (else ``int_mm``); ``fbgemm`` insists on it.  Both give the same int8 codes and
             int32 sums.
+        fused: run each decoder block through the producer-fused forward
+            (:mod:`vtquant.kernels.fused`: RMSNorm / SiLU * up / attention output -> codes, one GEMM
+            for q/k/v and one for gate/up, sink rows written by index, SDPA attention).  Default
+            (``None``): on for ``cuda-*`` backends of transformers decoders whose blocks it covers, off
+            otherwise; ``True`` insists (an error if no block can be fused); ``False``: per-Linear modules only.
     """
     handle = getattr(model, "vtquant", None)
     if handle is None:
@@ -448,6 +453,22 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
                 if same_scale and same_rot and same_guard:
                     SharedInput(members)
     handle.backend = backend
+    handle.fused = {}
+    if fused or (fused is None and backend.startswith("cuda")):
+        from .fused import FusionError, fuse_static_
+
+        if not group_shared_inputs:
+            if fused:
+                raise UnsupportedConversionError("fused=True needs group_shared_inputs=True")
+        else:
+            try:
+                handle.fused = fuse_static_(model)
+            except FusionError as exc:
+                if fused:
+                    raise UnsupportedConversionError(f"fused=True: {exc}") from exc
+            if fused and not any(v == "fused" for v in handle.fused.values()):
+                reasons = sorted(set(handle.fused.values()))
+                raise UnsupportedConversionError(f"fused=True: no block can run the fused forward ({'; '.join(reasons)})")
     if backend == "cpu-int8":
         handle.cpu_kernel = kernel
         if kernel == "fbgemm":  # pack now, not inside the first forward
