@@ -177,6 +177,15 @@ def test_cli_quantize_open_clip(tmp_path, monkeypatch, capsys):
     loaded = vtquant.load(out)
     assert loaded.visual.vtquant.plan.method == "insertquant" and loaded.transformer.vtquant is not None
     assert "random" not in (loaded.visual.vtquant.fp_reference or "")
+    # the real CLIP B/16 image tower's path (the asset, here a tiny open_clip tower in its place)
+    import vtquant.convert.clip_onnx as clip_onnx
+
+    monkeypatch.setattr(clip_onnx, "load_clip_vit_b16", lambda library, quiet=False: vm.open_clip_tiny().visual)
+    monkeypatch.setattr(clip_onnx, "clip_preprocess", lambda: preprocess)
+    assert main(["quantize", "--model", "asset:clip-vit-b16-openai", "--library", "open_clip", "--recipe", str(recipe),
+                 "--out", str(tmp_path / "asset"), "--quiet", "--threads", "1"]) == 0
+    tower = vtquant.load(tmp_path / "asset")
+    assert type(tower).__name__ == "VisionTransformer" and "int8 ONNX" in tower.vtquant.fp_reference
     assert main(["quantize", "--model", "open_clip:tiny", "--recipe", str(recipe), "--out", str(tmp_path / "ct"),
                  "--format", "compressed-tensors", "--quiet"]) != 0
     assert "--format compressed-tensors is for transformers decoders" in capsys.readouterr().err
