@@ -144,6 +144,16 @@ def test_open_clip_checkpoint_rules(tmp_path):
         vtquant.load(path)
     with pytest.raises(ValueError, match="not quantized"):
         vtquant.save(vm.open_clip_tiny(), tmp_path / "fp")
+    one = vm.open_clip_tiny()
+    vtquant.quantize_(one.visual, method_recipe("naive-static", Recipe(ignore=[])), images, quiet=True)
+    with pytest.raises(NotImplementedError, match="save the quantized tower itself"):
+        vtquant.save(one, tmp_path / "one")
+    only = vm.open_clip_tiny()  # one tower through quantize_clip_: the other is prepared, the CLIP saves
+    quantize_clip_(only, _recipe("naive-static"), images=images, towers=("visual",), quiet=True)
+    with torch.no_grad():
+        x, t = images[0], texts[0]
+        torch.testing.assert_close(vtquant.load(vtquant.save(only, tmp_path / "only")).encode_text(t),
+                                   only.encode_text(t), atol=1e-6, rtol=0)
 
 
 def test_cli_quantize_open_clip(tmp_path, monkeypatch, capsys):
