@@ -144,6 +144,16 @@ def test_open_clip_checkpoint_rules(tmp_path):
         vtquant.load(path)
     with pytest.raises(ValueError, match="not quantized"):
         vtquant.save(vm.open_clip_tiny(), tmp_path / "fp")
+    one = vm.open_clip_tiny()
+    vtquant.quantize_(one.visual, method_recipe("naive-static", Recipe(ignore=[])), images, quiet=True)
+    with pytest.raises(NotImplementedError, match="save the quantized tower itself"):
+        vtquant.save(one, tmp_path / "one")
+    only = vm.open_clip_tiny()  # one tower through quantize_clip_: the other is prepared, the CLIP saves
+    quantize_clip_(only, _recipe("naive-static"), images=images, towers=("visual",), quiet=True)
+    with torch.no_grad():
+        x, t = images[0], texts[0]
+        torch.testing.assert_close(vtquant.load(vtquant.save(only, tmp_path / "only")).encode_text(t),
+                                   only.encode_text(t), atol=1e-6, rtol=0)
 
 
 def test_cli_quantize_open_clip(tmp_path, monkeypatch, capsys):
@@ -177,6 +187,15 @@ def test_cli_quantize_open_clip(tmp_path, monkeypatch, capsys):
     loaded = vtquant.load(out)
     assert loaded.visual.vtquant.plan.method == "insertquant" and loaded.transformer.vtquant is not None
     assert "random" not in (loaded.visual.vtquant.fp_reference or "")
+    # the real CLIP B/16 image tower's path (the asset, here a tiny open_clip tower in its place)
+    import vtquant.convert.clip_onnx as clip_onnx
+
+    monkeypatch.setattr(clip_onnx, "load_clip_vit_b16", lambda library, quiet=False: vm.open_clip_tiny().visual)
+    monkeypatch.setattr(clip_onnx, "clip_preprocess", lambda: preprocess)
+    assert main(["quantize", "--model", "asset:clip-vit-b16-openai", "--library", "open_clip", "--recipe", str(recipe),
+                 "--out", str(tmp_path / "asset"), "--quiet", "--threads", "1"]) == 0
+    tower = vtquant.load(tmp_path / "asset")
+    assert type(tower).__name__ == "VisionTransformer" and "int8 ONNX" in tower.vtquant.fp_reference
     assert main(["quantize", "--model", "open_clip:tiny", "--recipe", str(recipe), "--out", str(tmp_path / "ct"),
                  "--format", "compressed-tensors", "--quiet"]) != 0
     assert "--format compressed-tensors is for transformers decoders" in capsys.readouterr().err

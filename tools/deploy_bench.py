@@ -220,7 +220,7 @@ def _ct_recipes(recipe):
     base = method_recipe("naive-static", recipe.replace(rotation=dataclasses.replace(recipe.rotation, enabled=False)))
     ct = "compressed-tensors"
     w4 = base.replace(weights=WeightArgs(bits=4, granularity="per-group", group_size=64, algorithm="gptq"),
-                      activations=None)
+                      activations=None, name="w4a16-g64-gptq")
     return [
         ("naive-static W8A8, vtquant numerics (before; exported with allow_inexact)", base, "vtquant"),
         ("naive-static W8A8 (symmetric)", base.with_numerics(ct), ct),

@@ -753,6 +753,14 @@ def _quantize_vision(args: argparse.Namespace, recipe, log):
         model, preprocess, tokenizer = vm.model, vm.preprocess, vm.tokenizer
         fp_reference = f"{vm.name}: " + ("random weights (--no-pretrained)" if args.no_pretrained else
                                          "the library's pretrained weights in float32")
+    from .adapters import ModelAdapter
+    from .vision import model_towers
+
+    if len(model_towers(model)) > 1 and not hasattr(ModelAdapter.adapter_class(model), "model_config_dict"):
+        from .config import ConfigError
+
+        raise ConfigError(f"{args.model}: a {type(model).__name__} cannot be saved as one checkpoint yet (open_clip "
+                          "CLIPs can); quantize its towers in Python (vtquant.vision.quantize_clip_) instead")
     photos = load_images(args.calib_data)
     cal = recipe.calibration
     idx = _calib_indices(len(photos), cal.num_samples, cal.seed)

@@ -242,6 +242,13 @@ class _OpenCLIPTwoTowers(OpenCLIPVisualAdapter):
         text_root = getattr(model, "text", None) or model
         handles = {"visual": getattr(model.visual, "vtquant", None),
                    "text": getattr(text_root if text_root is not model else model.transformer, "vtquant", None)}
+        roots = {"visual": model.visual, "text": text_root if text_root is not model else model.transformer}
+        for name, h in handles.items():
+            if h is None and any(isinstance(m, nn.MultiheadAttention) for m in roots[name].modules()):
+                raise NotImplementedError(
+                    f"the {name} tower of this {type(model).__name__} was not prepared by vtquant (only the other tower "
+                    "was quantized, with vtquant.quantize_): save the quantized tower itself (vtquant.save(tower, dir)), "
+                    "or quantize the model with vtquant.vision.quantize_clip_ (towers=... for one of them)")
         configs = {name: (h.adapter.open_clip_config if h is not None else
                           snapshot_config(visual_config if name == "visual" else text_config,
                                           model.visual if name == "visual" else text_root))
