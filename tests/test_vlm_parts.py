@@ -151,7 +151,7 @@ def test_real_composite_eval_cli(tmp_path):
     rows = {(r["method"], r["metric"]): r for r in data["rows"]}
     assert rows[("fp", "next_token_agreement")]["value"] == 1.0
     q = rows[("insertquant", "next_token_agreement")]
-    assert 0.5 < q["value"] <= 1.0
+    assert 0.3 < q["value"] <= 1.0
     assert q["eval_sinks"]["vision_patches"]["max"] >= 1  # CLIP's artifact patches
     assert q["eval_sinks"]["lm_first_token"]["mean"] == 1.0  # SmolLM2's first-token sink
     assert data["model_info"]["trained"] is False
