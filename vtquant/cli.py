@@ -1017,7 +1017,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-group weight scales of this many input columns; 0 = per-channel (default: 32, or the "
                    "--recipe's)")
     p.add_argument("--clip-search", choices=("on", "off"), default=None,
-                   help="weight and activation clipping search (default: on, or the --recipe's)")
+                   help="weight and activation clipping search (default: on, or the --recipe's; --vision: the "
+                   "weight search on where GPTQ runs, the activation search only with on)")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of perplexity to this file")
     p.add_argument("--breakdown", default=None, metavar="METHOD@SETTING",
                    help="instead of the table: per-layer error analysis of one method and setting (e.g. "
