@@ -756,6 +756,9 @@ class SinkCalibrator:
                 # the whole state for every later layer, so its spread is the error it brings
                 restore.restore_type[i] = (cos >= self.cfg.template_min_cosine and spread <= RESTORE_MAX_SPREAD
                                            and i not in protected)
+                if cos >= self.cfg.template_min_cosine and spread > RESTORE_MAX_SPREAD and i not in protected:
+                    # the clamp-and-insert check measures both choices for these on data (pipeline)
+                    self.report.restore_candidates.append(i)
             else:
                 restore.restore_type[i] = False
         if not bool(restore.restore_type.any()):

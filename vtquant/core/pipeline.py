@@ -76,6 +76,7 @@ class QuantReport:
     layer_template_spread: dict = field(default_factory=dict)
     restore_layer: Optional[int] = None
     restore_spread: dict = field(default_factory=dict)
+    restore_candidates: list = field(default_factory=list)
     type_names: list = field(default_factory=list)
     protected_types: list = field(default_factory=list)
     structure_recall: Optional[float] = None
@@ -442,9 +443,32 @@ sinks' inputs are nearly constant; a model whose sinks are clamped but not resto
 more than 100 % (the clamp-only ablation, ``sinks.insert: false``, is not checked)."""
 
 
-def _check_clamp_and_insert(adapter: "ModelAdapter", reference: Any, batch: Any, report: QuantReport) -> None:
-    """Clamp-and-insert with quantization off against the full-precision model on one calibration batch."""
+def _check_clamp_and_insert(adapter: "ModelAdapter", reference: Any, batch: Any, report: QuantReport,
+                            restore_layer: Optional[int] = None) -> None:
+    """Clamp-and-insert with quantization off against the full-precision model on one calibration batch.
+
+    Sink types whose residual state passed the cosine test but spread more than the restore rule allows
+    (``report.restore_candidates``) are measured both ways here: restored from their template or not; the
+    choice with the smaller output error is kept and the report says so."""
     result = compare(adapter, reference, batch, "clamp-and-insert (quantization off)")
+    cands = list(report.restore_candidates)
+    if cands and restore_layer is not None and result.output_error is not None:
+        restore = adapter.blocks()[restore_layer].vtquant_restore
+        before = restore.restore_type.clone()
+        restore.restore_type[cands] = True
+        alt = compare(adapter, reference, batch, "clamp-and-insert (quantization off)")
+        spreads = ", ".join(f"{report.restore_spread.get(i, float('nan')):.3g}" for i in cands)
+        if alt.output_error is not None and alt.output_error < result.output_error:
+            report.notes.append(f"sink residual after layer {restore_layer}: type(s) {cands} spread {spreads} across "
+                                f"inputs, restored anyway: measured output error {alt.output_error:.3g} restored vs "
+                                f"{result.output_error:.3g} not restored")
+            report.restore_layer = restore_layer
+            result = alt
+        else:
+            restore.restore_type.copy_(before)
+            report.notes.append(f"sink residual after layer {restore_layer}: type(s) {cands} (spread {spreads}) not "
+                                f"restored: measured output error {result.output_error:.3g} vs "
+                                f"{'-' if alt.output_error is None else format(alt.output_error, '.3g')} restored")
     report.equivalence["sinks"] = {**result.to_dict(), "limit": SINK_CHECK_LIMIT}
     worst = result.worst_block
     where = "" if worst is None else f", worst block {worst} ({result.block_errors[worst]:.2e})"
@@ -508,7 +532,7 @@ def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, 
     # 3. sinks (the method's calibrator installs detectors, guards and the residual restore)
     sink_plan, state = handler.on_sinks(ctx)
     if before_sinks is not None and sink_plan is not None:
-        _check_clamp_and_insert(adapter, before_sinks, runner.batches[0], report)
+        _check_clamp_and_insert(adapter, before_sinks, runner.batches[0], report, sink_plan.restore_layer)
 
     leaders = search.input_group_leaders(adapter, wrapped)
     acts, kv = recipe.activations, recipe.kv_cache
