@@ -7,8 +7,8 @@ the implanted sinks in each tower on new image + text batches; the language mode
 sinks on image tokens and on text tokens; clamp-and-insert with quantization off against full
 precision; W8A8 relative logit error (over every token of 2 new batches of 4 prompts) of
 naive-static, dynamic-token, insertquant and insertquant+rotate (the language model rotated, the
-vision tower too where its adapter describes a rotation: Idefics3 / SmolVLM; refused for LLaVA's
-layer -2 features and for Qwen's ViT); the equivalence-check error of each rotation.  Thin over the
+vision tower too where its adapter describes a rotation: Idefics3 / SmolVLM, and LLaVA, whose
+rotation folds into the projector's first Linear; refused for Qwen's ViT); the equivalence-check error of each rotation.  Thin over the
 library: the models come from ``tests/vlmmodels.py`` (the implanted mechanism of the test suite),
 everything else is ``vtquant.quantize_vlm_``.
 
@@ -36,7 +36,7 @@ import visionmodels as vm  # noqa: E402
 import vlmmodels as vl  # noqa: E402
 
 FAMILIES = {
-    "LLaVA": (vl.tiny_llava, lambda m, p, s: vl.llava_batch(p, seed=s), False),
+    "LLaVA": (vl.tiny_llava, lambda m, p, s: vl.llava_batch(p, seed=s), True),
     "Idefics3": (lambda: vl.tiny_idefics3(family="Idefics3"), vl.idefics3_batch, True),
     "SmolVLM": (lambda: vl.tiny_idefics3(family="SmolVLM"), vl.idefics3_batch, True),
     "Qwen2-VL": (vl.tiny_qwen2vl, lambda m, p, s: vl.qwen2vl_batch(p, seed=s), False),
