@@ -343,6 +343,50 @@ def e2e_bench(shape: str = "llama-2-7b", layers: int = 8, tokens: int = 4096, de
     return rows
 
 
+def calib_memory_bench(shape: str, layers: int, device: str = "cuda", method: str = "insertquant",
+                       calib_batches: int = 64, calib_len: int = 2048, spike: float = 4000.0, seed: int = 0,
+                       quiet: bool = True) -> dict:
+    """Calibration alone, the way a model too large for the GPU is calibrated: the model is built on
+    the CPU (bf16; fp32 for rotated methods, as in :func:`e2e_bench`), ``quantize_`` runs the
+    sequential pipeline with one block at a time on ``device`` and the cached block inputs there.
+    Nothing else is on the GPU, so the row's peak GPU memory is calibration's own: it should not grow
+    with the number of layers (issue 13: the 70B shape truncated to 4 and to 8 layers)."""
+    import vtquant
+    from .config import Recipe, method_recipe
+
+    dev = torch.device(device)
+    recipe = method_recipe(method, Recipe())
+    calib_dtype = torch.float32 if recipe.rotation.enabled else torch.bfloat16
+    t0 = time.perf_counter()
+    model = implanted_llama(shape, layers, "cpu", calib_dtype, spike=spike, seed=seed)
+    build_s = time.perf_counter() - t0
+    calib = token_batches(calib_batches, calib_len, model.config.vocab_size, seed=1)
+    params = sum(p.numel() for p in model.parameters())
+    row: dict = {"model_shape": shape, "layers": layers, "method": method, "mode": "calibration only",
+                 "pipeline": "sequential+offload", "calib_dtype": str(calib_dtype).replace("torch.", ""),
+                 "calib_tokens": calib_batches * calib_len, "params_b": round(params / 1e9, 3),
+                 "model_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30, 2),
+                 "build_seconds": round(build_s, 1), "device": str(dev), "torch": torch.__version__}
+    if dev.type == "cuda":
+        row["device"] = torch.cuda.get_device_name(dev)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        row["gpu_allocated_before_gib"] = round(torch.cuda.memory_allocated(dev) / 2 ** 30, 3)
+    t0 = time.perf_counter()
+    report = vtquant.quantize_(model, recipe, calib, quiet=quiet, pipeline="sequential", device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        row["calib_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2)
+        row["calib_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(dev) / 2 ** 30, 2)
+    row.update(calib_seconds=round(time.perf_counter() - t0, 1), emergence_layer=report.emergence_layer,
+               sinks_found=len(report.calib_sink_positions) > 0 and all(
+                   p[:1] == [0] for p in report.calib_sink_positions))
+    del model
+    gc.collect()
+    return row
+
+
 def format_rows(rows: list[dict]) -> str:
     cols = ["method", "backend", "fused_blocks", "seconds", "tflops", "x_bf16", "x_dynamic", "logit_err_vs_bf16", "calib_seconds",
             "calib_peak_gib", "calib_peak_extra_gib"]
@@ -357,6 +401,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-shape", default="llama-2-7b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layers-list", default=None, help="with --calib-only: several depths, e.g. 4,8")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--device", default="cuda")
     p.add_argument("--backend", default=None, help="cuda-fp8 (GPU default), cuda-int8, cpu-int8 (CPU default)")
@@ -371,8 +416,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="8-bit models run the producer-fused block forward (vtquant.kernels.fused)")
     p.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one forward to each row")
+    p.add_argument("--calib-only", action="store_true",
+                   help="calibration alone (model built on the CPU, sequential pipeline, one block at a time on "
+                        "--device): calibration time and peak GPU memory of each of --methods; --layers may list "
+                        "several depths (e.g. 4,8)")
     p.add_argument("--results-file", default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
+    if args.calib_only:
+        rows = []
+        for layers in str(args.layers_list or args.layers).split(","):
+            for method in args.methods.split(","):
+                if method in ("bf16", "dynamic-token"):
+                    continue
+                rows.append(calib_memory_bench(args.model_shape, int(layers), args.device, method,
+                                               args.calib_batches, args.calib_len, args.spike))
+                print(json.dumps(rows[-1]), flush=True)
+        if args.results_file:
+            with open(args.results_file, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     rows = e2e_bench(args.model_shape, args.layers, args.tokens, args.device, tuple(args.methods.split(",")),
                      args.calib_batches, args.calib_len, args.repeats, args.spike, args.pipeline, args.backend,
                      offload=args.offload, fused=args.fused, profile=args.profile)

@@ -658,18 +658,38 @@ def _load_once(target: Path, device: Optional[str]) -> nn.Module:
         raise CheckpointError(f"{target}: adapter {meta['adapter']!r} is not available; import the module "
                               "that defines it")
     towers = meta.get("towers")
-    try:
+
+    def skeleton() -> tuple[nn.Module, list]:
         model = adapter_cls.from_config_dict(meta["model"])
         if towers is not None:
-            handles = _apply_tower_plans(model, adapter_cls, towers)
-        else:
-            adapter = adapter_cls(model)
-            apply_plan_(model, adapter, meta["plan"])
-            handles = [(model.vtquant, meta.get("recipe_yaml"))]
-    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{meta_file}: its model config or plan cannot be applied "
-                              f"({type(err).__name__}: {err}); the checkpoint is damaged or was written by an "
-                              "incompatible vtquant") from err
+            return model, _apply_tower_plans(model, adapter_cls, towers)
+        adapter = adapter_cls(model)
+        apply_plan_(model, adapter, meta["plan"])
+        return model, [(model.vtquant, meta.get("recipe_yaml"))]
+
+    def applied(build: Any) -> tuple[nn.Module, list]:
+        try:
+            return build()
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{meta_file}: its model config or plan cannot be applied "
+                                  f"({type(err).__name__}: {err}); the checkpoint is damaged or was written by an "
+                                  "incompatible vtquant") from err
+
+    def on_meta_device() -> tuple[nn.Module, list]:
+        with parameters_on_meta():
+            return skeleton()
+
+    # parameters on the meta device: no full-precision random initialisation of the model, only the storage the
+    # quantized skeleton needs, filled from the file below (buffers the constructor computes stay real)
+    try:
+        model, handles = applied(on_meta_device)
+        unfilled = _materialize_meta_(model, device or "cpu")
+    except (RuntimeError, NotImplementedError) as err:  # a constructor that cannot run on meta tensors
+        unfilled = [f"({_first_line(err)})"]
+    if unfilled:  # tensors the file does not hold would have no values: build the model in full instead
+        log.info("%s: not loadable through the meta device (%s); building the model in full first", target,
+                 ", ".join(unfilled[:3]))
+        model, handles = applied(skeleton)
     for handle, recipe_yaml in handles:
         if recipe_yaml:
             import yaml
@@ -698,6 +718,57 @@ def _load_once(target: Path, device: Optional[str]) -> nn.Module:
         raise CheckpointError(f"{weights} cannot be loaded ({type(err).__name__}: {_first_line(err)}); the "
                               "checkpoint is corrupt or does not match its vtquant.json") from err
     return model.eval()
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every ``nn.Parameter`` registered inside goes to the meta device as soon as it is made, so model
+    constructors allocate no weights and their random initialisation runs on meta tensors (no work);
+    buffers stay where they are made (they often hold computed constants).  The technique of
+    accelerate's ``init_empty_weights(include_buffers=False)``."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register(module, name, param)
+        param = module._parameters.get(name)
+        if param is not None and not param.is_meta:
+            extra = dict(param.__dict__)
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name].__dict__.update(extra)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _materialize_meta_(model: nn.Module, device: Union[str, torch.device]) -> list[str]:
+    """Give every meta parameter / buffer of ``model`` empty storage on ``device`` (the file fills them;
+    tied parameters stay tied).  Returns what the file cannot fill: meta tensors outside the state dict
+    (non-persistent buffers, tensors kept as plain attributes), which would keep garbage values."""
+    made: dict = {}
+    names: set = set()
+    loose: list[str] = []
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        prefix = mod_name + "." if mod_name else ""
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(module, kind)
+            for name, t in list(table.items()):
+                if t is None or not t.is_meta:
+                    continue
+                names.add(prefix + name)
+                new = made.get(id(t))
+                if new is None:
+                    data = torch.empty_like(t, device=device)
+                    new = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+                    made[id(t)] = new
+                table[name] = new
+        for name, value in vars(module).items():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, torch.Tensor) and v.is_meta for v in items):
+                loose.append(prefix + name)
+    return sorted(names - set(model.state_dict().keys())) + loose
 
 
 def _apply_tower_plans(model: nn.Module, adapter_cls: type, towers: list) -> list:

@@ -262,6 +262,8 @@ class QuantLinear(nn.Module):
         """Rotate inputs online by ``diag(signs) (F_1 kron ... kron F_k)`` (weights must absorb it)."""
         device = self.bias.device if self.bias is not None else (
             self.qweight.device if self.weight is None else self.weight.device)
+        if device.type == "meta":  # a skeleton built on meta (checkpoint loading): factors are values, not weights
+            device = signs.device
         self.rot_signs = signs.contiguous().to(device)
         self.rot_factors = [f.contiguous().to(device) for f in factors]
 
