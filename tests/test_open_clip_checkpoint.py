@@ -156,9 +156,11 @@ def test_open_clip_checkpoint_rules(tmp_path):
                                    only.encode_text(t), atol=1e-6, rtol=0)
 
 
-def test_cli_quantize_open_clip(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_quantize_open_clip(tmp_path, monkeypatch, capsys, dtype):
     """`vtquant quantize --model open_clip:...` quantizes both towers on the bundled photos (one caption each)
-    and saves one checkpoint that vtquant.load reads."""
+    and saves one checkpoint that vtquant.load reads (``--dtype bfloat16``: calibrated and saved in bf16,
+    loaded in bf16)."""
     import numpy as np
 
     import vtquant.vision
@@ -181,12 +183,16 @@ def test_cli_quantize_open_clip(tmp_path, monkeypatch, capsys):
                       "calibration: {dataset: images, num_samples: 8, batch_size: 4}\n")
     out = tmp_path / "ckpt"
     assert main(["quantize", "--model", "open_clip:tiny", "--recipe", str(recipe), "--out", str(out), "--quiet",
-                 "--threads", "1"]) == 0
+                 "--threads", "1", "--dtype", dtype]) == 0
     text = capsys.readouterr().out
     assert "[visual]" in text and "[text]" in text and f"saved {out}" in text
     loaded = vtquant.load(out)
     assert loaded.visual.vtquant.plan.method == "insertquant" and loaded.transformer.vtquant is not None
     assert "random" not in (loaded.visual.vtquant.fp_reference or "")
+    assert loaded.visual.conv1.weight.dtype == getattr(torch, dtype)
+    x = vm.make_images(vm.random_painted(2, 5), seed=5).to(getattr(torch, dtype))
+    with torch.no_grad():
+        assert torch.isfinite(loaded.encode_image(x)).all()
     # the real CLIP B/16 image tower's path (the asset, here a tiny open_clip tower in its place)
     import vtquant.convert.clip_onnx as clip_onnx
 

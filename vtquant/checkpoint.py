@@ -681,8 +681,12 @@ def _load_once(target: Path, device: Optional[str]) -> nn.Module:
 
     # parameters on the meta device: no full-precision random initialisation of the model, only the storage the
     # quantized skeleton needs, filled from the file below (buffers the constructor computes stay real)
+    # tensors take the dtype they were saved in (a model quantized in bf16 loads in bf16, its quantizer
+    # scales in float32); compact embedding storage converts its own tables
+    dtypes = {} if meta.get("storage") else _file_dtypes(target / WEIGHTS_FILE)
     try:
         model, handles = applied(on_meta_device)
+        _match_dtypes_(model, dtypes)
         unfilled = _materialize_meta_(model, device or "cpu")
     except (RuntimeError, NotImplementedError) as err:  # a constructor that cannot run on meta tensors
         unfilled = [f"({_first_line(err)})"]
@@ -690,6 +694,7 @@ def _load_once(target: Path, device: Optional[str]) -> nn.Module:
         log.info("%s: not loadable through the meta device (%s); building the model in full first", target,
                  ", ".join(unfilled[:3]))
         model, handles = applied(skeleton)
+        _match_dtypes_(model, dtypes)
     for handle, recipe_yaml in handles:
         if recipe_yaml:
             import yaml
@@ -741,6 +746,44 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _file_dtypes(weights: Path) -> dict:
+    """``{name: torch dtype}`` of the tensors in a safetensors file (its header only; ``{}`` if unreadable:
+    the load that follows reports the problem)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    except (OSError, SafetensorError, ValueError):
+        return {}
+
+
+_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _match_dtypes_(model: nn.Module, dtypes: dict) -> None:
+    """Floating parameters / buffers whose saved tensor has another floating dtype take that dtype (so
+    loading does not cast them); tied tensors stay tied."""
+    done: dict = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        prefix = mod_name + "." if mod_name else ""
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(module, kind)
+            for name, t in list(table.items()):
+                want = _SAFE_DTYPES.get(dtypes.get(prefix + name, ""))
+                if t is None or want is None or not t.is_floating_point() or not want.is_floating_point \
+                        or want == t.dtype:
+                    continue
+                new = done.get(id(t))
+                if new is None:
+                    data = t.detach().to(want)
+                    new = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+                    done[id(t)] = new
+                table[name] = new
 
 
 def _materialize_meta_(model: nn.Module, device: Union[str, torch.device]) -> list[str]:

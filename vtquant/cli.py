@@ -753,6 +753,7 @@ def _quantize_vision(args: argparse.Namespace, recipe, log):
         model, preprocess, tokenizer = vm.model, vm.preprocess, vm.tokenizer
         fp_reference = f"{vm.name}: " + ("random weights (--no-pretrained)" if args.no_pretrained else
                                          "the library's pretrained weights in float32")
+    _place(model, args, log)  # --device / --dtype: calibration runs where the model sits (pixels follow it)
     from .adapters import ModelAdapter
     from .vision import model_towers
 
@@ -798,7 +799,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError("vtquant quantize needs --out DIR (where the checkpoint goes)")
     recipe = _base_recipe(args)
     if args.model == VISION_CLIP_ASSET or is_vision_spec(args.model):
-        _cpu_only(args, "vtquant quantize on a vision model")
+        _target(args)  # a device that is not there fails before the model is loaded
         if args.format not in ("auto", "vtquant", "hf"):
             from .config import ConfigError
 

@@ -184,8 +184,9 @@ class VisionAdapter(ModelAdapter):
 
     def forward(self, batch: Any) -> Any:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        device = next(self.model.parameters()).device
-        return self.model(images.to(device))
+        p = next(self.model.parameters())
+        # pixels follow the model's device and dtype (a model placed in bf16 / fp16 on a GPU)
+        return self.model(images.to(p.device, dtype=p.dtype if images.is_floating_point() else None))
 
     def config_dict(self) -> dict:
         raise NotImplementedError(
