@@ -165,3 +165,50 @@ def test_offload_device_arguments(fp_model):
     vtquant.quantize_(model, RECIPES["insertquant"], token_batches(n=2), quiet=True, pipeline="sequential",
                       device="cpu", cache_device="cpu")
     assert model.vtquant.plan.sinks is not None
+
+
+def _hessians_by_layer(monkeypatch) -> dict:
+    from vtquant.core import search
+
+    seen: dict = {}
+    original_layer = search.WeightQuantizer.quantize_layer
+
+    def quantize_layer(self, layer, hessians):
+        seen[layer] = {k: h.clone() for k, h in (hessians or {}).items()}
+        return original_layer(self, layer, hessians)
+
+    monkeypatch.setattr(search.WeightQuantizer, "quantize_layer", quantize_layer)
+    return seen
+
+
+def test_gptq_sequential_hessians_see_the_quantized_blocks(fp_model, monkeypatch):
+    """``weights.gptq_sequential``: block 0's Hessians are those of the one-pass GPTQ (same inputs), every later
+    block's differ (its inputs went through quantized blocks); the basic pipeline (which borrows the block runner
+    for that pass) and the sequential pipeline give the same model."""
+    parallel = RECIPES["insertquant-gptq4+clip"]
+    sequential = dataclasses.replace(parallel, weights=dataclasses.replace(parallel.weights, gptq_sequential=True))
+    calib = token_batches(n=2)
+    runs = {}
+    for name, recipe, pipeline in (("parallel", parallel, "basic"), ("seq-basic", sequential, "basic"),
+                                   ("seq-seq", sequential, "sequential")):
+        seen = _hessians_by_layer(monkeypatch)
+        model = copy.deepcopy(fp_model)
+        report = vtquant.quantize_(model, recipe, calib, quiet=True, pipeline=pipeline)
+        runs[name] = (model, dict(seen), report)
+    hp, hs = runs["parallel"][1], runs["seq-basic"][1]
+    assert sorted(hp) == sorted(hs) == list(range(len(fp_model.model.layers)))
+    for key in hp[0]:
+        assert torch.allclose(hp[0][key], hs[0][key], rtol=1e-5, atol=1e-6), key
+    for layer in range(1, len(hp)):
+        diffs = [float((hp[layer][k] - hs[layer][k]).norm() / hp[layer][k].norm()) for k in hp[layer]]
+        assert max(diffs) > 1e-4, (layer, diffs)  # W4 weights upstream change these inputs
+    _same_state(runs["seq-basic"][0], runs["seq-seq"][0])
+    assert any("already-quantized blocks" in n for n in runs["seq-basic"][2].notes)
+    ids = token_batches(n=1, seed=7)[0]
+    with torch.no_grad():
+        assert torch.equal(runs["seq-basic"][0](ids).logits, runs["seq-seq"][0](ids).logits)
+
+
+def test_gptq_sequential_needs_calibrated_weights():
+    with pytest.raises(ConfigError, match="gptq_sequential"):
+        WeightArgs(bits=8, algorithm="rtn", gptq_sequential=True)

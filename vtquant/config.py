@@ -76,6 +76,11 @@ class WeightArgs:
         gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
         gptq_block_size: GPTQ lazy-update block width (columns).
         act_order: GPTQ quantizes columns by decreasing Hessian diagonal.
+        gptq_sequential: GPTQ in the paper's order: each block's Hessians come from inputs that went
+            through the blocks before it *with their quantized weights* (each block is run once more
+            after its weights are quantized, to produce the next block's inputs); ``false`` (default):
+            every Hessian from one pass with full-precision weights.  Runs block by block (the sequential
+            pipeline's runner, on the model's device with ``pipeline="basic"``).
     """
 
     bits: int = 8
@@ -87,6 +92,7 @@ class WeightArgs:
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     act_order: bool = False
+    gptq_sequential: bool = False
 
     def __post_init__(self) -> None:
         _check_bits("weights", "bits", self.bits)
@@ -100,6 +106,11 @@ class WeightArgs:
             raise ConfigError(f"weights.gptq_damp = {self.gptq_damp!r}: use a fraction in (0, 1) (GPTQ: 0.01)")
         if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
             raise ConfigError(f"weights.gptq_block_size = {self.gptq_block_size!r}: use a positive integer (128)")
+        if not isinstance(self.gptq_sequential, bool):
+            raise ConfigError(f"weights.gptq_sequential = {self.gptq_sequential!r}: use true or false")
+        if self.gptq_sequential and self.algorithm == "rtn" and not self.clip_search:
+            raise ConfigError("weights.gptq_sequential: true needs weights.algorithm gptq (or auto below 8 bits, or "
+                              "clip_search): round-to-nearest weights use no calibration inputs")
 
     def resolved(self) -> "WeightArgs":
         """``algorithm: auto`` made concrete for these bits (GPTQ + clip search below 8 bits, RTN at 8)."""

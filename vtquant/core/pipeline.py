@@ -550,14 +550,26 @@ def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, 
     weights = search.WeightQuantizer(wrapped, wargs, leaders, quiet=runner.quiet) if wargs is not None else None
     if wargs is not None and (wargs.algorithm == "gptq" or wargs.clip_search):
         positions: list = []
+        # GPTQ's sequential order: block by block, each block run again once its weights are quantized, so the
+        # next block's Hessians come from quantized inputs (the basic pipeline borrows the block runner for it)
+        seq = wargs.gptq_sequential
+        hessian_runner = runner
+        if seq and not getattr(runner, "sequential", False):
+            from .sequential import SequentialRunner
+
+            hessian_runner = SequentialRunner(adapter, runner.batches, runner.quiet)
+        extra = {"rerun_after_block": True} if seq else {}
+        if seq and state is not None and clip_search and s_fp is None:  # before any weight is quantized
+            s_fp = record_positions("sink set (full precision)")
 
         def run_hessian_pass(after_block: Callable[[int], None]) -> None:
             if state is not None and clip_search and s_fp is None:
                 positions.append(search.detected_sinks(
                     lambda: state.positions(),
-                    lambda after: runner.run("Hessians (GPTQ)", after=after, after_block=after_block)))
+                    lambda after: hessian_runner.run("Hessians (GPTQ)", after=after, after_block=after_block,
+                                                     **extra)))
             else:
-                runner.run("Hessians (GPTQ)", after_block=after_block)
+                hessian_runner.run("Hessians (GPTQ)", after_block=after_block, **extra)
 
         search.collect_hessians(wrapped, leaders, run_hessian_pass, on_layer=weights.quantize_layer)
         if positions:
@@ -569,8 +581,10 @@ def _quantize(ctx: QuantContext, handler: Any, undo: _Undo) -> tuple[QuantPlan, 
         weight_info = weights.info()
         if wargs.algorithm == "gptq":
             report.notes.append(f"weights: GPTQ W{wargs.bits} {wargs.granularity} (damp {wargs.gptq_damp:g}, "
-                                f"act_order {wargs.act_order}), Hessians from one calibration pass over the rows that "
-                                "meet the quantized weight")
+                                f"act_order {wargs.act_order}), Hessians "
+                                + ("block by block from inputs through the already-quantized blocks (sequential)"
+                                   if wargs.gptq_sequential else "from one calibration pass")
+                                + " over the rows that meet the quantized weight")
         if "mean_clip" in weight_info:
             report.notes.append(f"weight clip search: mean clip {weight_info['mean_clip']:.3f}, "
                                 f"{100 * weight_info['clipped_share']:.0f} % of rows / groups clipped")

@@ -207,8 +207,20 @@ class SequentialRunner:
         return _Cached(hidden, per_block, _snapshot(states, self.device))
 
     # ---- one pass -----------------------------------------------------------------------------
+    def _step(self, block: nn.Module, li: int, cached: list) -> None:
+        """Every cached batch through block ``li``: its output replaces the batch's hidden state."""
+        states = sink_states(self.adapter.model)
+        for item in cached:
+            _restore(states, item.snapshots)
+            rest, kwargs, by_name = item.calls[li]
+            hidden = item.hidden if self.device is None else item.hidden.to(self.device)
+            out = block(hidden_states=hidden, **kwargs) if by_name else block(hidden, *rest, **kwargs)
+            new_hidden = self.adapter.block_output(out)
+            item.hidden = new_hidden if self.cache_device is None else new_hidden.to(self.cache_device)
+            item.snapshots = _snapshot(states)
+
     def run(self, desc: str, after: Optional[Callable[[], None]] = None,
-            after_block: Optional[Callable[[int], None]] = None) -> None:
+            after_block: Optional[Callable[[int], None]] = None, rerun_after_block: bool = False) -> None:
         """One pass over every batch, block by block.
 
         Args:
@@ -216,6 +228,9 @@ class SequentialRunner:
             after: called once per batch at the end of the pass, with that batch's sink state in place.
             after_block: ``after_block(layer)`` once block ``layer`` has run every batch (it is still
                 on the execution device then).
+            rerun_after_block: after ``after_block(layer)`` (which may change the block, e.g. quantize its
+                weights), run every batch through the block again from the same inputs and sink state,
+                and pass *those* outputs on (GPTQ's sequential order: later blocks see the quantized ones).
         """
         self.passes += 1
         model = self.adapter.model
@@ -235,16 +250,14 @@ class SequentialRunner:
                 if moved:
                     block.to(self.device)
                 try:
-                    for item in cached:
-                        _restore(states, item.snapshots)
-                        rest, kwargs, by_name = item.calls[li]
-                        hidden = item.hidden if self.device is None else item.hidden.to(self.device)
-                        out = block(hidden_states=hidden, **kwargs) if by_name else block(hidden, *rest, **kwargs)
-                        new_hidden = self.adapter.block_output(out)
-                        item.hidden = new_hidden if self.cache_device is None else new_hidden.to(self.cache_device)
-                        item.snapshots = _snapshot(states)
+                    inputs = [(item.hidden, item.snapshots) for item in cached] if rerun_after_block else None
+                    self._step(block, li, cached)
                     if after_block is not None:
                         after_block(li)
+                    if inputs is not None:
+                        for item, (hidden, snapshots) in zip(cached, inputs):
+                            item.hidden, item.snapshots = hidden, snapshots
+                        self._step(block, li, cached)
                 finally:
                     if moved:
                         block.to(home)
