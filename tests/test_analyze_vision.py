@@ -147,3 +147,12 @@ def test_clip_asset_is_a_vision_spec():
     from vtquant.analyze import is_vision_spec
 
     assert is_vision_spec("asset:clip-vit-b16-openai")
+
+
+def test_bf16_vision_model_analyzed_where_it_sits():
+    """``vtquant analyze --dtype bfloat16`` on a vision model: the tower in bf16 (pixels follow its dtype) shows
+    the same implanted sinks as in float32."""
+    m = vm.timm_vit(registers=2, sink_registers=(1,)).to(torch.bfloat16)
+    f = analyze_model(m, vm.make_images(PAINTED, seed=1))
+    assert f["emergence_layer"] == vm.EMERGENCE and f["cancellation_layer"] == vm.CANCELLATION
+    assert f["spikes"]["sink_tokens"] == _labels(PAINTED, ["CLS", "reg-1"])

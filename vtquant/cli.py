@@ -895,10 +895,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     command = "vtquant " + " ".join(getattr(args, "argv", None) or sys.argv[1:])
     restoration = not args.no_restoration
     if is_vision_spec(args.model):  # timm:NAME, open_clip:NAME/PRETRAINED, hf:PATH or the DINOv2-S control
-        _cpu_only(args, "vtquant analyze on a vision model")
+        _target(args)  # a device that is not there fails before the model is loaded
         photos = load_images(args.images)  # a bad image file fails here, before the model load
         set_threads(args.threads)
         model, preprocess, name = load_image_tower(args.model, pretrained=not args.no_pretrained, quiet=args.quiet)
+        _place(model, args, log)
         if recipe is None and args.model == "asset:clip-vit-b16-openai":  # its shipped recipe (model-relative detection)
             from .eval.vision_compare import clip_recipe
 
