@@ -212,3 +212,14 @@ def test_gptq_sequential_hessians_see_the_quantized_blocks(fp_model, monkeypatch
 def test_gptq_sequential_needs_calibrated_weights():
     with pytest.raises(ConfigError, match="gptq_sequential"):
         WeightArgs(bits=8, algorithm="rtn", gptq_sequential=True)
+
+
+def test_gptq_sequential_written_only_when_set():
+    """A field added later stays out of saved plans / recipes at its default (older vtquant still reads them)."""
+    from vtquant.core.plan import QuantPlan  # noqa: F401  (the plan writer uses the same rule)
+    from vtquant.recipe import recipe_to_yaml
+
+    plain = method_recipe("insertquant", Recipe(weights=WeightArgs(bits=4, algorithm="gptq")), w_bits=4)
+    assert "gptq_sequential" not in recipe_to_yaml(plain)
+    seq = dataclasses.replace(plain, weights=dataclasses.replace(plain.weights, gptq_sequential=True))
+    assert "gptq_sequential: true" in recipe_to_yaml(seq)

@@ -57,6 +57,23 @@ def _check_bits(owner: str, name: str, value: Any) -> None:
         raise ConfigError(f"{owner}.{name} = {value!r}: bits must be an integer from 2 to 8")
 
 
+# Fields added after checkpoints were first written: left out of saved plans and recipes while they hold
+# their default, so a vtquant that predates them still reads checkpoints that do not use them.
+_LATER_WEIGHT_FIELDS = {"gptq_sequential": False}
+
+
+def drop_unset_additions(data: Any) -> Any:
+    """``data`` (a recipe / plan dict, or a weights section) without later-added fields at their defaults."""
+    if isinstance(data, dict):
+        out = {k: drop_unset_additions(v) for k, v in data.items()}
+        if "gptq_damp" in out:  # a weights section
+            for key, default in _LATER_WEIGHT_FIELDS.items():
+                if out.get(key, default) == default:
+                    out.pop(key, None)
+        return out
+    return data
+
+
 @dataclass
 class WeightArgs:
     """Weight quantization.
@@ -367,7 +384,7 @@ class Recipe:
         return method_label(self.method, self.rotation.enabled)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return drop_unset_additions(asdict(self))
 
     def with_numerics(self, numerics: str) -> "Recipe":
         """A copy whose activation and key / value cache quantizers use ``numerics`` (:attr:`ActArgs.numerics`)."""

@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import ActArgs, ConfigError, RotationConfig, WeightArgs
+from ..config import ActArgs, ConfigError, RotationConfig, WeightArgs, drop_unset_additions
 
 PLAN_VERSION = 1
 
@@ -158,7 +158,7 @@ class QuantPlan:
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key in ("weights", "activations", "kv_cache", "rotation"):
-            data[key] = None if data[key] is None else dataclasses.asdict(data[key])
+            data[key] = None if data[key] is None else drop_unset_additions(dataclasses.asdict(data[key]))
         data["sinks"] = None if self.sinks is None else self.sinks.to_dict()
         data["ignore"] = list(self.ignore)
         data["targets"] = list(self.targets)
