@@ -223,3 +223,8 @@ def test_gptq_sequential_written_only_when_set():
     assert "gptq_sequential" not in recipe_to_yaml(plain)
     seq = dataclasses.replace(plain, weights=dataclasses.replace(plain.weights, gptq_sequential=True))
     assert "gptq_sequential: true" in recipe_to_yaml(seq)
+
+
+def test_gptq_sequential_with_auto_weights():
+    assert WeightArgs(bits=4, algorithm="auto", gptq_sequential=True).resolved().gptq_sequential
+    assert not WeightArgs(bits=8, algorithm="auto", gptq_sequential=True).resolved().gptq_sequential  # RTN at 8 bits

@@ -134,7 +134,8 @@ class WeightArgs:
         if self.algorithm != "auto":
             return self
         low = self.bits < 8
-        return dataclasses.replace(self, algorithm="gptq" if low else "rtn", clip_search=self.clip_search and low)
+        return dataclasses.replace(self, algorithm="gptq" if low else "rtn", clip_search=self.clip_search and low,
+                                   gptq_sequential=self.gptq_sequential and low)
 
 
 @dataclass
