@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import triton_quant as tq
-from .fused import FUSED_ATTR, FusionError, _install, _Site
+from .fused import FUSED_ATTR, FusionError, _install, _Site, fused_blocks, unfuse_  # noqa: F401
 
 try:  # pragma: no cover - exercised on the GPU machine or with TRITON_INTERPRET=1
     import triton
