@@ -403,6 +403,7 @@ class _VSite(_Site):
                 self.need_fp = True
         self.templates = torch.cat(tmpl, 1)
         self.tmpl_cols = torch.cat(cols, 1).contiguous()
+        self.any_tmpl = bool(self.tmpl_cols.any())  # else every sink row is a full-precision row
         if self.need_fp:
             ws, bs = [], []
             for m in members:
@@ -431,7 +432,7 @@ class _VSite(_Site):
                 self.b_fp = None if self.b_fp is None else self.b_fp.to(device=y.device, dtype=y.dtype)
             rows = fp_in()
             fp = F.linear(rows.to(self.w_fp.dtype), self.w_fp, self.b_fp).to(y.dtype)
-            out = torch.where(cols, out, fp)
+            out = torch.where(cols, out, fp) if self.any_tmpl else fp
         if self.gamma is not None:
             out = out * self.gamma.to(device=y.device, dtype=y.dtype)
         y.index_copy_(0, index, out)
