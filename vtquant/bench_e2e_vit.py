@@ -162,6 +162,30 @@ def encoder_flops(model: nn.Module, batch: int) -> float:
     return float(2 * m * lin + attention + patch)
 
 
+def host_syncs(fn) -> dict:
+    """Where one call of ``fn`` synchronises with the GPU (``torch.cuda.set_sync_debug_mode``) and how long the
+    host takes to issue it (perf_counter from a synchronised start to the return, then to the GPU's end)."""
+    import collections
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode(1)
+        try:
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    where = collections.Counter(f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    return {"host_syncs": dict(where), "host_issue_ms": round((t1 - t0) * 1e3, 2),
+            "host_total_ms": round((t2 - t0) * 1e3, 2)}
+
+
 def _graph_time(fn, repeats: int) -> tuple[Optional[float], str]:
     """CUDA-graph replay time of ``fn`` (median), or ``(None, why not)``."""
     try:
@@ -246,7 +270,11 @@ def vit_bench(shape: str = "vit-b16-clip", batch: int = 256, device: str = "cuda
             seconds = _time(lambda: feats(model), dev, repeats)
             if profile and dev.type == "cuda":
                 row["profile"] = profile_top(lambda: feats(model), top=14)
-            if cuda_graph and dev.type == "cuda":
+                row.update(host_syncs(lambda: feats(model)))
+            if cuda_graph and dev.type == "cuda" and row.get("host_syncs"):
+                row["graph_error"] = (f"not captured: {sum(row['host_syncs'].values())} host synchronisations per "
+                                      "forward (sink detection)")
+            elif cuda_graph and dev.type == "cuda":
                 xs = x.clone()
                 g_seconds, why = _graph_time(lambda: feats(model, xs), repeats)
                 row["graph_seconds"] = None if g_seconds is None else round(g_seconds, 5)
@@ -305,6 +333,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in rows:
         if r.get("graph_error"):
             print(f"  {r['method']}: no CUDA graph ({r['graph_error']})")
+        if r.get("host_syncs") is not None:
+            print(f"  {r['method']}: host syncs {r['host_syncs']}, host issue {r['host_issue_ms']} ms of {r['host_total_ms']} ms")
         if r.get("not_fused"):
             print(f"  {r['method']}: blocks not fused: {r['not_fused']}")
         for k in r.get("profile", []):

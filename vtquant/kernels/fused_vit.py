@@ -63,51 +63,48 @@ ACTS = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 # ----------------------------------------------------------------------------------------------
 if HAVE_TRITON:
 
-    def _configs(warps):
-        if tq._interpreting_at_import():
-            return [triton.Config({}, num_warps=4)]
-        return [triton.Config({}, num_warps=w) for w in warps]
-
-    @triton.autotune(configs=_configs((2, 4, 8)), key=["n", "ADD", "PROJ", "DYNAMIC", "HAS_ZERO", "IS_INT8"])
     @triton.jit
-    def _norm_quant_kernel(x_ptr, y_ptr, h_ptr, w_ptr, b_ptr, u_ptr, q_ptr, s_ptr, zero_ptr, n, eps,
+    def _norm_quant_kernel(x_ptr, y_ptr, h_ptr, w_ptr, b_ptr, u_ptr, q_ptr, s_ptr, zero_ptr, M, n, eps,
                            inv_scale, qmax, ADD: tl.constexpr, PROJ: tl.constexpr, HAS_W: tl.constexpr,
                            HAS_B: tl.constexpr, DYNAMIC: tl.constexpr, HAS_ZERO: tl.constexpr,
-                           IS_INT8: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        base = row.to(tl.int64) * n
+                           IS_INT8: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr):
+        """``BM`` rows per program, each held whole in registers (``BLOCK`` >= n)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
         offs = tl.arange(0, BLOCK)
-        m = offs < n
-        x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        rm = rows < M
+        cm = offs < n
+        m = rm[:, None] & cm[None, :]
+        off = rows.to(tl.int64)[:, None] * n + offs[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         if ADD:  # the residual add: h = x + y, written in the stream's dtype
-            x = x + tl.load(y_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+            x = x + tl.load(y_ptr + off, mask=m, other=0.0).to(tl.float32)
             xr = x.to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + base + offs, xr, mask=m)
+            tl.store(h_ptr + off, xr, mask=m)
             x = xr.to(tl.float32)
         if PROJ:  # ProjectedRMSNorm: remove the component along u
-            u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            p = x - tl.sum(x * u, axis=0) * u
+            u = tl.load(u_ptr + offs, mask=cm, other=0.0).to(tl.float32)[None, :]
+            p = x - tl.sum(x * u, axis=1)[:, None] * u
         else:
-            p = tl.where(m, x - tl.sum(x, axis=0) / n, 0.0)
-        y = p * (1.0 / tl.sqrt(tl.sum(p * p, axis=0) / n + eps))
+            p = tl.where(m, x - (tl.sum(x, axis=1) / n)[:, None], 0.0)
+        y = p * (1.0 / tl.sqrt(tl.sum(p * p, axis=1) / n + eps))[:, None]
         if HAS_W:
-            y = y * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            y = y * tl.load(w_ptr + offs, mask=cm, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
-            y = y + tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            y = y + tl.load(b_ptr + offs, mask=cm, other=0.0).to(tl.float32)[None, :]
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's output as the unfused model holds it
         if DYNAMIC:
-            scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / qmax
-            tl.store(s_ptr + row, scale)
-            y = y / scale
+            scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) / qmax
+            tl.store(s_ptr + rows, scale, mask=rm)
+            y = y / scale[:, None]
         else:
             y = y * inv_scale
             if HAS_ZERO:
-                z = tl.load(zero_ptr + row)
-                y = tl.where(z != 0, 0.0, y)
+                z = tl.load(zero_ptr + rows, mask=rm, other=0)
+                y = tl.where(z[:, None] != 0, 0.0, y)
         y = tl.minimum(tl.maximum(y, -qmax), qmax)
         if IS_INT8:
             y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-        tl.store(q_ptr + base + offs, y.to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(q_ptr + off, y.to(q_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _act(x, ACT: tl.constexpr):
@@ -120,46 +117,65 @@ if HAVE_TRITON:
             x = x * tl.sigmoid(1.702 * x)
         return x
 
-    def _elem_configs():
-        if tq._interpreting_at_import():
-            return [triton.Config({"BLOCK": 256}, num_warps=4)]
-        return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
-
-    @triton.autotune(configs=_elem_configs(), key=["n", "ACT", "HAS_ZERO", "IS_INT8", "CODES"])
     @triton.jit
-    def _act_static_kernel(x_ptr, q_ptr, zero_ptr, total, n, inv_scale, qmax, ACT: tl.constexpr,
-                           HAS_ZERO: tl.constexpr, IS_INT8: tl.constexpr, CODES: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < total
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    def _act_static_kernel(x_ptr, q_ptr, zero_ptr, M, n, inv_scale, qmax, ACT: tl.constexpr,
+                           HAS_ZERO: tl.constexpr, IS_INT8: tl.constexpr, CODES: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr):
+        """A ``[BM, BN]`` tile per program: ``act(x)`` -> static codes (or values), sink rows zero."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        rm = rows < M
+        m = rm[:, None] & (cols < n)[None, :]
+        off = rows.to(tl.int64)[:, None] * n + cols[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         y = _act(x, ACT).to(x_ptr.dtype.element_ty)
         if CODES:
             y = y.to(tl.float32) * inv_scale
             if HAS_ZERO:
-                z = tl.load(zero_ptr + offs // n, mask=m, other=0)
-                y = tl.where(z != 0, 0.0, y)
+                z = tl.load(zero_ptr + rows, mask=rm, other=0)
+                y = tl.where(z[:, None] != 0, 0.0, y)
             y = tl.minimum(tl.maximum(y, -qmax), qmax)
             if IS_INT8:
                 y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-        tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(q_ptr + off, y.to(q_ptr.dtype.element_ty), mask=m)
 
-    @triton.autotune(configs=_configs((4, 8, 16)), key=["n", "ACT", "IS_INT8"])
     @triton.jit
-    def _act_dynamic_kernel(x_ptr, q_ptr, s_ptr, n, qmax, ACT: tl.constexpr, IS_INT8: tl.constexpr,
-                            BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        base = row.to(tl.int64) * n
+    def _act_dynamic_kernel(x_ptr, q_ptr, s_ptr, M, n, qmax, ACT: tl.constexpr, IS_INT8: tl.constexpr,
+                            BM: tl.constexpr, BLOCK: tl.constexpr):
+        """``BM`` whole rows per program: ``act(x)``, its row max, the codes."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
         offs = tl.arange(0, BLOCK)
-        m = offs < n
-        x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+        rm = rows < M
+        m = rm[:, None] & (offs < n)[None, :]
+        off = rows.to(tl.int64)[:, None] * n + offs[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         y = _act(x, ACT).to(x_ptr.dtype.element_ty).to(tl.float32)
         y = tl.where(m, y, 0.0)
-        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / qmax
-        tl.store(s_ptr + row, scale)
-        y = tl.minimum(tl.maximum(y / scale, -qmax), qmax)
+        scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) / qmax
+        tl.store(s_ptr + rows, scale, mask=rm)
+        y = tl.minimum(tl.maximum(y / scale[:, None], -qmax), qmax)
         if IS_INT8:
             y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
-        tl.store(q_ptr + base + offs, y.to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(q_ptr + off, y.to(q_ptr.dtype.element_ty), mask=m)
+
+
+TILE = 4096  # elements per program of the row / tile kernels (fixed launch configurations: no autotuner)
+
+
+def _row_cfg(n: int) -> tuple[int, int, int]:
+    """``(BM, BLOCK, num_warps)`` for whole-row kernels of width ``n``."""
+    block = triton.next_power_of_2(n)
+    bm = max(1, TILE // block)
+    return bm, block, 4 if block * bm <= 4096 else 8
+
+
+def _tile_cfg(n: int) -> tuple[int, int]:
+    bn = 1024
+    while bn > 64 and n % bn:
+        bn //= 2
+    if n % bn:
+        bn = min(1024, triton.next_power_of_2(n))
+    return max(1, TILE // bn), bn
 
 
 # -- torch references (CPU path and the checks) ------------------------------------------------------
@@ -229,14 +245,15 @@ def norm_codes(x2: torch.Tensor, norm: _Norm, scale: Optional[float], dtype: tor
     s = torch.empty((m, 1), dtype=torch.float32, device=x2.device) if scale is None else None
     dummy = x2
     u = norm.u.to(device=x2.device, dtype=torch.float32) if norm.u is not None else None
-    _norm_quant_kernel[(m,)](x2, add.contiguous() if add is not None else dummy, h,
-                             norm.weight if norm.weight is not None else dummy,
-                             norm.bias if norm.bias is not None else dummy, u if u is not None else dummy,
-                             q, s if s is not None else dummy, tq._zero_arg(zero_rows, dummy), n, norm.eps,
-                             1.0 / scale if scale is not None else 1.0, qmax, ADD=add is not None,
-                             PROJ=u is not None, HAS_W=norm.weight is not None, HAS_B=norm.bias is not None,
-                             DYNAMIC=scale is None, HAS_ZERO=zero_rows is not None and scale is not None,
-                             IS_INT8=dtype == torch.int8, BLOCK=triton.next_power_of_2(n))
+    bm, block, warps = _row_cfg(n)
+    _norm_quant_kernel[(triton.cdiv(m, bm),)](
+        x2, add.contiguous() if add is not None else dummy, h, norm.weight if norm.weight is not None else dummy,
+        norm.bias if norm.bias is not None else dummy, u if u is not None else dummy, q,
+        s if s is not None else dummy, tq._zero_arg(zero_rows, dummy), m, n, norm.eps,
+        1.0 / scale if scale is not None else 1.0, qmax, ADD=add is not None, PROJ=u is not None,
+        HAS_W=norm.weight is not None, HAS_B=norm.bias is not None, DYNAMIC=scale is None,
+        HAS_ZERO=zero_rows is not None and scale is not None, IS_INT8=dtype == torch.int8, BM=bm, BLOCK=block,
+        num_warps=warps)
     return q, s, h
 
 
@@ -254,13 +271,14 @@ def act_codes(x2: torch.Tensor, act: str, scale: Optional[float], dtype: torch.d
     q = torch.empty((m, n), dtype=dtype, device=x2.device)
     if scale is None:
         s = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
-        _act_dynamic_kernel[(m,)](x2, q, s, n, qmax, ACT=ACTS[act], IS_INT8=dtype == torch.int8,
-                                  BLOCK=triton.next_power_of_2(n))
+        bm, block, warps = _row_cfg(n)
+        _act_dynamic_kernel[(triton.cdiv(m, bm),)](x2, q, s, m, n, qmax, ACT=ACTS[act], IS_INT8=dtype == torch.int8,
+                                                   BM=bm, BLOCK=block, num_warps=warps)
         return q, s
-    total = m * n
-    grid = lambda meta: (triton.cdiv(total, meta["BLOCK"]),)  # noqa: E731
-    _act_static_kernel[grid](x2, q, tq._zero_arg(zero_rows, x2), total, n, 1.0 / scale, qmax, ACT=ACTS[act],
-                             HAS_ZERO=zero_rows is not None, IS_INT8=dtype == torch.int8, CODES=True)
+    bm, bn = _tile_cfg(n)
+    _act_static_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        x2, q, tq._zero_arg(zero_rows, x2), m, n, 1.0 / scale, qmax, ACT=ACTS[act], HAS_ZERO=zero_rows is not None,
+        IS_INT8=dtype == torch.int8, CODES=True, BM=bm, BN=bn, num_warps=8)
     return q, None
 
 
@@ -270,10 +288,11 @@ def act_values(x2: torch.Tensor, act: str) -> torch.Tensor:
         return ref_act(x2, act)
     x2 = x2.contiguous()
     out = torch.empty_like(x2)
-    total = x2.numel()
-    grid = lambda meta: (triton.cdiv(total, meta["BLOCK"]),)  # noqa: E731
-    _act_static_kernel[grid](x2, out, x2, total, x2.shape[1], 1.0, 1.0, ACT=ACTS[act], HAS_ZERO=False,
-                             IS_INT8=False, CODES=False)
+    m, n = x2.shape
+    bm, bn = _tile_cfg(n)
+    _act_static_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        x2, out, x2, m, n, 1.0, 1.0, ACT=ACTS[act], HAS_ZERO=False, IS_INT8=False, CODES=False, BM=bm, BN=bn,
+        num_warps=8)
     return out
 
 
@@ -414,6 +433,21 @@ class _VSite(_Site):
                 bs.append(m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, device=w_fp.device))
             self.w_fp = torch.cat(ws, 0).contiguous()
             self.b_fp = torch.cat(bs, 0) if any(m.bias is not None for m in members) else None
+
+    def gemm(self, q: torch.Tensor, row_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        if q.dtype != torch.float8_e4m3fn:
+            return super().gemm(q, row_scale, out_dtype)
+        m = q.shape[0]
+        if row_scale is None:  # static: the activation scale is in the column scales
+            row_scale = self._scale_a.get((m, q.device))
+            if row_scale is None:
+                row_scale = self._scale_a[(m, q.device)] = torch.ones((m, 1), dtype=torch.float32, device=q.device)
+        if self.w_row is None or self.w_row.device != q.device:
+            self.w_row = self.col_scale.to(q.device).reshape(1, -1).contiguous()
+            self.bias_bf16 = None if self.bias is None else self.bias.to(device=q.device, dtype=torch.bfloat16)
+        y = torch._scaled_mm(q, self.qweight.t(), scale_a=row_scale, scale_b=self.w_row, bias=self.bias_bf16,
+                             out_dtype=torch.bfloat16)
+        return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
 
     def write_rows(self, y: torch.Tensor, index: Optional[torch.Tensor], state: Any, fp_in: Any) -> None:
         """Write the sinks' output rows by index: templates, full-precision rows of ``fp_in()`` elsewhere."""
@@ -563,7 +597,7 @@ class FusedVitBlockForward:
             q, rs = act_codes(o2, "identity", site.a_scale, site.codes_dtype,
                               zero if site.rows != "none" else None)
         else:
-            q, rs = tq.quant_dynamic_rows(o2, site.codes_dtype)
+            q, rs = act_codes(o2, "identity", None, site.codes_dtype)
         y = site.gemm(q, rs, dtype)
         site.write_rows(y, index, state, lambda: o2.index_select(0, index))
 
