@@ -147,7 +147,7 @@ def test_vit_kernels_interpreted():
         r = tq._codes(fv.ref_norm(x, pn).float() / 0.02, torch.int8)
         assert int((q.int() - r.int()).abs().max()) <= 1
         f = torch.randn(7, 4 * n) * 2
-        for act in ("gelu", "gelu_tanh", "quick_gelu", "identity"):
+        for act in ("gelu", "gelu_poly", "gelu_tanh", "quick_gelu", "identity"):
             zr = torch.zeros(7, dtype=torch.bool); zr[2] = True
             q, _ = fv.act_codes(f, act, 0.01, torch.int8, zr)
             r = tq._zero(tq._codes(fv.ref_act(f, act).float() / 0.01, torch.int8), zr)

@@ -39,7 +39,7 @@ def test_norm_and_act_kernels_match_references(n):
         q, s, _ = fv.norm_codes(x, norm, None, dtype)
         rq, rs = tq._row_codes(ln(x), dtype)
         assert _rel(s, rs) < 1e-2 and _rel(q.float() * s, rq.float() * rs) < 0.03
-        for act in ("gelu", "gelu_tanh", "quick_gelu", "identity"):
+        for act in ("gelu", "gelu_poly", "gelu_tanh", "quick_gelu", "identity"):
             f = torch.randn(333, 4 * n, device="cuda", dtype=torch.bfloat16) * 2
             q, _ = fv.act_codes(f, act, 0.01, dtype, zero)
             ref = tq._zero(tq._codes(fv.ref_act(f, act).float() / 0.01, dtype), zero)

@@ -186,6 +186,23 @@ def host_syncs(fn) -> dict:
             "host_total_ms": round((t2 - t0) * 1e3, 2)}
 
 
+def host_profile(fn, top: int = 14) -> list[str]:
+    """The host functions of one call of ``fn`` by their own time (cProfile), as text lines."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    return [line for line in buf.getvalue().splitlines() if line.strip()][-top - 1:]
+
+
 def _graph_time(fn, repeats: int) -> tuple[Optional[float], str]:
     """CUDA-graph replay time of ``fn`` (median), or ``(None, why not)``."""
     try:
@@ -271,6 +288,7 @@ def vit_bench(shape: str = "vit-b16-clip", batch: int = 256, device: str = "cuda
             if profile and dev.type == "cuda":
                 row["profile"] = profile_top(lambda: feats(model), top=14)
                 row.update(host_syncs(lambda: feats(model)))
+                row["host_profile"] = host_profile(lambda: feats(model))
             if cuda_graph and dev.type == "cuda" and row.get("host_syncs"):
                 row["graph_error"] = (f"not captured: {sum(row['host_syncs'].values())} host synchronisations per "
                                       "forward (sink detection)")
@@ -335,6 +353,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  {r['method']}: no CUDA graph ({r['graph_error']})")
         if r.get("host_syncs") is not None:
             print(f"  {r['method']}: host syncs {r['host_syncs']}, host issue {r['host_issue_ms']} ms of {r['host_total_ms']} ms")
+        for line in r.get("host_profile", []):
+            print(f"  {r['method']:<20} host {line}")
         if r.get("not_fused"):
             print(f"  {r['method']}: blocks not fused: {r['not_fused']}")
         for k in r.get("profile", []):

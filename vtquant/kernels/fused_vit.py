@@ -37,6 +37,7 @@ modules.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -54,7 +55,7 @@ try:  # pragma: no cover - exercised on the GPU machine or with TRITON_INTERPRET
 except Exception:  # pragma: no cover
     HAVE_TRITON = False
 
-ACTS = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
+ACTS = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "gelu_poly": 4}
 
 # ----------------------------------------------------------------------------------------------
 # Kernels: LayerNorm (or a rotated model's ProjectedRMSNorm) -> codes, with the residual add fused;
@@ -115,8 +116,21 @@ if HAVE_TRITON:
             x = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
         elif ACT == 3:
             x = x * tl.sigmoid(1.702 * x)
+        elif ACT == 4:  # GELU(erf) with Abramowitz-Stegun 7.1.26 for erf (|error| < 1.5e-7): cheaper than libdevice
+            z = tl.abs(x) * 0.7071067811865476
+            t = 1.0 / (1.0 + 0.3275911 * z)
+            poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+            e = 1.0 - poly * tl.exp(-z * z)
+            x = 0.5 * x * (1.0 + tl.where(x >= 0, e, -e))
         return x
 
+    def _tile_configs():
+        if tq._interpreting_at_import():
+            return [triton.Config({"BM": 4, "BN": 64}, num_warps=4)]
+        return [triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in
+                ((4, 1024, 8), (8, 1024, 8), (2, 1024, 4), (16, 256, 4), (8, 512, 8), (32, 128, 4), (16, 512, 8))]
+
+    @triton.autotune(configs=_tile_configs(), key=["n", "ACT", "HAS_ZERO", "IS_INT8", "CODES"])
     @triton.jit
     def _act_static_kernel(x_ptr, q_ptr, zero_ptr, M, n, inv_scale, qmax, ACT: tl.constexpr,
                            HAS_ZERO: tl.constexpr, IS_INT8: tl.constexpr, CODES: tl.constexpr,
@@ -169,19 +183,10 @@ def _row_cfg(n: int) -> tuple[int, int, int]:
     return bm, block, 4 if block * bm <= 4096 else 8
 
 
-def _tile_cfg(n: int) -> tuple[int, int]:
-    bn = 1024
-    while bn > 64 and n % bn:
-        bn //= 2
-    if n % bn:
-        bn = min(1024, triton.next_power_of_2(n))
-    return max(1, TILE // bn), bn
-
-
 # -- torch references (CPU path and the checks) ------------------------------------------------------
 def ref_act(x: torch.Tensor, act: str) -> torch.Tensor:
     xf = x.float()
-    if act == "gelu":
+    if act in ("gelu", "gelu_poly"):
         y = F.gelu(xf)
     elif act == "gelu_tanh":
         y = F.gelu(xf, approximate="tanh")
@@ -275,10 +280,9 @@ def act_codes(x2: torch.Tensor, act: str, scale: Optional[float], dtype: torch.d
         _act_dynamic_kernel[(triton.cdiv(m, bm),)](x2, q, s, m, n, qmax, ACT=ACTS[act], IS_INT8=dtype == torch.int8,
                                                    BM=bm, BLOCK=block, num_warps=warps)
         return q, s
-    bm, bn = _tile_cfg(n)
-    _act_static_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x2, q, tq._zero_arg(zero_rows, x2), m, n, 1.0 / scale, qmax, ACT=ACTS[act], HAS_ZERO=zero_rows is not None,
-        IS_INT8=dtype == torch.int8, CODES=True, BM=bm, BN=bn, num_warps=8)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+    _act_static_kernel[grid](x2, q, tq._zero_arg(zero_rows, x2), m, n, 1.0 / scale, qmax, ACT=ACTS[act],
+                             HAS_ZERO=zero_rows is not None, IS_INT8=dtype == torch.int8, CODES=True)
     return q, None
 
 
@@ -289,17 +293,20 @@ def act_values(x2: torch.Tensor, act: str) -> torch.Tensor:
     x2 = x2.contiguous()
     out = torch.empty_like(x2)
     m, n = x2.shape
-    bm, bn = _tile_cfg(n)
-    _act_static_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-        x2, out, x2, m, n, 1.0, 1.0, ACT=ACTS[act], HAS_ZERO=False, IS_INT8=False, CODES=False, BM=bm, BN=bn,
-        num_warps=8)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
+    _act_static_kernel[grid](x2, out, x2, m, n, 1.0, 1.0, ACT=ACTS[act], HAS_ZERO=False, IS_INT8=False, CODES=False)
     return out
+
+
+GELU_ERF = "gelu_poly" if os.environ.get("VTQUANT_GELU_ERF", "poly") == "poly" else "gelu"
+"""How the kernels evaluate GELU(erf): ``gelu_poly`` (erf by a 5-term polynomial, |error| < 1.5e-7, far below the
+bf16 rounding of the activation; default) or ``gelu`` (libdevice erf); ``$VTQUANT_GELU_ERF=libdevice`` picks it."""
 
 
 def _act_name(module: nn.Module) -> Optional[str]:
     name = type(module).__name__
     if name == "GELU":
-        return "gelu_tanh" if getattr(module, "approximate", "none") == "tanh" else "gelu"
+        return "gelu_tanh" if getattr(module, "approximate", "none") == "tanh" else GELU_ERF
     if name == "GELUTanh":
         return "gelu_tanh"
     if name == "QuickGELU":
