@@ -84,6 +84,16 @@ def test_fused_vit_fp8_matches_per_linear_modules(method):
     # not rotated: close to the per-Linear modules; rotated (the implant's rotation artefact makes both ~0.14 off bf16,
     # so rounding differences move the output more): no less accurate than them
     assert (_rel(b, a) < 0.05 or method == "insertquant+rotate") and err_b < err_a * 1.2 + 1e-3
+    # each block but the stage layer replayed as a CUDA graph: the same output
+    fv.BLOCK_GRAPHS = True
+    try:
+        with torch.no_grad():
+            outs = [fused.forward_features(x).clone() for _ in range(3)]  # eager warm-up, capture, replay
+    finally:
+        fv.BLOCK_GRAPHS = False
+    graphed = [bool(blk.forward.graphs) for blk in fused.blocks]
+    assert sum(graphed) == len(graphed) - 1, (graphed, [blk.forward.graph_error for blk in fused.blocks])
+    assert all(_rel(o, b) < 1e-3 for o in outs), [_rel(o, b) for o in outs]
     orig = fv._VSite.write_rows
     fv._VSite.write_rows = lambda *args, **kw: None
     try:

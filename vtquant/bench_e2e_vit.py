@@ -224,7 +224,7 @@ def _graph_time(fn, repeats: int) -> tuple[Optional[float], str]:
 def vit_bench(shape: str = "vit-b16-clip", batch: int = 256, device: str = "cuda", methods: tuple = METHODS,
               calib_batches: int = 4, calib_batch: int = 16, repeats: int = 10, spike: float = 1000.0,
               backend: Optional[str] = None, fused: bool = True, profile: bool = False,
-              cuda_graph: bool = False, quiet: bool = True, seed: int = 0) -> list[dict]:
+              cuda_graph: bool = False, quiet: bool = True, seed: int = 0, block_graphs: bool = False) -> list[dict]:
     import vtquant
     from .config import Recipe, SinkConfig, method_recipe
     from .kernels import convert_
@@ -300,6 +300,26 @@ def vit_bench(shape: str = "vit-b16-clip", batch: int = 256, device: str = "cuda
                     row["graph_error"] = why
                 else:
                     timings[method + "/graph"] = g_seconds
+            if block_graphs and dev.type == "cuda" and method not in ("bf16", "dynamic-token"):
+                from .kernels import fused_vit as fv
+
+                fv.BLOCK_GRAPHS = True
+                try:
+                    feats(model)  # eager on the graph buffers (warm-up), then capture
+                    bg = _time(lambda: feats(model), dev, repeats)
+                    outg = feats(model).float()
+                finally:
+                    fv.BLOCK_GRAPHS = False
+                fw = [getattr(b, "forward", None) for b in model.blocks]
+                row.update(block_graph_seconds=round(bg, 5),
+                           graphed_blocks=sum(bool(getattr(f, "graphs", None)) for f in fw),
+                           block_graph_vs_eager=round(float((outg - out).norm() / out.norm()), 6),
+                           block_graph_errors=sorted({f.graph_error for f in fw if getattr(f, "graph_error", "")}))
+                timings[method + "/block-graphs"] = bg
+                if "bf16" in timings:
+                    row["block_graph_x_bf16"] = round(timings["bf16"] / bg, 3)
+                if "dynamic-token" in timings:
+                    row["block_graph_x_dynamic"] = round(timings["dynamic-token"] / bg, 3)
         timings[method] = seconds
         row.update(seconds=round(seconds, 5), tflops=round(flops / seconds / 1e12, 1), images_per_s=round(batch / seconds))
         if "bf16" in timings:
@@ -320,7 +340,8 @@ def vit_bench(shape: str = "vit-b16-clip", batch: int = 256, device: str = "cuda
 
 def format_rows(rows: list[dict]) -> str:
     cols = ["model_shape", "method", "fused_blocks", "seconds", "images_per_s", "tflops", "x_bf16", "x_dynamic",
-            "feature_err_vs_bf16", "cls_err_vs_bf16", "graph_seconds", "graph_x_bf16_graph", "calib_seconds"]
+            "feature_err_vs_bf16", "cls_err_vs_bf16", "graph_seconds", "block_graph_seconds", "block_graph_x_bf16",
+            "block_graph_x_dynamic", "graphed_blocks", "block_graph_vs_eager", "calib_seconds"]
     lines = [" | ".join(cols)]
     for r in rows:
         lines.append(" | ".join(str(r.get(c, "")) for c in cols))
@@ -342,11 +363,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--cuda-graph", action="store_true", help="also time a CUDA-graph replay where it can be captured")
+    p.add_argument("--block-graphs", action="store_true",
+                   help="also time the static models with each block (but the stage layer) replayed as a CUDA graph")
     p.add_argument("--results-file", default=None)
     args, _ = p.parse_known_args(argv)
     rows = vit_bench(args.model_shape, args.batch, args.device, tuple(args.methods.split(",")), args.calib_batches,
                      args.calib_batch, args.repeats, args.spike, args.backend, args.fused, args.profile,
-                     args.cuda_graph)
+                     args.cuda_graph, block_graphs=args.block_graphs)
     print(format_rows(rows))
     for r in rows:
         if r.get("graph_error"):

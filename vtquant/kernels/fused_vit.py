@@ -55,6 +55,10 @@ try:  # pragma: no cover - exercised on the GPU machine or with TRITON_INTERPRET
 except Exception:  # pragma: no cover
     HAVE_TRITON = False
 
+BLOCK_GRAPHS = os.environ.get("VTQUANT_VIT_BLOCK_GRAPHS") == "1"
+"""Replay each static block (all but the stage layer, whose detector synchronises with the host) as a CUDA graph
+(opt-in: ``vtquant.kernels.fused_vit.BLOCK_GRAPHS = True`` or ``$VTQUANT_VIT_BLOCK_GRAPHS=1``; CUDA only)."""
+
 ACTS = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "gelu_poly": 4}
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +413,7 @@ class _VSite(_Site):
         self.b_fp: Optional[torch.Tensor] = None
         self._cache_key = None
         self._cache: tuple = (None, None)
+        self._tmpl_dev: Optional[torch.Tensor] = None
         guards = [getattr(m, "guard", None) for m in members]
         if all(g is None or g.mode == "off" for g in guards):
             return
@@ -456,17 +461,24 @@ class _VSite(_Site):
                              out_dtype=torch.bfloat16)
         return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
 
-    def write_rows(self, y: torch.Tensor, index: Optional[torch.Tensor], state: Any, fp_in: Any) -> None:
-        """Write the sinks' output rows by index: templates, full-precision rows of ``fp_in()`` elsewhere."""
+    def write_rows(self, y: torch.Tensor, index: Optional[torch.Tensor], state: Any, fp_in: Any,
+                   types: Optional[torch.Tensor] = None) -> None:
+        """Write the sinks' output rows by index: templates, full-precision rows of ``fp_in()`` elsewhere.
+        ``types``: the sinks' template types (a CUDA graph's buffer: gathered on every call, not cached)."""
         if self.rows != "rows" or index is None:
             return
-        key = (state.generation, y.dtype, index.data_ptr(), index.numel())
-        if self._cache_key != key:
-            types = state.types.reshape(-1).index_select(0, index).clamp_min(0)
-            self._cache = (self.templates.to(device=y.device, dtype=y.dtype).index_select(0, types),
-                           self.tmpl_cols.to(y.device).index_select(0, types))
-            self._cache_key = key
-        out, cols = self._cache
+        if self._tmpl_dev is None or self._tmpl_dev.device != y.device or self._tmpl_dev.dtype != y.dtype:
+            self._tmpl_dev = self.templates.to(device=y.device, dtype=y.dtype)
+            self.tmpl_cols = self.tmpl_cols.to(y.device)
+        if types is not None:
+            out, cols = self._tmpl_dev.index_select(0, types), self.tmpl_cols.index_select(0, types)
+        else:
+            key = (state.generation, y.dtype, index.data_ptr(), index.numel())
+            if self._cache_key != key:
+                types = state.types.reshape(-1).index_select(0, index).clamp_min(0)
+                self._cache = (self._tmpl_dev.index_select(0, types), self.tmpl_cols.index_select(0, types))
+                self._cache_key = key
+            out, cols = self._cache
         if self.need_fp:
             if self.w_fp.dtype != y.dtype or self.w_fp.device != y.device:
                 self.w_fp = self.w_fp.to(device=y.device, dtype=y.dtype)
@@ -561,6 +573,11 @@ class FusedVitBlockForward:
         self.norm1, self.norm2 = _Norm(self.norm1_mod), _Norm(self.norm2_mod)
         self.act_mod = block.get_submodule(lay.fc1.rsplit(".", 1)[0] + (".act" if lay.kind == "timm" else ".gelu"))
         self.calls = 0
+        self.graphs: dict = {}
+        self.warm: set = set()
+        self.graph_error = ""
+        # a block whose forward synchronises with the host (the stage layer's detector) is never captured
+        self.graphable = static and sites["fc2"].detector is None
 
     def _covered_call(self, args: tuple, kwargs: dict) -> bool:
         block = self.block_ref[0]
@@ -580,18 +597,77 @@ class FusedVitBlockForward:
         if x.dim() != 3 or not self._covered_call(args, kwargs):
             return self.original(x, *args, **kwargs)
         self.calls += 1
+        state = self.state
+        mask = state.mask_for(x) if state is not None else None
+        index = state.flat_index() if mask is not None else None
+        if BLOCK_GRAPHS and x.is_cuda and self.graphable and state is not None:
+            return self._graphed(x, mask, index)
+        return self._body(x, mask.reshape(-1) if index is not None else None, index, None)
+
+    # -- CUDA graphs of the block (BLOCK_GRAPHS): one replay instead of ~40 launches ---------------------------
+    graphable = True
+
+    def _graphed(self, x: torch.Tensor, mask: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> torch.Tensor:
+        """Replay this block's CUDA graph (captured on the second call of a shape and sink count; the first runs
+        eagerly on the same buffers).  The sink rows, mask and types live in buffers shared by the model's blocks,
+        refreshed once per sink set; the output is the graph's buffer (valid until the block runs again)."""
+        state = self.state
+        sh = getattr(state, "_vit_graphs", None)
+        if sh is None:
+            sh = state._vit_graphs = {"pool": torch.cuda.graph_pool_handle(), "bufs": {}, "gen": None, "outs": set()}
+        b, t, _ = x.shape
+        n_sinks = 0 if index is None else index.numel()
+        bkey = (b, t, n_sinks, x.device)
+        bufs = sh["bufs"].get(bkey)
+        if bufs is None:
+            bufs = sh["bufs"][bkey] = (torch.zeros(max(n_sinks, 1), dtype=torch.long, device=x.device),
+                                      torch.zeros(max(n_sinks, 1), dtype=torch.long, device=x.device),
+                                      torch.zeros(b * t, dtype=torch.bool, device=x.device))
+            sh["gen"] = None
+        g_index, g_types, g_zero = bufs
+        if sh["gen"] != (state.generation, bkey):
+            if n_sinks:
+                g_index.copy_(index)
+                g_types.copy_(state.types.reshape(-1).index_select(0, index).clamp_min(0))
+                g_zero.copy_(mask.reshape(-1))
+            sh["gen"] = (state.generation, bkey)
+        args = (g_zero, g_index, g_types) if n_sinks else (None, None, None)
+        key = (bkey, x.dtype)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key not in self.warm:  # autotuning, lazy casts and caches happen outside the capture
+                self.warm.add(key)
+                return self._body(x, *args)
+            x_in = x if x.data_ptr() in sh["outs"] else x.clone()
+            try:
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=sh["pool"]):
+                    out = self._body(x_in, *args)
+            except Exception as exc:  # noqa: BLE001 - a block that cannot be captured runs eagerly
+                torch.cuda.synchronize()
+                self.graphable = False
+                self.graph_error = f"{type(exc).__name__}: {exc}"
+                return self._body(x, *args)
+            sh["outs"].add(out.data_ptr())
+            entry = self.graphs[key] = (graph, x_in, out)
+        graph, x_in, out = entry
+        if x.data_ptr() != x_in.data_ptr():
+            x_in.copy_(x)
+        graph.replay()
+        return out
+
+    def _body(self, x: torch.Tensor, zero: Optional[torch.Tensor], index: Optional[torch.Tensor],
+              types: Optional[torch.Tensor]) -> torch.Tensor:
         lay, s, state = self.layout, self.sites, self.state
         b, t, d = x.shape
         dtype = x.dtype
-        mask = state.mask_for(x) if state is not None else None
-        index = state.flat_index() if mask is not None else None
-        zero = mask.reshape(-1) if index is not None else None
         x2 = x.reshape(-1, d)
 
         # attention
         q, rs, _ = self._codes_of_norm(x2, self.norm1, s["qkv"], zero)
         qkv = s["qkv"].gemm(q, rs, dtype)
-        s["qkv"].write_rows(qkv, index, state, lambda: self.norm1_mod(x2.index_select(0, index)))
+        s["qkv"].write_rows(qkv, index, state, lambda: self.norm1_mod(x2.index_select(0, index)), types)
         c = qkv.shape[1] // 3
         hd = lay.head_dim
         qs = qkv[:, :c].view(b, t, -1, hd).transpose(1, 2)
@@ -606,12 +682,12 @@ class FusedVitBlockForward:
         else:
             q, rs = act_codes(o2, "identity", None, site.codes_dtype)
         y = site.gemm(q, rs, dtype)
-        site.write_rows(y, index, state, lambda: o2.index_select(0, index))
+        site.write_rows(y, index, state, lambda: o2.index_select(0, index), types)
 
         # MLP: the residual add fused into the second norm's kernel
         q, rs, h = self._codes_of_norm(x2, self.norm2, s["fc1"], zero, add=y)
         f = s["fc1"].gemm(q, rs, dtype)
-        s["fc1"].write_rows(f, index, state, lambda: self.norm2_mod(h.index_select(0, index)))
+        s["fc1"].write_rows(f, index, state, lambda: self.norm2_mod(h.index_select(0, index)), types)
         site = s["fc2"]
         act = lay.act
         if site.detector is not None or site.rot is not None:
@@ -644,7 +720,7 @@ class FusedVitBlockForward:
             def fc2_in():
                 return self.act_mod(f.index_select(0, index))
         y = site.gemm(q, rs, dtype)
-        site.write_rows(y, index, state, fc2_in)
+        site.write_rows(y, index, state, fc2_in, types)
         return (h + y).view(b, t, d)
 
     def _rotated_codes(self, a: torch.Tensor, site: _VSite, zero: Optional[torch.Tensor]) -> torch.Tensor:
