@@ -92,7 +92,7 @@ def test_fused_vit_fp8_matches_per_linear_modules(method):
     finally:
         fv.BLOCK_GRAPHS = False
     graphed = [bool(blk.forward.graphs) for blk in fused.blocks]
-    assert sum(graphed) == len(graphed) - 1, (graphed, [blk.forward.graph_error for blk in fused.blocks])
+    assert len(graphed) - 2 <= sum(graphed) < len(graphed), (graphed, [blk.forward.graph_error for blk in fused.blocks])
     assert all(_rel(o, b) < 1e-3 for o in outs), [_rel(o, b) for o in outs]
     orig = fv._VSite.write_rows
     fv._VSite.write_rows = lambda *args, **kw: None

@@ -68,6 +68,12 @@ ACTS = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "gelu_poly": 
 # ----------------------------------------------------------------------------------------------
 if HAVE_TRITON:
 
+    def _rows_configs():
+        if tq._interpreting_at_import():
+            return [triton.Config({"BM": 2}, num_warps=4)]
+        return [triton.Config({"BM": bm}, num_warps=w) for bm, w in ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (2, 8))]
+
+    @triton.autotune(configs=_rows_configs(), key=["n", "ADD", "PROJ", "DYNAMIC", "HAS_ZERO", "IS_INT8"])
     @triton.jit
     def _norm_quant_kernel(x_ptr, y_ptr, h_ptr, w_ptr, b_ptr, u_ptr, q_ptr, s_ptr, zero_ptr, M, n, eps,
                            inv_scale, qmax, ADD: tl.constexpr, PROJ: tl.constexpr, HAS_W: tl.constexpr,
@@ -157,6 +163,7 @@ if HAVE_TRITON:
                 y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
         tl.store(q_ptr + off, y.to(q_ptr.dtype.element_ty), mask=m)
 
+    @triton.autotune(configs=_rows_configs(), key=["n", "ACT", "IS_INT8"])
     @triton.jit
     def _act_dynamic_kernel(x_ptr, q_ptr, s_ptr, M, n, qmax, ACT: tl.constexpr, IS_INT8: tl.constexpr,
                             BM: tl.constexpr, BLOCK: tl.constexpr):
@@ -175,16 +182,6 @@ if HAVE_TRITON:
         if IS_INT8:
             y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
         tl.store(q_ptr + off, y.to(q_ptr.dtype.element_ty), mask=m)
-
-
-TILE = 4096  # elements per program of the row / tile kernels (fixed launch configurations: no autotuner)
-
-
-def _row_cfg(n: int) -> tuple[int, int, int]:
-    """``(BM, BLOCK, num_warps)`` for whole-row kernels of width ``n``."""
-    block = triton.next_power_of_2(n)
-    bm = max(1, TILE // block)
-    return bm, block, 4 if block * bm <= 4096 else 8
 
 
 # -- torch references (CPU path and the checks) ------------------------------------------------------
@@ -254,15 +251,15 @@ def norm_codes(x2: torch.Tensor, norm: _Norm, scale: Optional[float], dtype: tor
     s = torch.empty((m, 1), dtype=torch.float32, device=x2.device) if scale is None else None
     dummy = x2
     u = norm.u.to(device=x2.device, dtype=torch.float32) if norm.u is not None else None
-    bm, block, warps = _row_cfg(n)
-    _norm_quant_kernel[(triton.cdiv(m, bm),)](
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
+    _norm_quant_kernel[grid](
         x2, add.contiguous() if add is not None else dummy, h, norm.weight if norm.weight is not None else dummy,
         norm.bias if norm.bias is not None else dummy, u if u is not None else dummy, q,
         s if s is not None else dummy, tq._zero_arg(zero_rows, dummy), m, n, norm.eps,
         1.0 / scale if scale is not None else 1.0, qmax, ADD=add is not None, PROJ=u is not None,
         HAS_W=norm.weight is not None, HAS_B=norm.bias is not None, DYNAMIC=scale is None,
-        HAS_ZERO=zero_rows is not None and scale is not None, IS_INT8=dtype == torch.int8, BM=bm, BLOCK=block,
-        num_warps=warps)
+        HAS_ZERO=zero_rows is not None and scale is not None, IS_INT8=dtype == torch.int8,
+        BLOCK=triton.next_power_of_2(n))
     return q, s, h
 
 
@@ -280,9 +277,9 @@ def act_codes(x2: torch.Tensor, act: str, scale: Optional[float], dtype: torch.d
     q = torch.empty((m, n), dtype=dtype, device=x2.device)
     if scale is None:
         s = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
-        bm, block, warps = _row_cfg(n)
-        _act_dynamic_kernel[(triton.cdiv(m, bm),)](x2, q, s, m, n, qmax, ACT=ACTS[act], IS_INT8=dtype == torch.int8,
-                                                   BM=bm, BLOCK=block, num_warps=warps)
+        grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
+        _act_dynamic_kernel[grid](x2, q, s, m, n, qmax, ACT=ACTS[act], IS_INT8=dtype == torch.int8,
+                                  BLOCK=triton.next_power_of_2(n))
         return q, s
     grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
     _act_static_kernel[grid](x2, q, tq._zero_arg(zero_rows, x2), m, n, 1.0 / scale, qmax, ACT=ACTS[act],
