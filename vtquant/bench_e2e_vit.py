@@ -31,7 +31,7 @@ import copy
 import gc
 import json
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
