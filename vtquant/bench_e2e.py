@@ -34,6 +34,7 @@ peak GPU memory of calibration.
 Usage::
 
     python -m vtquant.bench_e2e --model-shape llama-2-7b --layers 8 --tokens 4096 --results-file out.json
+    python -m vtquant.bench_e2e --model-shape vit-b16-clip --batch 256   # ViT encoders: vtquant.bench_e2e_vit
 """
 from __future__ import annotations
 
@@ -399,6 +400,16 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    import sys
+
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(args_in):  # vision shapes: the ViT encoder bench (vtquant.bench_e2e_vit)
+        shape = a.split("=", 1)[1] if a.startswith("--model-shape=") else (
+            args_in[i + 1] if a == "--model-shape" and i + 1 < len(args_in) else None)
+        if shape is not None and shape.startswith("vit-"):
+            from .bench_e2e_vit import main as vit_main
+
+            return vit_main(args_in)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-shape", default="llama-2-7b", choices=sorted(SHAPES))

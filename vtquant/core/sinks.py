@@ -197,7 +197,9 @@ class SinkDetector(nn.Module):
         new = ratios > self.alpha
         if bool(new.any()) or state.mask is None:
             b, t = ratios.shape
-            feats = state.rows(x).detach().float().view(b, t, -1)
+            feats = None  # the probe's features only where types are assigned by least squares (not fixed types)
+            if state.num_known_types is None and self.stage in state.det_templates and state.num_types > 1:
+                feats = state.rows(x).detach().float().view(b, t, -1)
             state.add(self.stage, new, features=feats)
 
 

@@ -18,7 +18,10 @@ int8 codes are zeroed by index and their outputs written by index.
 On CUDA the blocks of a pre-norm RMSNorm / SwiGLU transformers decoder then run the
 producer-fused forward of :mod:`vtquant.kernels.fused` (codes written by RMSNorm, SiLU * up
 and the attention output; one GEMM per fused group; SDPA; the rotated model's online
-Hadamard fused with SiLU * up and the quantization, :mod:`vtquant.kernels.triton_hadamard`).
+Hadamard fused with SiLU * up and the quantization, :mod:`vtquant.kernels.triton_hadamard`); the
+pre-norm LayerNorm / GELU blocks of timm and open_clip ViTs run :mod:`vtquant.kernels.fused_vit`
+(LayerNorm / GELU / attention output -> codes, q/k/v one GEMM, the sinks' template or full-precision
+rows by index).
 """
 from .linear import BACKENDS, RealQuantLinear, convert_
 

@@ -423,9 +423,10 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
             int32 sums.
         fused: run each decoder block through the producer-fused forward
             (:mod:`vtquant.kernels.fused`: RMSNorm / SiLU * up / attention output -> codes, one GEMM
-            for q/k/v and one for gate/up, sink rows written by index, SDPA attention).  Default
-            (``None``): on for ``cuda-*`` backends of transformers decoders whose blocks it covers, off
-            otherwise; ``True`` insists (an error if no block can be fused); ``False``: per-Linear modules only.
+            for q/k/v and one for gate/up, sink rows written by index, SDPA attention; for pre-norm
+            ViT blocks of timm / open_clip :mod:`vtquant.kernels.fused_vit`: LayerNorm / GELU /
+            attention output -> codes, q/k/v one GEMM).  Default (``None``): on for ``cuda-*`` backends
+            of transformers decoders and ViTs whose blocks it covers, off otherwise; ``True`` insists (an error if no block can be fused); ``False``: per-Linear modules only.
     """
     handle = getattr(model, "vtquant", None)
     if handle is None:
@@ -462,7 +463,10 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
                 raise UnsupportedConversionError("fused=True needs group_shared_inputs=True")
         else:
             try:
-                handle.fused = fuse_static_(model)
+                from .fused_vit import fuse_vit_static_, is_vit
+
+                # pre-norm LayerNorm / GELU ViT blocks (timm, open_clip): vtquant.kernels.fused_vit
+                handle.fused = fuse_vit_static_(model) if is_vit(model) else fuse_static_(model)
             except FusionError as exc:
                 if fused:
                     raise UnsupportedConversionError(f"fused=True: {exc}") from exc
