@@ -153,3 +153,13 @@ def test_e2e_bench_runs_tiny_on_cpu():
     assert by_method["insertquant"]["emergence_layer"] == 1 and by_method["insertquant"]["sinks_found"]
     assert by_method["insertquant"]["logit_err_vs_bf16"] < 0.05
     assert by_method["insertquant"]["pipeline"] == "sequential+offload"
+
+
+def test_calib_only_bench_runs_tiny_on_cpu():
+    """``bench_e2e --calib-only``: calibration alone, sequential, at several depths (the 70B memory check's rows)."""
+    from vtquant.bench_e2e import calib_memory_bench
+
+    rows = [calib_memory_bench("tiny", layers, "cpu", "insertquant", calib_batches=2, calib_len=16) for layers in (3, 5)]
+    assert [r["layers"] for r in rows] == [3, 5] and all(r["sinks_found"] for r in rows)
+    assert all(r["pipeline"] == "sequential+offload" and r["calib_tokens"] == 32 for r in rows)
+    assert rows[1]["params_b"] > rows[0]["params_b"] or rows[1]["model_gib"] >= rows[0]["model_gib"]
