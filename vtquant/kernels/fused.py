@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_quant as cq
 from . import triton_quant as tq
 
 FUSED_ATTR = "_vtquant_fused"
@@ -94,6 +95,11 @@ def rotary_inplace_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hea
     _rotary_kernel[(m,)](qkv, cos2, sin2, qkv.stride(0), cos2.stride(0), 0, heads, HALF=half,
                          NHP=triton.next_power_of_2(heads), num_warps=4)
     return True
+
+
+def _on_cpu(x: torch.Tensor) -> bool:
+    """CPU tensors take :mod:`vtquant.kernels.cpu_quant` (the Triton interpreter, in tests, the Triton kernels)."""
+    return not x.is_cuda and not tq._interpreting()
 
 
 class FusionError(ValueError):
@@ -296,7 +302,13 @@ class FusedBlockForward:
 
     # -- producers -> codes ---------------------------------------------------------------
     def _norm_codes(self, x2: torch.Tensor, norm: nn.Module, eps: float, site: _Site,
-                    zero: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    zero: Optional[torch.Tensor], index: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if _on_cpu(x2):  # the fake-quant model's op sequence, in place (vtquant.kernels.cpu_quant)
+            if self.static:
+                return cq.rmsnorm_codes(x2, norm.weight, eps, site.a_scale,
+                                        index if site.policy != "none" else None), None
+            return cq.rmsnorm_codes_dynamic(x2, norm.weight, eps)
         if self.static:
             return tq.rmsnorm_quant_static(x2, norm.weight, eps, site.a_scale, site.codes_dtype,
                                            zero if site.policy != "none" else None), None
@@ -316,13 +328,19 @@ class FusedBlockForward:
         h2 = h.view(b * t, -1)
         if site.rot is not None:
             h2 = hadamard_apply(h2, *site.rot)
+        if _on_cpu(h2):
+            return cq.static_codes_(h2, site.a_scale, index if site.policy != "none" else None), index
         q = tq.quant_static(h2, site.a_scale, site.codes_dtype)
         if index is not None and site.policy != "none":
             (q.view(torch.uint8) if q.dtype == torch.float8_e4m3fn else q).index_fill_(0, index, 0)
         return q, index
 
-    def _act_codes(self, gu: torch.Tensor, site: _Site, zero: Optional[torch.Tensor]
-                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _act_codes(self, gu: torch.Tensor, site: _Site, zero: Optional[torch.Tensor],
+                   index: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if _on_cpu(gu):
+            if not self.static:
+                return cq.silu_mul_codes_dynamic(gu)
+            return cq.silu_mul_codes(gu, site.a_scale, index if site.policy != "none" else None, site.rot), None
         if not self.static:
             return tq.silu_mul_quant_dynamic(gu, site.codes_dtype)
         zero = zero if site.policy != "none" else None
@@ -338,6 +356,10 @@ class FusedBlockForward:
 
     def _plain_codes(self, x2: torch.Tensor, site: _Site, index: Optional[torch.Tensor]
                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if _on_cpu(x2):
+            if not self.static:
+                return cq.dynamic_codes_(x2, owned=True)  # x2: the attention output's own copy
+            return cq.static_codes_(x2, site.a_scale, index if site.policy != "none" else None, owned=True), None
         if not self.static:
             return tq.quant_dynamic_rows(x2, site.codes_dtype)
         q = tq.quant_static(x2, site.a_scale, site.codes_dtype)
@@ -364,7 +386,7 @@ class FusedBlockForward:
         s = self.sites
 
         # attention
-        q, rs = self._norm_codes(h.reshape(-1, d), self.norm1, self.eps1, s["qkv"], zero)
+        q, rs = self._norm_codes(h.reshape(-1, d), self.norm1, self.eps1, s["qkv"], zero, index)
         qkv = s["qkv"].gemm(q, rs, dtype)
         s["qkv"].write_sinks(qkv, index, state)
         nq, nk, nv = s["qkv"].sizes
@@ -392,14 +414,14 @@ class FusedBlockForward:
         h = h + y.view(b, t, d)
 
         # MLP
-        q, rs = self._norm_codes(h.reshape(-1, d), self.norm2, self.eps2, s["gu"], zero)
+        q, rs = self._norm_codes(h.reshape(-1, d), self.norm2, self.eps2, s["gu"], zero, index)
         gu = s["gu"].gemm(q, rs, dtype)
         s["gu"].write_sinks(gu, index, state)
         if s["down"].detector is not None:
             q, index = self._detect_and_codes(gu, s["down"], b, t)
             rs = None
         else:
-            q, rs = self._act_codes(gu, s["down"], zero)
+            q, rs = self._act_codes(gu, s["down"], zero, index)
         y = s["down"].gemm(q, rs, dtype)
         s["down"].write_sinks(y, index, state)
         return h + y.view(b, t, d)
