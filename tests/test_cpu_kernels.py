@@ -178,9 +178,12 @@ def test_bench_table_names_cpu_and_kernels():
                dict(base, method="insertquant", prefill_tokens_per_s=150.0, kernel="oneDNN qlinear",
                     onednn_ran={"matmul brg_matmul:avx512_core_amx": 4, "isa AMX": 1}, fused_blocks="30",
                     perplexity_fake=10.0, perplexity_real=10.01)]
+    results[0]["prefill_rounds_s"] = [1.0, 2.0, 1.0]
+    results[1]["prefill_rounds_s"] = [0.5, 1.0, 1.0]  # 2x, 2x, 1x the fp row in the same rounds
     text = format_cpu_table(results, CpuBenchSettings())
     assert f"CPU: {feats['cpu']}" in text and "| insertquant | cpu-int8 (fused) | 150 | 1.50 |" in text
     assert "insertquant: oneDNN qlinear; fused blocks 30; oneDNN ran: matmul brg_matmul:avx512_core_amx x4" in text
     assert "oneDNN ISA: AMX" in text
+    assert "insertquant prefill speed / other, median of interleaved rounds: fp 2.000" in text
     rows = cpu_rows(results)
     assert rows[-1].extra["kernel"] == "oneDNN qlinear" and rows[-1].extra["cpu"] == feats["cpu"]

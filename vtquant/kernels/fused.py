@@ -12,9 +12,11 @@ Mistral, Qwen2 and their kind) by one that:
   Hadamard -> codes in one kernel (:mod:`vtquant.kernels.triton_hadamard`);
 * runs q/k/v and gate/up as one GEMM each (``torch._scaled_mm`` with the weight scales fused and
   bf16 out for FP8; the Triton int8 GEMM with the rescale in its epilogue for int8 on CUDA;
-  ``torch._int_mm`` + rescale on the CPU);
-* writes the sinks' output rows (the template outputs ``W t + b``) by index into the fused GEMM
-  output: O(#sinks), no per-Linear split copies, concats or casts of the whole activation;
+  ``torch._int_mm`` + rescale, or oneDNN's int8 matmul, on the CPU; there the producers are the fake-quant
+  model's own op sequence, in place, :mod:`vtquant.kernels.cpu_quant`: bit-identical codes);
+* writes the sinks' output rows (the template outputs ``W t + b``, or, for full-precision sink rows,
+  ``x_sink W^T + b`` from the sink rows' own float inputs) by index into the fused GEMM output: O(#sinks),
+  no per-Linear split copies, concats or casts of the whole activation;
 * runs attention through ``F.scaled_dot_product_attention`` (flash / efficient kernels on CUDA).
 
 The block's forward hooks (vtquant's residual detector and residual restore) still run: only the
@@ -23,8 +25,8 @@ block's ``forward`` is replaced.  Prefill and decoding with transformers' ``Dyna
 cover fall back, per call, to the block's original forward: other cache classes (static, sliding-window),
 missing rotary embeddings, ``output_attentions``; blocks it cannot cover
 at all keep their original forward: a sink detector on a Linear other than the MLP down-projection (the
-probe of a stage layer, ``silu(g) * u``, is materialised there for the detector, then quantized), a guard
-that computes sink rows in full precision (``fp-row``), an online rotation anywhere but the
+probe of a stage layer, ``silu(g) * u``, is materialised there for the detector, then quantized), mixed
+sink policies across the Linears of one GEMM, an online rotation anywhere but the
 down-projection input, a layout other than plain pre-norm RMSNorm / SwiGLU.  :func:`fused_blocks`
 says which blocks run fused.
 """
