@@ -537,6 +537,17 @@ def _decoder_layout(model: nn.Module) -> tuple[Any, list[nn.Module]]:
     return layout, adapter.blocks()
 
 
+def sites_state(sites: dict, state: Any) -> Any:
+    """The model's sink state, or (a block converted on its own) the state its guards share."""
+    if state is not None:
+        return state
+    for site in sites.values():
+        for m in site.members:
+            if m.guard is not None:
+                state = m.guard.state
+    return state
+
+
 def fuse_static_(model: nn.Module) -> dict[int, str]:
     """Install the fused forward on every block of a converted static model that it covers."""
     layout, blocks = _decoder_layout(model)
@@ -550,13 +561,7 @@ def fuse_static_(model: nn.Module) -> dict[int, str]:
         if sites is None:
             report[i] = why
             continue
-        st = state
-        if st is None:
-            for site in sites.values():
-                for m in site.members:
-                    if m.guard is not None:
-                        st = m.guard.state
-        _install(block, FusedBlockForward(block, layout, sites, True, st))
+        _install(block, FusedBlockForward(block, layout, sites, True, sites_state(sites, state)))
         report[i] = "fused"
     model._vtquant_fusion_report = report
     return report

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import triton_quant as tq
-from .fused import FUSED_ATTR, FusionError, _install, _Site, fused_blocks, unfuse_  # noqa: F401
+from .fused import FUSED_ATTR, FusionError, _install, _Site, fused_blocks, sites_state, unfuse_  # noqa: F401
 
 try:  # pragma: no cover - exercised on the GPU machine or with TRITON_INTERPRET=1
     import triton
@@ -778,13 +778,7 @@ def fuse_vit_static_(model: nn.Module) -> dict[int, str]:
         if sites is None:
             report[i] = why
             continue
-        st = state
-        if st is None:
-            for site in sites.values():
-                for m in site.members:
-                    if m.guard is not None:
-                        st = m.guard.state
-        _install(block, FusedVitBlockForward(block, lay, sites, True, st))
+        _install(block, FusedVitBlockForward(block, lay, sites, True, sites_state(sites, state)))
         report[i] = "fused"
     model._vtquant_fusion_report = report
     return report
