@@ -282,6 +282,17 @@ def _static_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
     return sites, ""
 
 
+def dynamic_weights(members: list) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(codes, column scales, bias)`` of per-token dynamic Linears run as one GEMM (concatenated rows)."""
+    qweight = torch.cat([m.qweight for m in members], 0).contiguous() if len(members) > 1 else members[0].qweight
+    col = torch.cat([m.w_scale.reshape(-1) for m in members], 0)
+    biases = [getattr(m, "bias", None) for m in members]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else torch.zeros(m.out_features, device=m.qweight.device)
+         for b, m in zip(biases, members)])
+    return qweight, col, bias
+
+
 def _dynamic_sites(block: nn.Module, layout: Any, cpu_kernel: Optional[str] = None) -> tuple[Optional[dict], str]:
     from ..bench.gpu import DynamicRowLinear
 
@@ -292,13 +303,7 @@ def _dynamic_sites(block: nn.Module, layout: Any, cpu_kernel: Optional[str] = No
         members = [block.get_submodule(n) for n in names]
         if not all(isinstance(m, DynamicRowLinear) for m in members):
             return None, f"{key}: not every Linear is a per-token dynamic Linear"
-        qweight = torch.cat([m.qweight for m in members], 0).contiguous() if len(members) > 1 else members[0].qweight
-        col = torch.cat([m.w_scale.reshape(-1) for m in members], 0)
-        biases = [getattr(m, "bias", None) for m in members]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b.detach() if b is not None else torch.zeros(m.out_features, device=m.qweight.device)
-             for b, m in zip(biases, members)])
-        site = _Site(qweight, col, bias, [m.out_features for m in members], None)
+        site = _Site(*dynamic_weights(members), [m.out_features for m in members], None)
         site.codes_dtype = members[0].qweight.dtype
         if members[0].backend == "cpu-int8":
             from .linear import resolve_cpu_kernel

@@ -45,7 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import triton_quant as tq
-from .fused import FUSED_ATTR, FusionError, _install, _Site, fused_blocks, sites_state, unfuse_  # noqa: F401
+from .fused import (FUSED_ATTR, FusionError, _install, _Site, dynamic_weights, fused_blocks,  # noqa: F401
+                    sites_state, unfuse_)
 
 try:  # pragma: no cover - exercised on the GPU machine or with TRITON_INTERPRET=1
     import triton
@@ -538,13 +539,7 @@ def _dynamic_sites(block: nn.Module, lay: VitLayout) -> tuple[Optional[dict], st
         members = _members(block, names)
         if not all(isinstance(m, DynamicRowLinear) for m in members):
             return None, f"{key}: not every Linear is a per-token dynamic Linear"
-        qweight = torch.cat([m.qweight for m in members], 0).contiguous() if len(members) > 1 else members[0].qweight
-        col = torch.cat([m.w_scale.reshape(-1) for m in members], 0)
-        biases = [getattr(m, "bias", None) for m in members]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b.detach() if b is not None else torch.zeros(m.out_features, device=m.qweight.device)
-             for b, m in zip(biases, members)])
-        site = _VSite(qweight, col, bias, [m.out_features for m in members], None)
+        site = _VSite(*dynamic_weights(members), [m.out_features for m in members], None)
         site.setup_rows([], gamma)
         site.codes_dtype = members[0].qweight.dtype
         site.rot, site.detector, site.members = None, None, members
