@@ -43,3 +43,28 @@ def test_missing_gpu_is_a_one_line_error(capsys):
                  "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--device cuda" in err[0]
+
+
+def test_language_model_is_read_in_its_dtype(tmp_path, monkeypatch):
+    """``--dtype bfloat16``: the checkpoint is read in bf16 by transformers (never held in float32 first)."""
+    import transformers
+
+    from vtquant.cli import _load
+
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **kw):
+        seen["dtype"] = kw.get("dtype")
+        return real(*a, **kw)
+
+    from vtquant.adapters.hf_decoder import tiny_config
+
+    folder = tmp_path / "m"
+    transformers.LlamaForCausalLM(tiny_config(vocab_size=64)).save_pretrained(folder)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    args = argparse.Namespace(model=str(folder), model_file=None, quiet=True, threads=1, device="cpu", dtype="bfloat16")
+    model, _, _ = _load(args, lambda s: None)
+    assert seen["dtype"] == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
+    assert "loaded in bfloat16" in model.vtquant_fp_reference

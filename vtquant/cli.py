@@ -138,16 +138,17 @@ def _load(args: argparse.Namespace, log, **kwargs):
     from .models import load_causal_lm, set_threads
 
     threads = set_threads(args.threads)
-    _target(args)  # a device that is not there fails before the model is loaded
+    _, dtype = _target(args)  # a device that is not there fails before the model is loaded
     log(f"loading {args.model_file or args.model} ({threads} threads) ...")
-    model, tok, name = load_causal_lm(args.model, args.model_file, quiet=args.quiet, **kwargs)
+    # read in --dtype directly (a bf16 model is never held in float32 first), then moved to --device
+    model, tok, name = load_causal_lm(args.model, args.model_file, quiet=args.quiet, dtype=dtype, **kwargs)
     log(f"loaded {type(model).__name__} in {model.vtquant_load_seconds:.1f} s")
     _place(model, args, log)
-    model.vtquant_fp_reference = fp_reference(args.model, args.model_file, name)
+    model.vtquant_fp_reference = fp_reference(args.model, args.model_file, name, str(dtype).replace("torch.", ""))
     return model, tok, name
 
 
-def fp_reference(spec: str, model_file: Optional[str], name: str) -> str:
+def fp_reference(spec: str, model_file: Optional[str], name: str, dtype: str = "float32") -> str:
     """What the full-precision reference of the result rows is (``fp_reference`` of every row).
 
     SmolLM2's asset is a GGUF file: its Q4_1 weights dequantized to float32 by transformers, not the
@@ -164,9 +165,9 @@ def fp_reference(spec: str, model_file: Optional[str], name: str) -> str:
     if file.endswith(".gguf"):
         kind = re.search(r"[.-](I?Q\d[_A-Z0-9]*|F16|BF16|F32)\.gguf$", file, flags=re.IGNORECASE)
         qtype = kind.group(1).upper() if kind else "of unknown type"
-        return (f"{name}: GGUF {qtype} weights ({file}) dequantized to float32 by transformers"
+        return (f"{name}: GGUF {qtype} weights ({file}) dequantized to {dtype} by transformers"
                 + ("" if qtype in ("F32",) else ", not the original full-precision release"))
-    return f"{name}: {path} loaded in float32"
+    return f"{name}: {path} loaded in {dtype}"
 
 
 EVAL_METHODS = "fp,naive-static,dynamic-token,insertquant,insertquant+rotate"

@@ -23,7 +23,7 @@ DEFAULT_MODEL = "asset:smollm2-135m"
 
 
 def load_causal_lm(spec: str = DEFAULT_MODEL, model_file: Optional[str] = None, *, quiet: bool = False,
-                   attn_implementation: Optional[str] = None) -> tuple[Any, Any, str]:
+                   attn_implementation: Optional[str] = None, dtype: Any = None) -> tuple[Any, Any, str]:
     """Load a transformers causal LM and its tokenizer.
 
     Args:
@@ -32,6 +32,8 @@ def load_causal_lm(spec: str = DEFAULT_MODEL, model_file: Optional[str] = None, 
         model_file: a GGUF file given by hand; overrides ``spec`` (use when offline).
         quiet: no progress output.
         attn_implementation: e.g. ``eager`` when attention weights are needed.
+        dtype: the weights' dtype as loaded (default float32): a bf16 / fp16 model is read in that dtype,
+            never held in float32 first.
 
     Returns:
         ``(model in eval mode, tokenizer, display name)``.
@@ -63,7 +65,7 @@ def load_causal_lm(spec: str = DEFAULT_MODEL, model_file: Optional[str] = None, 
             raise FileNotFoundError(
                 f"model {spec!r} not found: give asset:NAME (see `vtquant assets`), a .gguf file or a local "
                 "transformers directory (hub names cannot be downloaded here)")
-    kwargs: dict = {"dtype": torch.float32}
+    kwargs: dict = {"dtype": dtype or torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     start = time.time()
