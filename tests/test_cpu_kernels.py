@@ -111,8 +111,9 @@ def test_onednn_int8_matmul_is_exact_and_reported(fp_model, monkeypatch):
         assert _rel(out, ref) < 1e-5, k  # the same codes, exact int32 sums
     for fused in (True, False):
         assert any(k.startswith("matmul brg_matmul") for k in ran[("onednn", fused)]), ran[("onednn", fused)]
-        assert not any(k.startswith("matmul") for k in ran[("int_mm", fused)]), ran[("int_mm", fused)]
-        assert ran[("int_mm", fused)].get("gemm_api", 0) > 0  # torch._int_mm: oneDNN's legacy s8 GEMM API
+        if not cq.has_amx_int8():  # measured on AVX-512 VNNI; how oneDNN serves the legacy API on AMX is unmeasured
+            assert not any(k.startswith("matmul") for k in ran[("int_mm", fused)]), ran[("int_mm", fused)]
+            assert ran[("int_mm", fused)].get("gemm_api", 0) > 0  # torch._int_mm: oneDNN's legacy s8 GEMM API
     from vtquant.bench.cpu import kernel_label
 
     assert "oneDNN qlinear" in kernel_label("insertquant", models[("onednn", True)])
