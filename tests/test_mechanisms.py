@@ -253,3 +253,18 @@ def test_input_site_stage_survives_save_and_load(tmp_path):
     torch.testing.assert_close(_logits(loaded, ids), _logits(q, ids), rtol=0, atol=0)
     assert loaded.vtquant.sink_positions() == q.vtquant.sink_positions() == _truth(ids, (SINK_ID,), True)
     assert loaded.model.layers[EMERGENCE].self_attn.o_proj.detector is not None
+
+
+def test_cancelling_mlp_with_the_largest_probe_ratio_keeps_emergence_and_cancellation():
+    """The fixed rule's stage 2 is the probe with the largest ratio.  When that is the input of the MLP that
+    cancels the spike (the last block here), stage 1 still separates the sinks at the emergence block: the
+    emergence layer is that block and the cancellation search finds the cancelling block, whose residual is
+    then restored (before, emergence was the last block and there was no cancellation layer)."""
+    from vtquant.bench_e2e import implanted_llama, token_batches as llama_batches
+
+    model = implanted_llama("small", 5, "cpu", torch.float32)  # emergence 1, cancellation 4 (the last block)
+    report = vtquant.quantize_(model, method_recipe("insertquant", Recipe()),
+                               llama_batches(2, 64, model.config.vocab_size, seed=1), quiet=True)
+    assert report.stages["stage2"] == 4 and report.stages["stage1"] == 1  # the largest ratio is the late probe
+    assert report.emergence_layer == 1 and report.cancellation_layer == 4
+    assert report.restore_layer == 4

@@ -407,7 +407,6 @@ def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAda
 
     sink_norm = stats.residual_norms[:, all_sinks].mean(dim=1)
     report.sink_residual_norm = [round(float(v), 2) for v in sink_norm]
-    cancellation = find_cancellation_layer(sink_norm, emergence)
     if rule == "alpha" and cfg.stage1 == "auto":
         found = choose_stage1(ratios, sink_flat, emergence_idx, cfg.stage1_margin, cfg.stage1_min_recall)
         if found is not None:
@@ -421,6 +420,11 @@ def decide_detection(stats: ProbeStatistics, cfg: SinkConfig, adapter: "ModelAda
                 row["decision"] = (f"stage1 (fixed rule: the earliest probe separating the stage-2 sinks, "
                                    f"{cfg.stage1_margin:g} x the largest other ratio, recall {100 * recall:.0f} %)")
                 row["threshold"], row["sinks"] = alpha0, int((ratios[idx] > alpha0).sum())
+            # the fixed rule's stage 2 is the largest ratio, which can be a late probe (e.g. the input of the MLP
+            # that cancels the spike); stage 1 separates the same sinks earlier, so the spike is in the stream from
+            # there: the emergence layer, and the cancellation search (which must not start after the drop)
+            emergence = min(emergence, layers[idx])
+    cancellation = find_cancellation_layer(sink_norm, emergence)
     report.probes = _public_probes(rows, cfg, rule)
     report.emergence_layer, report.cancellation_layer = emergence, cancellation
     report.stages, report.alphas, report.known_sinks = stages, alphas, known_kinds
