@@ -41,7 +41,8 @@ class SinkPlan:
         num_known_types: vision-style fixed types (one per known token kind), ``None`` for LLM order typing.
         protected_types: types whose token a head reads (never replaced by a template).
         first_guard_layer: first layer whose Linears guard sink rows.
-        emergence_layer: the layer whose probe carries the largest ratio.
+        emergence_layer: where the sinks' spike is first detected (the earliest detection stage; with the
+            fixed rule the probe with the largest ratio, or an earlier stage-1 probe that separates the same sinks).
         cancellation_layer: the layer whose block output removes the sinks' residual peak.
         restore_layer: the block after which sink residual rows are restored (or ``None``).
         exclude_from_calibration: sink rows kept out of the activation observers.
