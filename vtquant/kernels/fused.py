@@ -263,15 +263,7 @@ def _static_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
         if policy is None:
             return None, f"{key}: sink rows computed in full precision (fp-row guard) are not covered"
         m0 = members[0]
-        if len(members) > 1:
-            qweight = torch.cat([m.qweight for m in members], 0).contiguous()
-            col = torch.cat([m.out_scale for m in members], 0)
-            biases = [m.bias for m in members]
-            bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach() if b is not None else torch.zeros(m.out_features, device=m.qweight.device)
-                 for b, m in zip(biases, members)])
-        else:
-            qweight, col, bias = m0.qweight, m0.out_scale, m0.bias
+        qweight, col, bias = stacked_weights(members, [m.out_scale for m in members])
         site = _Site(qweight, col, bias, [m.out_features for m in members], m0._a_scale_value, *policy)
         site.codes_dtype = m0.qweight.dtype
         site.cpu_kernel = getattr(m0, "cpu_kernel", "int_mm") if m0.backend == "cpu-int8" else "int_mm"
@@ -282,15 +274,23 @@ def _static_sites(block: nn.Module, layout: Any) -> tuple[Optional[dict], str]:
     return sites, ""
 
 
-def dynamic_weights(members: list) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(codes, column scales, bias)`` of per-token dynamic Linears run as one GEMM (concatenated rows)."""
-    qweight = torch.cat([m.qweight for m in members], 0).contiguous() if len(members) > 1 else members[0].qweight
-    col = torch.cat([m.w_scale.reshape(-1) for m in members], 0)
+def stacked_weights(members: list, scales: list) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(codes, column scales, bias)`` of 8-bit Linears run as one GEMM (their rows concatenated); ``scales``:
+    each member's per-output-row scale (a static Linear's ``out_scale``, a dynamic one's ``w_scale``)."""
     biases = [getattr(m, "bias", None) for m in members]
+    if len(members) == 1:
+        return members[0].qweight, scales[0].reshape(-1), biases[0]
+    qweight = torch.cat([m.qweight for m in members], 0).contiguous()
+    col = torch.cat([c.reshape(-1) for c in scales], 0)
     bias = None if all(b is None for b in biases) else torch.cat(
         [b.detach() if b is not None else torch.zeros(m.out_features, device=m.qweight.device)
          for b, m in zip(biases, members)])
     return qweight, col, bias
+
+
+def dynamic_weights(members: list) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`stacked_weights` of per-token dynamic Linears."""
+    return stacked_weights(members, [m.w_scale for m in members])
 
 
 def _dynamic_sites(block: nn.Module, layout: Any, cpu_kernel: Optional[str] = None) -> tuple[Optional[dict], str]:

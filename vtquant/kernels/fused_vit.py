@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from . import triton_quant as tq
 from .fused import (FUSED_ATTR, FusionError, _install, _Site, dynamic_weights, fused_blocks,  # noqa: F401
-                    sites_state, unfuse_)
+                    sites_state, stacked_weights, unfuse_)
 
 try:  # pragma: no cover - exercised on the GPU machine or with TRITON_INTERPRET=1
     import triton
@@ -510,12 +510,7 @@ def _static_sites(block: nn.Module, lay: VitLayout) -> tuple[Optional[dict], str
         if len({m._a_scale_value for m in members}) != 1:
             return None, f"{key}: the fused Linears have different activation scales"
         m0 = members[0]
-        qweight = torch.cat([m.qweight for m in members], 0).contiguous() if len(members) > 1 else m0.qweight
-        col = torch.cat([m.out_scale for m in members], 0)
-        biases = [m.bias for m in members]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b.detach() if b is not None else torch.zeros(m.out_features, device=m.qweight.device)
-             for b, m in zip(biases, members)])
+        qweight, col, bias = stacked_weights(members, [m.out_scale for m in members])
         site = _VSite(qweight, col, bias, [m.out_features for m in members], m0._a_scale_value)
         try:
             site.setup_rows(members, gamma)
